@@ -1,0 +1,53 @@
+"""Error hierarchy: every tierscope error is a ``TierscopeError`` and also the builtin it refines,
+so callers can keep catching ``KeyError``/``ValueError``/``ConnectionError`` as they already do."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BlockIndexError",
+    "DatasetNotFoundError",
+    "FrameError",
+    "ChecksumError",
+    "ServerUnavailableError",
+    "StoreError",
+    "TierscopeError",
+    "VariableNotFoundError",
+]
+
+
+class TierscopeError(Exception):
+    """Base class of tierscope's errors."""
+
+
+class DatasetNotFoundError(TierscopeError, KeyError):
+    """No served dataset has this name."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class VariableNotFoundError(TierscopeError, KeyError):
+    """The dataset has no variable of this name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class BlockIndexError(TierscopeError, IndexError):
+    """A block index outside the variable's block grid, or of the wrong length."""
+
+
+class StoreError(TierscopeError, OSError):
+    """A store could not be opened or read."""
+
+
+class FrameError(TierscopeError, ValueError):
+    """Bytes that are not a valid tierscope frame."""
+
+
+class ChecksumError(FrameError):
+    """A frame whose payload does not match its checksum (corrupted in transit or at rest)."""
+
+
+class ServerUnavailableError(TierscopeError, ConnectionError):
+    """The block server could not be reached or answered with an error."""
