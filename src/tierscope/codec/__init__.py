@@ -1,0 +1,24 @@
+"""Block codecs: the self-describing frame format plus a registry of codecs.
+
+``encode`` turns an N-d numeric array into one self-contained frame (magic, version, JSON
+header, checksummed payload) and ``decode`` turns it back; ``read_header`` inspects a frame
+cheaply.  Codecs are looked up by the short name stored in each frame, so new ones (such as an
+error-bounded lossy codec) plug in via ``register_codec`` without touching the frame layer.
+"""
+
+from __future__ import annotations
+
+from . import lossless as _lossless  # noqa: F401  (registers the built-in "raw" and "zstd")
+from .frame import FrameHeader, decode, encode, read_header
+from .registry import Codec, codec_ids, get_codec, register_codec
+
+__all__ = [
+    "Codec",
+    "FrameHeader",
+    "codec_ids",
+    "decode",
+    "encode",
+    "get_codec",
+    "read_header",
+    "register_codec",
+]
