@@ -1,0 +1,51 @@
+"""Shared fixtures: a real sample store, a real block server on loopback, a real LocalCluster."""
+
+from __future__ import annotations
+
+import pytest
+
+SHAPE = (4, 16, 32, 32)
+BLOCK = (1, 8, 16, 16)
+
+
+@pytest.fixture(scope="session")
+def sample_store(tmp_path_factory: pytest.TempPathFactory):
+    from tierscope.store import write_sample
+
+    return write_sample(tmp_path_factory.mktemp("data") / "turb.zarr", shape=SHAPE, block=BLOCK,
+                        variables=("u", "v", "p"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def server(sample_store):
+    from tierscope.server import BlockService, ServerThread
+    from tierscope.store.origin import ZarrOrigin
+
+    with ServerThread(BlockService([ZarrOrigin(sample_store)])) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def dataset_url(server) -> str:
+    return f"{server.url}/datasets/turb"
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=2, processes=True,
+                      dashboard_address=None) as running:
+        yield running
+
+
+@pytest.fixture
+def client(cluster):
+    """A client on the shared cluster with fresh tiers."""
+    from distributed import Client
+
+    import tierscope
+
+    with Client(cluster) as c:
+        tierscope.connect(c, l1="64MiB", l2="128MiB")
+        yield c
