@@ -55,6 +55,9 @@ def run_demo(
     from tierscope.store import write_sample
     from tierscope.store.origin import ZarrOrigin
 
+    # LocalCluster(silence_logs=...) restores the previous level on close, so set it here too:
+    # the demo's report should not drown in the cluster's shutdown messages.
+    logging.getLogger("distributed").setLevel(logging.ERROR)
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     store = root / "demo" / f"{'x'.join(map(str, shape))}-{'x'.join(map(str, block))}" / "turb.zarr"
     if not store.exists():
