@@ -82,3 +82,20 @@ def test_results_are_copies_not_views_into_the_cache(dataset_url):
     assert (ds.v.isel(time=0, z=0).values != -1).any()
     local = tierscope.stats()["workers"]["local"]
     assert local["l1"]["hits"] >= 2
+
+
+@pytest.mark.timeout(60)
+def test_block_graph_stays_lazy_for_a_trillion_blocks():
+    """2**40 blocks: any code path that enumerates a variable's blocks could never finish."""
+    import dask
+    import numpy as np
+
+    from tierscope.dask.graph import block_array
+    from tierscope.dask.tiers import BlockSpec
+    from tierscope.grid import BlockGrid
+
+    spec = BlockSpec(Source("http", "http://127.0.0.1:1", "big"), "u", 0.0)
+    array = block_array(spec, BlockGrid((2**10,) * 4, (1,) * 4), np.dtype("f4"))
+    (view,) = dask.optimize(array[7, 3, :4, 5:7])
+    loads = [k for k in dict(view.__dask_graph__()) if isinstance(k, tuple) and k[0] == array.name]
+    assert sorted(k[1:] for k in loads) == [(7, 3, y, x) for y in range(4) for x in (5, 6)]

@@ -48,6 +48,11 @@ class BlockLayer(Layer):
     def is_materialized(self) -> bool:
         return False
 
+    @property
+    def has_legacy_tasks(self) -> bool:
+        """Never: every task is a ``BlockLoadTask`` (dask's default check would build them all)."""
+        return False
+
     def get_output_keys(self) -> set[tuple]:
         return set(self)
 
