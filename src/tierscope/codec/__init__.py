@@ -9,6 +9,7 @@ error-bounded lossy codec) plug in via ``register_codec`` without touching the f
 from __future__ import annotations
 
 from . import lossless as _lossless  # noqa: F401  (registers the built-in "raw" and "zstd")
+from . import bounded as _bounded  # noqa: F401  (registers the error-bounded "lorenzo")
 from .frame import FrameHeader, decode, encode, read_header
 from .registry import Codec, codec_ids, get_codec, register_codec
 
