@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tierscope
+import tierscope.client
 from tests.conftest import SHAPE
 from tierscope.errors import DatasetNotFoundError, ServerUnavailableError
 
@@ -119,3 +120,21 @@ def test_real_reanalysis_from_eofs_wheel(tmp_path, local_tiers):
     xr.testing.assert_identical(ours, open_ref(store).load())
     xr.testing.assert_identical(ours, xr.open_dataset(src).load())
     assert np.isfinite(ours.z.values).all()
+
+
+@pytest.mark.parametrize("tol", [1e-3, 5e-2])
+def test_views_stay_within_tol_and_travel_smaller(tol, dataset_url, sample_store, local_tiers):
+    """A view opened with tol > 0 is error-bounded (lorenzo codec on the server), not exact."""
+    from tierscope import codec
+
+    ours = xr.open_dataset(dataset_url, engine="tierscope", tol=tol).load()
+    ref = open_ref(sample_store).load()
+    for name in ("u", "v", "p"):
+        error = np.abs(ours[name].values.astype(np.float64) - ref[name].values)
+        assert error.max() <= tol
+        assert error.max() > 0  # lossy really happened
+    transport = tierscope.client.Source.parse(dataset_url).transport()
+    exact = transport.fetch("turb", "u", (0, 0, 0, 0), 0.0)
+    bounded = transport.fetch("turb", "u", (0, 0, 0, 0), tol)
+    assert codec.read_header(bounded).codec == "lorenzo" and codec.read_header(bounded).tol == tol
+    assert len(bounded) < len(exact)

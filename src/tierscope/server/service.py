@@ -34,9 +34,13 @@ class BlockResult:
 
 
 class BlockService:
-    """Serves encoded blocks of a set of origins, keyed by dataset name."""
+    """Serves encoded blocks of a set of origins, keyed by dataset name.
 
-    def __init__(self, origins: Iterable[Origin], codec_name: str = "zstd") -> None:
+    The default codec is the error-bounded ``lorenzo``: within ``tol`` of the stored values, and
+    lossless (zstd) at ``tol=0`` or for integer data.
+    """
+
+    def __init__(self, origins: Iterable[Origin], codec_name: str = "lorenzo") -> None:
         self._origins: dict[str, Origin] = {}
         for origin in origins:
             if origin.name in self._origins:
