@@ -62,7 +62,13 @@ import numpy as np
 import zstandard
 
 from ..errors import FrameError
-from .lossless import ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL, ZstdCodec
+from .lossless import (
+    ZSTD_MAX_LEVEL,
+    ZSTD_MIN_LEVEL,
+    ZstdCodec,
+    check_zstd_expansion,
+    zstd_decompress_into,
+)
 from .registry import Codec, register_codec
 
 if TYPE_CHECKING:
@@ -76,7 +82,6 @@ _Q_LIMIT = {4: float(2**24), 8: float(2**52)}
 _STEP_MARGIN = 1.0 - 2.0**-18
 _RDTYPES = ("<i1", "<i2", "<i4", "<i8")
 _ZIGZAG = {2: np.uint16, 4: np.uint32, 8: np.uint64}
-_ZSTD_MAX_EXPANSION = 1 << 16  # same bound as the zstd codec (see lossless.py)
 _MODES = ("lorenzo", "lossless")
 
 
@@ -163,39 +168,9 @@ def _unshuffle(buf: np.ndarray, n: int, width: int) -> np.ndarray:
 
 def _zstd_decompress_exact(payload: memoryview, expected: int) -> np.ndarray:
     """Decompress one zstd frame into exactly ``expected`` bytes, else FrameError."""
-    if expected > _ZSTD_MAX_EXPANSION * max(len(payload), 1):
-        raise FrameError(
-            f"lorenzo payload of {len(payload)} bytes cannot decode to {expected} bytes"
-        )
-    try:
-        content_size = zstandard.frame_content_size(payload)
-    except zstandard.ZstdError as exc:
-        raise FrameError(f"lorenzo payload is not a zstd frame: {exc}") from None
-    if content_size != zstandard.CONTENTSIZE_UNKNOWN and content_size != expected:
-        raise FrameError(
-            f"lorenzo payload decompresses to {content_size} bytes, params need {expected}"
-        )
+    check_zstd_expansion(payload, expected, "lorenzo payload")
     out = np.empty(expected, dtype=np.uint8)
-    dest = memoryview(out)
-    filled = 0
-    try:
-        reader = zstandard.ZstdDecompressor().stream_reader(
-            payload, read_size=max(len(payload), 1), read_across_frames=True
-        )
-        with reader:
-            while filled < expected:
-                got = reader.readinto(dest[filled:])
-                if not got:
-                    break
-                filled += got
-            overflow = reader.read(1)
-    except zstandard.ZstdError as exc:
-        raise FrameError(f"corrupt lorenzo payload: {exc}") from None
-    if filled != expected or overflow:
-        raise FrameError(
-            f"lorenzo payload decompresses to {'more than ' if overflow else ''}"
-            f"{filled} bytes, params need {expected}"
-        )
+    zstd_decompress_into(payload, memoryview(out), "lorenzo payload")
     return out
 
 

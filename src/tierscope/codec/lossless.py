@@ -36,6 +36,45 @@ def _byte_view(array: np.ndarray) -> memoryview:
     return memoryview(array.reshape(-1).view(np.uint8))
 
 
+def check_zstd_expansion(payload: memoryview, expected: int, what: str) -> None:
+    """Refuse, before allocating, a frame claiming more output than zstd can expand to."""
+    if expected > _ZSTD_MAX_EXPANSION * max(len(payload), 1):
+        raise FrameError(f"{what}: {len(payload)} bytes cannot decode to {expected} bytes")
+
+
+def zstd_decompress_into(payload: memoryview, dest: memoryview, what: str) -> None:
+    """Decompress one zstd frame into exactly ``len(dest)`` bytes of ``dest``, else FrameError.
+
+    Sizes are checked before anything is allocated or written, so a tiny forged frame cannot
+    demand terabytes; ``what`` names the payload in error messages.
+    """
+    expected = len(dest)
+    check_zstd_expansion(payload, expected, what)
+    try:
+        content_size = zstandard.frame_content_size(payload)
+    except zstandard.ZstdError as exc:
+        raise FrameError(f"{what} is not a zstd frame: {exc}") from None
+    if content_size != zstandard.CONTENTSIZE_UNKNOWN and content_size != expected:
+        raise FrameError(f"{what} decompresses to {content_size} bytes, {expected} needed")
+    filled = 0
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            payload, read_size=max(len(payload), 1), read_across_frames=True
+        )
+        with reader:
+            while filled < expected:
+                got = reader.readinto(dest[filled:])
+                if not got:
+                    break
+                filled += got
+            overflow = reader.read(1)
+    except zstandard.ZstdError as exc:
+        raise FrameError(f"corrupt {what}: {exc}") from None
+    if filled != expected or overflow:
+        more = "more than " if overflow else ""
+        raise FrameError(f"{what} decompresses to {more}{filled} bytes, {expected} needed")
+
+
 @register_codec
 @dataclass(frozen=True)
 class RawCodec(Codec):
@@ -95,45 +134,8 @@ class ZstdCodec(Codec):
 
     def decode_payload(self, payload: memoryview, header: FrameHeader) -> np.ndarray:
         """Decompress directly into the output array's memory (no intermediate bytes)."""
-        expected = header.decoded_nbytes
-        if expected > _ZSTD_MAX_EXPANSION * max(len(payload), 1):
-            raise FrameError(
-                f"zstd payload of {len(payload)} bytes cannot decode to the {expected} bytes "
-                f"that dtype {header.dtype.str} and shape {header.shape} need"
-            )
-        try:
-            content_size = zstandard.frame_content_size(payload)
-        except zstandard.ZstdError as exc:
-            raise FrameError(f"zstd payload is not a zstd frame: {exc}") from None
-        if content_size != zstandard.CONTENTSIZE_UNKNOWN and content_size != expected:
-            raise FrameError(
-                f"zstd payload decompresses to {content_size} bytes but dtype "
-                f"{header.dtype.str} and shape {header.shape} need {expected}"
-            )
+        what = f"zstd payload for dtype {header.dtype.str} and shape {header.shape}"
+        check_zstd_expansion(payload, header.decoded_nbytes, what)
         out = np.empty(header.shape, dtype=header.dtype)
-        dest = _byte_view(out)
-        filled = 0
-        try:
-            reader = zstandard.ZstdDecompressor().stream_reader(
-                payload, read_size=max(len(payload), 1), read_across_frames=True
-            )
-            with reader:
-                while filled < expected:
-                    got = reader.readinto(dest[filled:])
-                    if not got:
-                        break
-                    filled += got
-                overflow = reader.read(1)
-        except zstandard.ZstdError as exc:
-            raise FrameError(f"corrupt zstd payload: {exc}") from None
-        if filled != expected:
-            raise FrameError(
-                f"zstd payload decompresses to {filled} bytes but dtype {header.dtype.str} "
-                f"and shape {header.shape} need {expected}"
-            )
-        if overflow:
-            raise FrameError(
-                f"zstd payload decompresses to more than the {expected} bytes that dtype "
-                f"{header.dtype.str} and shape {header.shape} need"
-            )
+        zstd_decompress_into(payload, _byte_view(out), what)
         return out
