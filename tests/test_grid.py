@@ -55,10 +55,3 @@ def test_ball_is_exact_and_nearest_first(center, radius):
     assert set(ball) == expected and len(ball) == len(expected)
     hops = [distance(i, center) for i in ball]
     assert hops == sorted(hops) and ball[0] == center
-
-
-def test_blocks_along_selections():
-    grid = BlockGrid((10,), (4,))
-    assert grid.blocks_along(0, slice(3, 9)).tolist() == [0, 1, 2]
-    assert grid.blocks_along(0, np.array([9, 0, -1])).tolist() == [0, 2]
-    assert grid.blocks_along(0, slice(None, None, 5)).tolist() == [0, 1]

@@ -11,7 +11,6 @@ import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 
 from tierscope.errors import BlockIndexError
 
@@ -87,15 +86,6 @@ class BlockGrid:
     def indices(self) -> Iterator[BlockIndex]:
         """Every block index, in C order."""
         return itertools.product(*(range(n) for n in self.nblocks))
-
-    def blocks_along(self, axis: int, selection: slice | int | np.ndarray) -> np.ndarray:
-        """Sorted block numbers along ``axis`` that hold the selected elements."""
-        size, b = self.shape[axis], self.block[axis]
-        if isinstance(selection, slice):
-            elements = np.arange(size)[selection]
-        else:
-            elements = np.asarray(selection, dtype=np.int64).ravel() % max(size, 1)
-        return np.unique(elements // b)
 
     def ball(
         self, center: Sequence[int], radius: int, time_axis: int | None = 0
