@@ -11,7 +11,6 @@ import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-
 from tierscope.errors import BlockIndexError
 
 __all__ = ["BlockGrid", "BlockIndex", "distance"]
