@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from tests.frames import mutate_frame
 from tierscope.codec import (
     Codec,
     FrameHeader,
@@ -405,20 +406,9 @@ def zlib_free_zstd(data: bytes) -> bytes:
 @given(data=st.data())
 def test_mutated_frames_only_raise_frame_error(codec: str, data: st.DataObject) -> None:
     array = np.linspace(0, 1, 40).reshape(5, 8)
-    frame = bytearray(encode(array, codec=codec))
-    for _ in range(data.draw(st.integers(1, 4))):
-        action = data.draw(st.sampled_from(["flip", "cut", "insert"]))
-        if action == "flip" and frame:
-            i = data.draw(st.integers(0, len(frame) - 1))
-            frame[i] ^= data.draw(st.integers(1, 255))
-        elif action == "cut":
-            i = data.draw(st.integers(0, len(frame)))
-            frame = frame[:i]
-        else:
-            i = data.draw(st.integers(0, len(frame)))
-            frame[i:i] = data.draw(st.binary(min_size=1, max_size=4))
+    frame = mutate_frame(encode(array, codec=codec), data)
     try:
-        out = decode(bytes(frame))
+        out = decode(frame)
     except FrameError:
         return
     assert isinstance(out, np.ndarray)  # a mutation may still be a valid frame (e.g. in JSON)

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from tests.frames import mutate_frame
 from tierscope.codec import codec_ids, decode, encode, get_codec, read_header
 from tierscope.codec.bounded import LorenzoCodec
 from tierscope.codec.frame import pack_frame
@@ -355,19 +356,9 @@ def _rebuild(frame: bytes, params: dict[str, Any] | None = None, payload: bytes 
 @settings(max_examples=150, deadline=None)
 @given(data=st.data())
 def test_corrupted_frames_only_raise_frame_errors(data: st.DataObject) -> None:
-    frame = bytearray(data.draw(st.sampled_from([_LOSSY, _LOSSLESS])))
-    for _ in range(data.draw(st.integers(1, 3))):
-        action = data.draw(st.sampled_from(["flip", "cut", "insert"]))
-        if action == "flip" and frame:
-            i = data.draw(st.integers(0, len(frame) - 1))
-            frame[i] ^= data.draw(st.integers(1, 255))
-        elif action == "cut":
-            frame = frame[: data.draw(st.integers(0, len(frame)))]
-        else:
-            i = data.draw(st.integers(0, len(frame)))
-            frame[i:i] = data.draw(st.binary(min_size=1, max_size=4))
+    frame = mutate_frame(data.draw(st.sampled_from([_LOSSY, _LOSSLESS])), data, max_steps=3)
     try:
-        out = decode(bytes(frame))
+        out = decode(frame)
     except FrameError:  # ChecksumError is a FrameError
         return
     assert isinstance(out, np.ndarray)
