@@ -122,3 +122,14 @@ def test_unreadable_store_is_a_clear_error(tmp_path):
 def test_malformed_dataset_urls_are_rejected():
     with pytest.raises(ValueError, match="expected http://HOST:PORT/datasets/NAME"):
         Source.parse("http://127.0.0.1:1/turb")
+
+
+def test_server_thread_that_cannot_bind_fails_cleanly(server):
+    import threading
+
+    from tierscope.server import ServerThread
+
+    before = threading.active_count()
+    with pytest.raises(OSError):
+        ServerThread(server.service, port=server.port).start()  # port taken
+    assert threading.active_count() == before

@@ -168,7 +168,11 @@ class ServerThread:
 
     def start(self) -> ServerThread:
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+        try:
+            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     async def _start(self) -> None:
