@@ -10,11 +10,12 @@ from tierscope.cache import TierCache
 def test_lru_evicts_least_recent_within_byte_bound():
     cache = TierCache(300, "l1")
     for key in "abc":
-        cache.put(key, np.zeros(100, dtype=np.uint8))
-    assert cache.get("a") is not None  # a is now most recent
-    cache.put("d", np.zeros(100, dtype=np.uint8))
+        cache.get_or_load(key, lambda: np.zeros(100, dtype=np.uint8))
+    cache.get_or_load("a", lambda: pytest.fail("a is cached"))  # a is now most recent
+    cache.get_or_load("d", lambda: np.zeros(100, dtype=np.uint8))
     assert "b" not in cache and all(k in cache for k in "acd")
     assert cache.size == 300 and cache.stats.evictions == 1
+    assert (cache.stats.hits, cache.stats.misses) == (1, 4)
 
 
 def test_capacity_zero_is_off_and_oversize_is_not_kept():
@@ -22,7 +23,7 @@ def test_capacity_zero_is_off_and_oversize_is_not_kept():
     assert off.get_or_load("k", lambda: b"xyz") == b"xyz"
     assert len(off) == 0 and off.stats.misses == 1
     small = TierCache(2, "l2")
-    small.put("k", b"abc")
+    assert small.get_or_load("k", lambda: b"abc") == b"abc"
     assert "k" not in small and small.size == 0
 
 

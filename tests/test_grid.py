@@ -12,7 +12,6 @@ def test_slices_and_partial_last_block():
     assert grid.nblocks == (3, 3)
     assert grid.chunks == ((2, 2, 1), (4, 4, 2))
     assert grid.slices((2, 2)) == (slice(4, 5), slice(8, 10))
-    assert grid.block_shape((2, 2)) == (1, 2)
 
 
 @given(

@@ -100,7 +100,6 @@ class TierscopeBackendEntrypoint(BackendEntrypoint):
     """Open a tierscope dataset: ``http(s)://host:port/datasets/NAME`` or a local store path."""
 
     description = "Explore block-served arrays through tiered caches on Dask workers (tierscope)"
-    url = "https://github.com/tierscope/tierscope"
     open_dataset_parameters = (
         "filename_or_obj",
         "drop_variables",

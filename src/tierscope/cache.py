@@ -69,22 +69,6 @@ class TierCache(Generic[V]):
         """Bytes currently held."""
         return self._size
 
-    def get(self, key: Hashable) -> V | None:
-        """The cached value (refreshing its recency) or None; counts a hit or a miss."""
-        with self._lock:
-            entry = self._data.get(key)
-            if entry is None:
-                self.stats.misses += 1
-                return None
-            self._data.move_to_end(key)
-            self.stats.hits += 1
-            return entry[0]
-
-    def put(self, key: Hashable, value: V) -> None:
-        """Insert a value, evicting least recently used ones until it fits."""
-        with self._lock:
-            self._insert(key, value)
-
     def get_or_load(self, key: Hashable, loader: Callable[[], V]) -> V:
         """Return the value for ``key``, running ``loader`` at most once across threads."""
         with self._lock:

@@ -79,9 +79,6 @@ class BlockGrid:
             for i, b, s in zip(index, self.block, self.shape, strict=True)
         )
 
-    def block_shape(self, index: Sequence[int]) -> tuple[int, ...]:
-        return tuple(s.stop - s.start for s in self.slices(index))
-
     def indices(self) -> Iterator[BlockIndex]:
         """Every block index, in C order."""
         return itertools.product(*(range(n) for n in self.nblocks))

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from tierscope import codec
+from tierscope.errors import VariableNotFoundError
 from tierscope.grid import BlockGrid
 
 __all__ = ["DatasetInfo", "VariableInfo", "check_tol", "jsonable"]
@@ -104,8 +105,6 @@ class DatasetInfo:
         return sizes
 
     def variable(self, name: str) -> VariableInfo:
-        from tierscope.errors import VariableNotFoundError
-
         try:
             return self.variables[name]
         except KeyError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import aiohttp
@@ -58,8 +59,6 @@ class HttpTransport(Transport):
             ) from exc
 
     def _raise(self, url: str, status: int, body: bytes) -> None:
-        import json
-
         try:
             payload = json.loads(body)
             message, kind = payload["error"], payload.get("type", "")
@@ -70,8 +69,6 @@ class HttpTransport(Transport):
         raise ServerUnavailableError(f"tierscope server at {url} answered HTTP {status}: {message}")
 
     def _get_json(self, path: str) -> Any:
-        import json
-
         body, _ = _sync.sync(self._request("GET", path))
         return json.loads(body)
 

@@ -8,7 +8,6 @@ a variable with millions of blocks costs nothing until it is sliced.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterator
 
@@ -69,7 +68,7 @@ class BlockLayer(Layer):
         return self._task(key)
 
     def __iter__(self) -> Iterator[tuple]:
-        return ((self.name, *index) for index in itertools.product(*map(range, self.grid.nblocks)))
+        return ((self.name, *index) for index in self.grid.indices())
 
     def __len__(self) -> int:
         return math.prod(self.grid.nblocks)

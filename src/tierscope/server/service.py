@@ -85,7 +85,6 @@ class BlockService:
         codec_name = codec_name or self.codec_name
         codec.get_codec(codec_name)
         origin = self.origin(dataset)
-        origin.info().variable(variable).grid.check(index)
         t0 = time.perf_counter()
         raw = origin.read_block(variable, index)
         t1 = time.perf_counter()
