@@ -12,8 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import dask.array as da
 import xarray as xr
 from distributed import Client, LocalCluster
+
 import tierscope
 from tierscope.server import BlockService, ServerThread
 from tierscope.store import write_sample
@@ -29,20 +31,24 @@ def bench(fn, n=30):
 def main(store: Path) -> None:
     logging.getLogger("distributed").setLevel(logging.ERROR)
     with ServerThread(BlockService([ZarrOrigin(store)])) as server:
-        url = f"{server.url}/datasets/turb"
+        ds = xr.open_dataset(f"{server.url}/datasets/turb", engine="tierscope")
+
+        def view():
+            return ds.u.isel(time=1, z=3).values  # one z-slice: 4 blocks
+
         tierscope.connect(None, l1="256MiB", l2="256MiB")
-        ds = xr.open_dataset(url, engine="tierscope")
-        print(f"no cluster, L1 hit view (z-slice, 4 blocks): {bench(lambda: ds.u.isel(time=1, z=3).values):.2f} ms")
+        print(f"no cluster, L1 hit view: {bench(view):.2f} ms")
         tierscope.connect(None, l1=0, l2=0)
-        print(f"no cluster, tiers off (server each time): {bench(lambda: ds.u.isel(time=1, z=3).values):.2f} ms")
-        with LocalCluster(n_workers=2, threads_per_worker=2, dashboard_address=None, silence_logs=logging.ERROR) as c, Client(c) as client:
+        print(f"no cluster, tiers off (server each time): {bench(view):.2f} ms")
+        with (
+            LocalCluster(n_workers=2, threads_per_worker=2, dashboard_address=None,
+                         silence_logs=logging.ERROR) as cluster,
+            Client(cluster) as client,
+        ):
             tierscope.connect(client, l1="256MiB", l2="256MiB")
-            print(f"LocalCluster, L1 hit view: {bench(lambda: ds.u.isel(time=1, z=3).values):.2f} ms")
-            import dask.array as da
-
-            x = da.ones((4,), chunks=2)
-            print(f"LocalCluster, trivial 2-task dask compute: {bench(lambda: x.sum().compute()):.2f} ms")
-
+            print(f"LocalCluster, L1 hit view: {bench(view):.2f} ms")
+            trivial = da.ones((4,), chunks=2).sum()
+            print(f"LocalCluster, trivial 2-task dask compute: {bench(trivial.compute):.2f} ms")
 
 if __name__ == "__main__":
     if len(sys.argv) > 1:

@@ -34,7 +34,7 @@ class BlockSpec:
     tol: float
 
     def block_key(self, index: BlockIndex) -> Hashable:
-        """The brief's block key (dataset, variable, tol, block index); the dataset named by where it lives."""
+        """The brief's block key (dataset, variable, tol, block index), the dataset named by its URL."""
         return (self.source.url, self.variable, self.tol, tuple(index))
 
 
