@@ -463,7 +463,7 @@ def test_too_many_dims_rejected() -> None:
 
 
 def test_unknown_codec_and_params_on_encode() -> None:
-    with pytest.raises(ValueError, match="unknown codec 'nope'.*raw, zstd"):
+    with pytest.raises(ValueError, match="unknown codec 'nope'.*raw.*zstd"):
         encode(np.arange(3), codec="nope")
     with pytest.raises(ValueError, match="does not accept.*lvl.*accepted: level"):
         encode(np.arange(3), codec="zstd", lvl=3)

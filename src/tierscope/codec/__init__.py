@@ -9,7 +9,8 @@ error-bounded lossy codec) plug in via ``register_codec`` without touching the f
 from __future__ import annotations
 
 from . import lossless as _lossless  # noqa: F401  (registers the built-in "raw" and "zstd")
-from . import bounded as _bounded  # noqa: F401  (registers the error-bounded "lorenzo")
+from . import bounded as _bounded  # noqa: F401  (registers "lorenzo", "interp", "bounded")
+from . import baselines as _baselines  # noqa: F401  ("fp16", and "zfp"/"sz3" when importable)
 from .frame import FrameHeader, decode, encode, read_header
 from .registry import Codec, codec_ids, get_codec, register_codec
 

@@ -1,59 +1,44 @@
-"""Error-bounded lossy codec ``lorenzo``: prequantisation + N-d Lorenzo prediction + zstd.
+"""Error-bounded lossy codecs: ``lorenzo``, ``interp`` and ``bounded`` (per-block choice).
 
-Guarantee: for float32/float64 input and ``tol > 0``, every decoded point ``x'`` satisfies
-``|x - x'| <= tol`` (exact real-number comparison) for every finite input, denormals and huge
-values included; non-finite values (NaN with its payload, +-Inf) come back bit for bit.
+Guarantee (all three): for float32/float64 input and ``tol > 0``, every decoded point ``x'``
+satisfies ``|x - x'| <= tol`` (exact real-number comparison) for every finite input, denormals
+and huge values included; non-finite values (NaN with its payload, +-Inf) come back bit for bit.
+``tol == 0``, integer/bool, float16 and complex dtypes are stored losslessly.
 
-Algorithm (the cuSZ "dual quantisation" scheme):
+``step`` is the largest dtype value ``<= 2 tol (1 - 2**-18)`` (:func:`quantize.choose_step`).
+Predictors work on int64 codes and decoding is integer arithmetic followed by the single IEEE
+multiply ``codes.astype(dtype) * unit`` (:func:`quantize.reconstruct`); every point is verified
+against ``tol`` at encode time with that exact formula and failures, non-finite values and
+out-of-range codes become *outliers*, stored exactly (flat index + raw value).
 
-1. ``step`` is the largest value of the array's dtype that is ``<= 2 * tol * (1 - 2**-18)``
-   (the small margin keeps rounding from pushing points over the bound; clamped to the dtype's
-   largest finite value).  ``q = rint(x / step)`` is computed in float64.
-2. Reconstruction is the single IEEE operation ``q.astype(dtype) * dtype.type(step)``
-   (``_reconstruct``).  Because it is one correctly rounded multiply (no FMA, no float64
-   detour), a CuPy/GPU decoder doing the same elementwise product is bit-identical to NumPy.
-3. Every point is verified against ``tol`` after quantising.  Points that fail, non-finite
-   values and points with ``|q| >= 2**24`` (float32) / ``2**52`` (float64), where the integer
-   would not convert exactly, become *outliers*: their flat index and raw value are stored
-   exactly and their ``q`` is replaced by the previous (C-order) regular point's ``q`` so they
-   cost (almost) nothing in the residual stream; decode overwrites them with the raw values.
-4. Residuals are the N-d Lorenzo residuals of the integer ``q``: successive first differences
-   (``np.diff(..., prepend=0)``) along every axis of length > 1, in int64.  Decode is an
-   inclusive ``cumsum`` along each such axis (reverse order; any order gives the same result).
-   Integer arithmetic makes this exact; int64 wrap-around (possible only for arrays of more
-   than ~10 dims) is harmless because differences and prefix sums are exact inverses modulo
-   2**64 and the final ``q`` fits in int64.
-5. Residuals are stored in the narrowest of int8/int16/int32/int64 that holds them all,
-   zigzag-mapped and byte-shuffled (byte planes, least significant plane first) when wider
-   than one byte, then zstd-compressed at ``level``.
+Modes (``params["mode"]``) and their payload (one zstd frame, content size recorded)::
 
-Payload of a lossy frame (``params["mode"] == "lorenzo"``): one zstd frame (content size
-recorded) that decompresses to exactly ``n * w + k * 8 + k * itemsize`` bytes::
+    lorenzo   codes q = rint(x / step); N-d Lorenzo residuals in C order, byte planes
+              (:mod:`shuffle`); unit = step.
+              params: level, mode, step, rdtype, n_outliers
+    interp    codes k on a lattice 2**frac_bits finer than step, rebuilt level by level by
+              multilevel cubic/linear interpolation of already-decoded codes plus a residual
+              in whole steps (:func:`predictors.interp_encode`); residuals of every point but
+              the origin (whose code is ``anchor``) in step order, bit planes;
+              unit = step * 2**-frac_bits.
+              params: level, mode, step, frac_bits, order, anchor, rdtype, shuffle, n_outliers
+    lossless  exactly a ``zstd`` codec payload.  params: level, mode
 
-    residuals   n values of width w = itemsize(params["rdtype"]), C order; for w > 1 the
-                zigzag-mapped unsigned values, byte-shuffled: all least significant bytes,
-                then the next byte plane, ...
-    indices     k little-endian int64: the outliers' flat C-order indices, delta coded
-                (first = index, then differences, all >= 1; strictly increasing, < n)
-    values      k raw outlier values, little-endian float of the frame dtype's size
+A lossy payload decompresses to exactly ``R + k * 8 + k * itemsize`` bytes: the ``R`` residual
+bytes, then the ``k`` outliers' flat C-order indices as little-endian int64 deltas (first =
+index, then differences >= 1), then their raw values as little-endian floats of the frame dtype.
 
-with ``params = {"level", "mode": "lorenzo", "step": float, "rdtype": "<i1"|"<i2"|"<i4"|"<i8",
-"n_outliers": k}``.  ``step`` is stored as a JSON float (float64 round-trips exactly, and it is
-exactly representable in the frame dtype; decode checks both).
-
-Lossless path (``params["mode"] == "lossless"``, the payload is exactly a ``zstd`` codec
-payload): used for ``tol == 0`` (bit-exact round trip), for bool/integer dtypes (always exact,
-whatever ``tol``), for float16 and complex dtypes (no lossy path for them yet: they round-trip
-exactly, which satisfies any ``tol``), for empty arrays, when ``2 * tol`` underflows to zero in
-the dtype, and whenever the lossy payload would not be smaller than the raw array (e.g.
-incompressible or nearly all-outlier data).
-
-Decode validates params and sizes and raises :class:`~tierscope.errors.FrameError` for any
-inconsistent payload.
+``lorenzo`` decodes with prefix sums, ``interp`` compresses far better at loose bounds (its
+prediction absorbs the quantisation noise), ``bounded`` encodes both and keeps the smaller frame.
+Every mode's decode is one function of an array namespace ``xp`` (``decode_device``): NumPy on
+the CPU, CuPy on a GPU, bit-identical results.  The lossless path is also used for empty
+arrays, when ``2 tol`` underflows the dtype, and when a lossy payload would not be smaller than
+the raw array.
 """
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -69,264 +54,289 @@ from .lossless import (
     check_zstd_expansion,
     zstd_decompress_into,
 )
+from .predictors import (
+    INTERP_ORDERS,
+    interp_decode,
+    interp_encode,
+    lorenzo_integrate,
+    lorenzo_residuals,
+)
+from .quantize import Q_LIMIT, choose_step, prequantise, reconstruct, verify
 from .registry import Codec, register_codec
+from .shuffle import RDTYPES, SHUFFLES, narrowest, shuffle, shuffled_nbytes, unshuffle
 
 if TYPE_CHECKING:
     from .frame import FrameHeader
 
-__all__ = ["LorenzoCodec"]
+__all__ = ["BoundedCodec", "InterpCodec", "LorenzoCodec"]
 
-# q must convert to the float dtype exactly: |q| < 2**(mantissa bits + 1) would do, the
-# brief's stricter 2**24 / 2**52 keeps a margin.
-_Q_LIMIT = {4: float(2**24), 8: float(2**52)}
-_STEP_MARGIN = 1.0 - 2.0**-18
-_RDTYPES = ("<i1", "<i2", "<i4", "<i8")
-_ZIGZAG = {2: np.uint16, 4: np.uint32, 8: np.uint64}
-_MODES = ("lorenzo", "lossless")
+MAX_FRAC_BITS = 8
+_LOSSY_MODES = ("lorenzo", "interp")
 
 
-def _reconstruct(q: np.ndarray, dtype: np.dtype, step: np.floating) -> np.ndarray:
-    """The one reconstruction formula, shared by encode-time verification and decode.
+@dataclass(frozen=True)
+class _Lossy:
+    """One candidate encoding of a block: the payload body (before zstd) and its params."""
 
-    ``q.astype(dtype) * step`` is a single correctly rounded IEEE multiply in ``dtype``
-    (``q`` converts exactly since ``|q| < 2**24`` / ``2**52``), so NumPy and CuPy agree bit
-    for bit.  Do not rewrite it as ``q * float(step)`` (float64 detour) or fuse it with an add.
-    """
-    out = q.astype(dtype)
-    out *= step
-    return out
+    body: bytes
+    params: dict[str, Any]
 
 
-def _lorenzo_axes(shape: tuple[int, ...]) -> list[int]:
-    return [axis for axis, size in enumerate(shape) if size > 1]
+def _outlier_bytes(indices: np.ndarray, values: np.ndarray, dtype: np.dtype) -> bytes:
+    deltas = np.diff(indices, prepend=0).astype("<i8") if indices.size else np.empty(0, "<i8")
+    return deltas.tobytes() + values.astype(dtype.newbyteorder("<")).tobytes()
 
 
-def _lorenzo_residuals(q: np.ndarray) -> np.ndarray:
-    """N-d Lorenzo residuals: first differences (prepend 0) along every axis of length > 1.
-
-    Same result as chained ``np.diff(..., prepend=0)``, with two ping-pong buffers instead of
-    a concatenation per axis.
-    """
-    cur, spare = q, None
-    for axis in _lorenzo_axes(q.shape):
-        dst = spare if spare is not None else np.empty_like(q)
-        lo = [slice(None)] * q.ndim
-        hi, first = list(lo), list(lo)
-        lo[axis], hi[axis], first[axis] = slice(None, -1), slice(1, None), slice(0, 1)
-        dst[tuple(first)] = cur[tuple(first)]
-        np.subtract(cur[tuple(hi)], cur[tuple(lo)], out=dst[tuple(hi)])
-        spare = cur if cur is not q else None
-        cur = dst
-    return cur
+def _fine_unit(dtype: np.dtype, step: float, frac_bits: int) -> np.floating:
+    """``step * 2**-frac_bits`` as one multiply in ``dtype`` (encode and decode share it)."""
+    return dtype.type(step) * dtype.type(2.0**-frac_bits)
 
 
-def _lorenzo_integrate(res: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`_lorenzo_residuals`, in place: inclusive prefix sums per axis."""
-    for axis in reversed(_lorenzo_axes(res.shape)):
-        size = res.shape[axis]
-        if axis == res.ndim - 1 or res.size // size < 2048:
-            np.cumsum(res, axis=axis, out=res)
-        else:  # a slab-by-slab running sum is much faster than cumsum along an outer axis
-            view = np.moveaxis(res, axis, 0)
-            for i in range(1, size):
-                np.add(view[i], view[i - 1], out=view[i])
-    return res
+def _frac_bits(y: np.ndarray, limit: float) -> int:
+    """Finest lattice (<= MAX_FRAC_BITS extra bits) keeping every finite code below limit/2."""
+    finite = np.abs(y[np.isfinite(y)])
+    top = float(finite.max()) if finite.size else 0.0
+    room = (limit / 4) / (top + 1.0)
+    return int(min(MAX_FRAC_BITS, max(0, math.floor(math.log2(room))))) if room >= 1 else 0
 
 
-def _choose_step(dtype: np.dtype, tol: float) -> np.floating:
-    """Largest dtype value <= 2 tol (1 - 2**-18), clamped to the dtype's max; may be 0."""
-    target = min(2.0 * tol * _STEP_MARGIN, float(np.finfo(dtype).max))
-    step = dtype.type(target)
-    if float(step) > target:
-        step = np.nextafter(step, dtype.type(0))
-    return step
+def _encode_lorenzo(x: np.ndarray, step: np.floating, tol: float, level: int) -> _Lossy:
+    quant = prequantise(x, step, tol)
+    res = lorenzo_residuals(quant.q).reshape(-1)
+    rdtype = narrowest(res)
+    body = shuffle(res, np.dtype(rdtype).itemsize, "byte")
+    params = {"level": level, "mode": "lorenzo", "step": float(step), "rdtype": rdtype,
+              "n_outliers": int(quant.indices.size)}
+    return _Lossy(body + _outlier_bytes(quant.indices, quant.values, x.dtype), params)
 
 
-def _shuffle(res: np.ndarray, width: int) -> bytes:
-    """Residuals (int64) as narrow little-endian bytes: zigzag + byte planes when width > 1."""
-    if width == 1:
-        return res.astype("<i1").tobytes()
-    unsigned = _ZIGZAG[width]
-    signed = np.dtype(f"<i{width}")
-    narrow = res.astype(signed)
-    zz = (narrow << 1) ^ (narrow >> (8 * width - 1))  # zigzag: 0,-1,1,-2,... -> 0,1,2,3,...
-    little = zz.view(unsigned).astype(np.dtype(unsigned).newbyteorder("<"))
-    return np.ascontiguousarray(little.view(np.uint8).reshape(-1, width).T).tobytes()
+def _encode_interp(x: np.ndarray, step: np.floating, tol: float, level: int, order: int) -> _Lossy:
+    limit = Q_LIMIT[x.dtype.itemsize]
+    with np.errstate(all="ignore"):
+        y = x.astype(np.float64)
+        y /= float(step)
+        frac_bits = _frac_bits(y, limit)
+        y *= 2.0**frac_bits
+        regular = np.abs(y) < limit / 2  # False for NaN/Inf too
+    anchor, res, k = interp_encode(y, regular, frac_bits, order, int(limit) // 2)
+    del y
+    unit = _fine_unit(x.dtype, float(step), frac_bits)
+    ok = regular & verify(x, reconstruct(np, k, x.dtype, unit), tol)
+    bad = np.flatnonzero(~ok.reshape(-1)).astype(np.int64)
+    rdtype = narrowest(res)
+    body = shuffle(res, np.dtype(rdtype).itemsize, "bit")
+    params = {"level": level, "mode": "interp", "step": float(step), "frac_bits": frac_bits,
+              "order": order, "anchor": anchor, "rdtype": rdtype, "shuffle": "bit",
+              "n_outliers": int(bad.size)}
+    return _Lossy(body + _outlier_bytes(bad, x.reshape(-1)[bad], x.dtype), params)
 
 
-def _unshuffle(buf: np.ndarray, n: int, width: int) -> np.ndarray:
-    """Inverse of :func:`_shuffle`: ``n * width`` bytes to int64 residuals."""
-    if width == 1:
-        return buf.view("<i1").astype(np.int64)
-    planes = np.ascontiguousarray(buf.reshape(width, n).T)
-    zz = planes.view(np.dtype(_ZIGZAG[width]).newbyteorder("<")).reshape(n)
-    zz = zz.astype(_ZIGZAG[width])  # native byte order
-    signed = np.dtype(f"i{width}")
-    narrow = (zz >> 1).view(signed) ^ -((zz & 1).view(signed))
-    return narrow.astype(np.int64)
+# ------------------------------------------------------------------------------- decoding
 
 
-def _zstd_decompress_exact(payload: memoryview, expected: int) -> np.ndarray:
-    """Decompress one zstd frame into exactly ``expected`` bytes, else FrameError."""
-    check_zstd_expansion(payload, expected, "lorenzo payload")
-    out = np.empty(expected, dtype=np.uint8)
-    zstd_decompress_into(payload, memoryview(out), "lorenzo payload")
-    return out
-
-
-def _param_int(params: dict[str, Any], key: str, upper: int) -> int:
+def _param_int(params: dict[str, Any], key: str, lower: int, upper: int) -> int:
     value = params.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= upper:
-        raise FrameError(
-            f"lorenzo params {key!r} must be an int in [0, {upper}], got {value!r:.40}"
-        )
+    if not isinstance(value, int) or isinstance(value, bool) or not lower <= value <= upper:
+        raise FrameError(f"params {key!r} must be an int in [{lower}, {upper}], got {value!r:.40}")
     return value
 
 
-@register_codec
+def _param_choice(params: dict[str, Any], key: str, choices: tuple[Any, ...]) -> Any:
+    value = params.get(key)
+    if value not in choices or isinstance(value, bool):
+        raise FrameError(f"params {key!r} must be one of {choices}, got {value!r:.40}")
+    return value
+
+
+def _param_step(params: dict[str, Any], native: np.dtype) -> float:
+    value = params.get("step")
+    if not isinstance(value, float) or not math.isfinite(value) or value <= 0:
+        raise FrameError(f"params step must be a float > 0, got {value!r:.40}")
+    if float(native.type(value)) != value:
+        raise FrameError(f"params step {value!r} is not exactly a {native} value")
+    return value
+
+
+def _check_codes(xp: Any, codes: Any, limit: float) -> None:
+    if codes.size and max(-int(codes.min()), int(codes.max())) >= limit:
+        raise FrameError("residuals decode to quantisation codes out of range")
+
+
+def _scatter_outliers(xp: Any, out: Any, buf: np.ndarray, offset: int, k: int, native: np.dtype) -> None:
+    """Write the ``k`` exactly stored outliers of ``buf[offset:]`` into ``out`` (flat)."""
+    n = out.size
+    deltas = buf[offset : offset + 8 * k].view("<i8").astype(np.int64)
+    if int(deltas[0]) < 0 or (k > 1 and int(deltas[1:].min()) < 1) or int(deltas.max()) >= n:
+        raise FrameError("outlier indices are not strictly increasing within the block")
+    indices = np.cumsum(deltas)
+    if int(indices[-1]) >= n:
+        raise FrameError("outlier index out of range")
+    values = buf[offset + 8 * k :].view(native.newbyteorder("<")).astype(native)
+    out.reshape(-1)[xp.asarray(indices)] = xp.asarray(values)
+
+
+def _decode_lossy(payload: memoryview, header: FrameHeader, xp: Any) -> Any:
+    """Rebuild a lorenzo/interp block with array namespace ``xp`` (validated params)."""
+    params = header.params
+    mode = params["mode"]
+    dtype = header.dtype
+    if dtype.kind != "f" or dtype.itemsize not in Q_LIMIT:
+        raise FrameError(f"lossy frame with non float32/float64 dtype {dtype.str}")
+    native = dtype.newbyteorder("=")
+    limit = Q_LIMIT[native.itemsize]
+    n = math.prod(header.shape)
+    step = _param_step(params, native)
+    rdtype = _param_choice(params, "rdtype", RDTYPES)
+    width = np.dtype(rdtype).itemsize
+    k = _param_int(params, "n_outliers", 0, n)
+    if mode == "lorenzo":
+        kind, n_res, frac_bits = "byte", n, 0
+    else:
+        kind = _param_choice(params, "shuffle", SHUFFLES)
+        frac_bits = _param_int(params, "frac_bits", 0, MAX_FRAC_BITS)
+        order = _param_choice(params, "order", INTERP_ORDERS)
+        anchor = _param_int(params, "anchor", -int(limit) + 1, int(limit) - 1)
+        n_res = max(n - 1, 0)
+    res_nbytes = shuffled_nbytes(n_res, width, kind)
+    expected = res_nbytes + k * (8 + native.itemsize)
+    check_zstd_expansion(payload, expected, f"{mode} payload")
+    buf = np.empty(expected, dtype=np.uint8)
+    zstd_decompress_into(payload, memoryview(buf), f"{mode} payload")
+
+    # int32 codes for float32 are exact (|code| < 2**24) and halve the memory traffic
+    code_dtype = np.dtype(np.int32 if native.itemsize == 4 else np.int64)
+    res = unshuffle(xp, xp.asarray(buf[:res_nbytes]), n_res, width, kind, code_dtype)
+    if mode == "lorenzo":
+        codes = lorenzo_integrate(xp, res.reshape(header.shape))
+    else:
+        codes = interp_decode(xp, res, header.shape, anchor, frac_bits, order)
+    _check_codes(xp, codes, limit)
+    out = reconstruct(xp, codes, native, _fine_unit(native, step, frac_bits))
+    if k:
+        _scatter_outliers(xp, out, buf, res_nbytes, k, native)
+    return out if xp is not np else out.astype(dtype, copy=False)
+
+
+# --------------------------------------------------------------------------------- codecs
+
+
 @dataclass(frozen=True)
-class LorenzoCodec(Codec):
-    """Error-bounded lossy codec: ``|x - x'| <= tol`` everywhere, non-finite values exact.
+class _BoundedBase(Codec):
+    """Shared encode/decode of the error-bounded codecs; subclasses pick the candidate modes."""
 
-    float32/float64 only on the lossy path; everything else (and ``tol == 0``) is stored
-    losslessly.  ``level`` is the zstd level of the entropy stage.
-    """
-
-    name: ClassVar[str] = "lorenzo"
-    codec_id: ClassVar[str] = "tierscope.lorenzo"
     lossless: ClassVar[bool] = False
+    modes: ClassVar[tuple[str, ...]]
 
     level: int = 3
 
     def __post_init__(self) -> None:
         level = self.level
         if isinstance(level, bool) or not isinstance(level, (int, np.integer)):
-            raise ValueError(f"lorenzo level must be an int, got {level!r}")
+            raise ValueError(f"{self.name} level must be an int, got {level!r}")
         if not ZSTD_MIN_LEVEL <= level <= ZSTD_MAX_LEVEL:
             raise ValueError(
-                f"lorenzo level {level} is outside [{ZSTD_MIN_LEVEL}, {ZSTD_MAX_LEVEL}]"
+                f"{self.name} level {level} is outside [{ZSTD_MIN_LEVEL}, {ZSTD_MAX_LEVEL}]"
             )
         object.__setattr__(self, "level", int(level))
 
-    # ---------------------------------------------------------------------------- encode
+    @abc.abstractmethod
+    def _candidates(self, x: np.ndarray, step: np.floating, tol: float) -> list[_Lossy]:
+        """The lossy encodings to try for native-dtype ``x``; the smallest one is kept."""
 
     def _encode_lossless(self, array: np.ndarray) -> tuple[bytes, dict[str, Any]]:
         payload, _ = ZstdCodec(level=self.level).encode_payload(array, 0.0)
         return payload, {"level": self.level, "mode": "lossless"}
 
     def encode_payload(self, array: np.ndarray, tol: float) -> tuple[bytes, dict[str, Any]]:
-        """Lossy path for non-empty float32/float64 with ``tol > 0``, else lossless."""
+        """Smallest lossy candidate for non-empty float32/float64 with ``tol > 0``, else lossless."""
         dtype = array.dtype
-        if tol <= 0 or dtype.kind != "f" or dtype.itemsize not in _Q_LIMIT or array.size == 0:
+        if tol <= 0 or dtype.kind != "f" or dtype.itemsize not in Q_LIMIT or array.size == 0:
             return self._encode_lossless(array)
         native = dtype.newbyteorder("=")
-        step = _choose_step(native, tol)
+        step = choose_step(native, tol)
         if not step > 0:  # 2 tol underflows the dtype: only exact storage meets the bound
             return self._encode_lossless(array)
         x = array.astype(native, copy=False)
-        n = x.size
-        with np.errstate(all="ignore"):
-            q64 = x.astype(np.float64)  # always a fresh array
-            q64 /= float(step)
-            np.rint(q64, out=q64)
-            ok = np.abs(q64) < _Q_LIMIT[native.itemsize]  # False for NaN/Inf too
-            q64[~ok] = 0.0
-            q = q64.astype(np.int64)
-            del q64
-            recon = _reconstruct(q, native, step)
-            if native.itemsize == 4:
-                # two float32 values differ exactly in float64 whenever the difference could
-                # be near tol, so this comparison is exact
-                err = np.abs(x.astype(np.float64) - recon.astype(np.float64))
-                ok &= err <= tol
-            else:
-                # fl(|x - x'|) < tol implies the exact difference is < tol; ties are outliers
-                err = np.abs(x - recon)
-                ok &= err < tol
-            del recon, err
-        flat_ok = ok.reshape(-1)
-        bad = np.flatnonzero(~flat_ok)
-        k = int(bad.size)
-        qf = q.reshape(-1)
-        if k:
-            # predictable fill: repeat the previous regular point's q (C order)
-            src = np.where(flat_ok, np.arange(n, dtype=np.int64), 0)
-            np.maximum.accumulate(src, out=src)
-            qf[bad] = 0
-            qf = qf[src]
-            q = qf.reshape(x.shape)
-        res = _lorenzo_residuals(q)
-        lo, hi = (int(res.min()), int(res.max())) if n else (0, 0)
-        for rdtype in _RDTYPES:
-            info = np.iinfo(rdtype)
-            if info.min <= lo and hi <= info.max:
-                break
-        width = np.dtype(rdtype).itemsize
-        values = x.reshape(-1)[bad].astype(native.newbyteorder("<"))
-        deltas = np.diff(bad, prepend=0).astype("<i8") if k else np.empty(0, "<i8")
-        if k:
-            deltas[0] = bad[0]
-        body = b"".join((_shuffle(res.reshape(-1), width), deltas.tobytes(), values.tobytes()))
         compressor = zstandard.ZstdCompressor(
             level=self.level, write_checksum=False, write_content_size=True
         )
-        payload = compressor.compress(body)
-        if len(payload) >= array.nbytes:
+        best: tuple[bytes, dict[str, Any]] | None = None
+        for candidate in self._candidates(x, step, tol):
+            payload = compressor.compress(candidate.body)
+            if best is None or len(payload) < len(best[0]):
+                best = payload, candidate.params
+        assert best is not None
+        if len(best[0]) >= array.nbytes:
             return self._encode_lossless(array)
-        params = {
-            "level": self.level,
-            "mode": "lorenzo",
-            "step": float(step),
-            "rdtype": rdtype,
-            "n_outliers": k,
-        }
-        return payload, params
-
-    # ---------------------------------------------------------------------------- decode
+        return best
 
     def decode_payload(self, payload: memoryview, header: FrameHeader) -> np.ndarray:
-        """Rebuild the array; FrameError for params or payload that do not fit the header."""
-        params = header.params
-        mode = params.get("mode")
-        if mode not in _MODES:
-            raise FrameError(f"lorenzo params mode must be one of {_MODES}, got {mode!r:.40}")
-        if mode == "lossless":
-            return ZstdCodec(level=self.level).decode_payload(payload, header)
-        dtype = header.dtype
-        if dtype.kind != "f" or dtype.itemsize not in _Q_LIMIT:
-            raise FrameError(f"lorenzo lossy frame with non float32/float64 dtype {dtype.str}")
-        native = dtype.newbyteorder("=")
-        n = math.prod(header.shape)
-        step_value = params.get("step")
-        if not isinstance(step_value, float) or not math.isfinite(step_value) or step_value <= 0:
-            raise FrameError(f"lorenzo params step must be a float > 0, got {step_value!r:.40}")
-        step = native.type(step_value)
-        if float(step) != step_value:
-            raise FrameError(f"lorenzo step {step_value!r} is not exactly a {native} value")
-        rdtype = params.get("rdtype")
-        if rdtype not in _RDTYPES:
-            raise FrameError(f"lorenzo params rdtype must be one of {_RDTYPES}, got {rdtype!r:.40}")
-        width = np.dtype(rdtype).itemsize
-        k = _param_int(params, "n_outliers", n)
-        expected = n * width + k * (8 + native.itemsize)
-        buf = _zstd_decompress_exact(payload, expected)
+        """Rebuild the array on the CPU; FrameError for params or payload that do not fit."""
+        return self.decode_device(payload, header, np)
 
-        res = _unshuffle(buf[: n * width], n, width).reshape(header.shape)
-        q = _lorenzo_integrate(res)
-        limit = _Q_LIMIT[native.itemsize]
-        if n and max(-int(q.min()), int(q.max())) >= limit:
-            raise FrameError("lorenzo residuals decode to quantisation codes out of range")
-        out = _reconstruct(q, native, step)
-        if k:
-            offset = n * width
-            deltas = buf[offset : offset + 8 * k].view("<i8")
-            if int(deltas[0]) < 0 or (k > 1 and int(deltas[1:].min()) < 1):
-                raise FrameError("lorenzo outlier indices are not strictly increasing")
-            if int(deltas.max()) >= n:
-                raise FrameError("lorenzo outlier index out of range")
-            indices = np.cumsum(deltas.astype(np.int64))
-            if int(indices[-1]) >= n or np.any(indices[1:] <= indices[:-1]):
-                raise FrameError("lorenzo outlier index out of range")
-            values = buf[offset + 8 * k :].view(native.newbyteorder("<"))
-            out.reshape(-1)[indices] = values
-        return out.astype(dtype, copy=False)
+    def decode_device(self, payload: memoryview, header: FrameHeader, xp: Any) -> Any:
+        """Rebuild the array with namespace ``xp`` (NumPy or CuPy): one code path for both."""
+        mode = _param_choice(header.params, "mode", (*self.modes, "lossless"))
+        if mode == "lossless":
+            out = ZstdCodec(level=self.level).decode_payload(payload, header)
+            return out if xp is np else xp.asarray(out.astype(out.dtype.newbyteorder("=")))
+        return _decode_lossy(payload, header, xp)
+
+
+@register_codec
+@dataclass(frozen=True)
+class LorenzoCodec(_BoundedBase):
+    """Prequantisation + N-d Lorenzo (prefix-sum decode): fast, good at tight bounds."""
+
+    name: ClassVar[str] = "lorenzo"
+    codec_id: ClassVar[str] = "tierscope.lorenzo"
+    modes: ClassVar[tuple[str, ...]] = ("lorenzo",)
+
+    def _candidates(self, x: np.ndarray, step: np.floating, tol: float) -> list[_Lossy]:
+        return [_encode_lorenzo(x, step, tol, self.level)]
+
+
+def _check_order(codec: Codec, order: Any) -> None:
+    if order not in INTERP_ORDERS or isinstance(order, bool):
+        raise ValueError(f"{codec.name} order must be one of {INTERP_ORDERS}, got {order!r}")
+
+
+@register_codec
+@dataclass(frozen=True)
+class InterpCodec(_BoundedBase):
+    """Multilevel interpolation (``order`` 3: cubic, 1: linear): best at loose bounds."""
+
+    name: ClassVar[str] = "interp"
+    codec_id: ClassVar[str] = "tierscope.interp"
+    modes: ClassVar[tuple[str, ...]] = ("interp",)
+
+    order: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_order(self, self.order)
+
+    def _candidates(self, x: np.ndarray, step: np.floating, tol: float) -> list[_Lossy]:
+        return [_encode_interp(x, step, tol, self.level, self.order)]
+
+
+@register_codec
+@dataclass(frozen=True)
+class BoundedCodec(_BoundedBase):
+    """Per block, whichever of Lorenzo and interpolation gives the smaller frame."""
+
+    name: ClassVar[str] = "bounded"
+    codec_id: ClassVar[str] = "tierscope.bounded"
+    modes: ClassVar[tuple[str, ...]] = _LOSSY_MODES
+
+    order: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_order(self, self.order)
+
+    def _candidates(self, x: np.ndarray, step: np.floating, tol: float) -> list[_Lossy]:
+        return [
+            _encode_lorenzo(x, step, tol, self.level),
+            _encode_interp(x, step, tol, self.level, self.order),
+        ]

@@ -352,8 +352,9 @@ def encode(array: Any, tol: float = 0.0, codec: str = "zstd", **params: Any) -> 
 def decode(frame: FrameLike, device: str = "cpu") -> Any:
     """Decode a frame into a new writeable C-contiguous array of the recorded dtype and shape.
 
-    ``device="gpu"`` returns a CuPy array (non-native byte order is converted to native,
-    since CuPy only supports native dtypes).
+    ``device="gpu"`` returns a CuPy array of the native-byte-order dtype (CuPy has no other):
+    the entropy stage runs on the host, the reconstruction of codecs that implement
+    ``decode_device`` on the GPU, bit-identical to the CPU result.
     """
     if device not in _DEVICES:
         raise ValueError(f"unknown device {device!r}; expected one of {', '.join(_DEVICES)}")
@@ -367,24 +368,27 @@ def decode(frame: FrameLike, device: str = "cpu") -> Any:
         raise
     except (TypeError, ValueError) as exc:
         raise FrameError(f"frame has invalid {header.codec!r} params: {exc}") from None
+    expected = header.dtype if cupy is None else header.dtype.newbyteorder("=")
     try:
-        out = codec_obj.decode_payload(payload, header)
+        if cupy is None:
+            out = codec_obj.decode_payload(payload, header)
+        else:
+            out = codec_obj.decode_device(payload, header, cupy)
     except FrameError:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
         raise FrameError(f"codec {header.codec!r} could not decode the payload: {exc}") from None
-    if not isinstance(out, np.ndarray) or out.dtype != header.dtype or out.shape != header.shape:
+    module = np if cupy is None else cupy
+    if not isinstance(out, module.ndarray) or out.dtype != expected or out.shape != header.shape:
         raise FrameError(
             f"codec {header.codec!r} decoded {getattr(out, 'dtype', type(out).__name__)} "
-            f"{getattr(out, 'shape', '')}, expected {header.dtype.str} {header.shape}"
+            f"{getattr(out, 'shape', '')}, expected {expected.str} {header.shape}"
         )
+    if cupy is not None:
+        return out if out.flags.c_contiguous else cupy.ascontiguousarray(out)
     if not (out.flags.c_contiguous and out.flags.writeable):
         out = np.array(out, order="C", copy=True)
-    if cupy is None:
-        return out
-    if not out.dtype.isnative:
-        out = out.astype(out.dtype.newbyteorder("="))
-    return cupy.asarray(out)
+    return out
 
 
 def _import_cupy() -> Any:

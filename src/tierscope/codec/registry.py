@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from .frame import FrameHeader
 
-__all__ = ["Codec", "codec_ids", "get_codec", "register_codec"]
+__all__ = ["Codec", "codec_ids", "get_codec", "register_codec", "register_missing"]
 
 _MAX_NAME_LEN = 64
 
@@ -54,6 +54,16 @@ class Codec(abc.ABC):
     @abc.abstractmethod
     def decode_payload(self, payload: memoryview, header: FrameHeader) -> np.ndarray:
         """Rebuild the array described by ``header`` from ``payload``."""
+
+    def decode_device(self, payload: memoryview, header: FrameHeader, xp: Any) -> Any:
+        """Rebuild the array as an ``xp`` array (NumPy or CuPy).
+
+        The default decodes on the CPU and transfers; codecs whose reconstruction runs on the
+        device override it (and must return the same values bit for bit).  Device arrays have
+        the native byte order of ``header.dtype``.
+        """
+        out = self.decode_payload(payload, header)
+        return xp.asarray(out.astype(out.dtype.newbyteorder("="), copy=False))
 
     def get_config(self) -> dict[str, Any]:
         """numcodecs-style config: ``{"id": codec_id, **constructor parameters}``."""
@@ -101,6 +111,17 @@ class Codec(abc.ABC):
 
 _lock = threading.Lock()
 _REGISTRY: dict[str, type[Codec]] = {}
+_MISSING: dict[str, str] = {}  # codec name -> why it is unavailable (its package does not import)
+
+
+def register_missing(name: str, package: str, reason: str) -> None:
+    """Record that codec ``name`` exists but needs ``package``, which did not import.
+
+    It stays out of :func:`codec_ids`; :func:`get_codec` then says what to install instead of
+    calling the name unknown.
+    """
+    with _lock:
+        _MISSING[name] = f"codec {name!r} needs the package {package!r}, which is not importable ({reason})"
 
 
 def register_codec(codec_cls: C) -> C:
@@ -136,6 +157,8 @@ def get_codec(name: str) -> type[Codec]:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
+        if isinstance(name, str) and name in _MISSING:
+            raise ValueError(_MISSING[name]) from None
         known = ", ".join(sorted(_REGISTRY)) or "none"
         raise ValueError(f"unknown codec {name!r}; known codecs: {known}") from None
 

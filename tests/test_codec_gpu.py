@@ -1,0 +1,41 @@
+"""GPU decode (CuPy) must equal the CPU decode bit for bit; skipped cleanly without a GPU.
+
+Throughput is measured by ``tierscope bench codec`` / benchmarks, not here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.test_codec_bounded import smooth_field
+from tierscope.codec import decode, encode
+
+cupy = pytest.importorskip("cupy")
+try:
+    _DEVICES = cupy.cuda.runtime.getDeviceCount()
+except Exception:  # CUDA errors have driver-specific types
+    _DEVICES = 0
+pytestmark = pytest.mark.skipif(_DEVICES < 1, reason="no CUDA GPU")
+
+
+def _fields() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    smooth = smooth_field(40)
+    spiky = smooth.copy()
+    spiky.reshape(-1)[rng.integers(0, spiky.size, 50)] = np.nan
+    spiky[0, 0, :3] = [np.inf, -np.inf, 3e38]
+    return [smooth, smooth.astype(">f8"), spiky, rng.standard_normal((3, 17, 9, 5)).astype("<f4")]
+
+
+@pytest.mark.parametrize("codec", ["lorenzo", "interp", "bounded", "zstd", "raw"])
+@pytest.mark.parametrize("rel", [0.0, 1e-5, 1e-3, 1e-1])
+def test_gpu_decode_bit_identical(codec: str, rel: float) -> None:
+    for x in _fields():
+        finite = x[np.isfinite(x)].astype(np.float64)
+        frame = encode(x, rel * float(finite.max() - finite.min()), codec=codec)
+        cpu = decode(frame)
+        gpu = decode(frame, device="gpu")
+        assert isinstance(gpu, cupy.ndarray) and gpu.flags.c_contiguous
+        assert gpu.dtype == cpu.dtype.newbyteorder("=") and gpu.shape == cpu.shape
+        assert cupy.asnumpy(gpu).tobytes() == cpu.astype(gpu.dtype).tobytes()
