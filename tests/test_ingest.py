@@ -1,4 +1,5 @@
-"""Ingest into block-aligned zarr v3, and the block specs the command line hands it."""
+"""Ingest into block-aligned zarr v3, and the block specs the command line hands it (TileDB and HDF5
+outputs: test_origins.py)."""
 
 from __future__ import annotations
 
@@ -190,9 +191,9 @@ def test_unreadable_source_is_a_store_error(tmp_path) -> None:
         ingest(garbage, tmp_path / "out.zarr", (1, 1, 1))
 
 
-@pytest.mark.parametrize("fmt", ["tiledb", "hdf5", "ZARR"])
+@pytest.mark.parametrize("fmt", ["ZARR", "netcdf", ""])
 def test_unsupported_format(reanalysis, tmp_path, fmt: str) -> None:
-    message = f"output format {fmt!r} is not supported yet; supported: zarr"
+    message = f"output format {fmt!r} is not supported; supported: zarr, tiledb, hdf5"
     with pytest.raises(ValueError, match=re.escape(message)):
         ingest(reanalysis, tmp_path / "out", (1, 1, 16, 16), fmt=fmt)
     assert not (tmp_path / "out").exists()

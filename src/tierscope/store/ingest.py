@@ -1,31 +1,36 @@
-"""Ingest: convert anything xarray can open into a block-aligned zarr v3 store tierscope can serve.
+"""Ingest: convert anything xarray can open into a block-aligned store tierscope can serve: zarr v3,
+TileDB or HDF5 (``fmt``), stored chunks = blocks.
 
 The source is opened with ``decode_cf=False`` and written back raw: packed integers stay packed and
 every CF attribute (``_FillValue``, ``scale_factor``/``add_offset``, ``units``/``calendar``,
 ``coordinates``, ``bounds``) is copied as an attribute, so ``xr.open_zarr(out)`` decodes exactly
 like ``xr.open_dataset(src)`` and a served block holds the values the simulation wrote, not a
 re-encoding. Data stream through dask in pieces that are whole multiples of the block, so memory
-stays bounded and parallel writes never share a zarr chunk.
+stays bounded and parallel writes never share a stored chunk. TileDB and HDF5 get the variables
+and attributes exactly as xarray hands them to its zarr writer, so the three origins describe one
+ingested dataset identically.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import shutil
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
+from xarray import conventions
 
 from tierscope.errors import StoreError
+from tierscope.store.origin import FORMATS, detect_format
 
 __all__ = ["BlockSpec", "ingest", "parse_block_spec"]
 
 BlockSpec = tuple[int, ...] | dict[str, int]
 """Block sizes: one per axis (for variables of that many dimensions), or per dimension name."""
 
-FORMATS = ("zarr",)
 TIME_DIMS = ("time", "t")
 """Dimensions that default to one step per block in a block given by dimension name."""
 PIECE_BYTES = 64 * 2**20
@@ -82,24 +87,67 @@ def ingest(
     fmt: str = "zarr",
     overwrite: bool = False,
 ) -> Path:
-    """Convert ``src`` (netCDF3/4, HDF5, zarr v2/v3) to a zarr v3 store chunked by ``block``.
+    """Convert ``src`` (netCDF3/4, HDF5, zarr v2/v3) to a ``fmt`` store (zarr v3, TileDB group,
+    HDF5 file) chunked by ``block``.
 
     A tuple block applies to every variable with that many dimensions (others get one chunk); a
     dict names dimensions, and those not named keep their full extent except ``time``/``t`` (1).
-    1-D dimension coordinates are always a single chunk. Returns the output path."""
+    1-D dimension coordinates are always a single chunk. ``overwrite`` replaces an existing store
+    (of any of the three formats; anything else at ``out`` is left alone). A failed write leaves
+    nothing behind. Returns the output path."""
     if fmt not in FORMATS:
-        supported = ", ".join(FORMATS)
-        raise ValueError(f"output format {fmt!r} is not supported yet; supported: {supported}")
+        raise ValueError(f"output format {fmt!r} is not supported; supported: {', '.join(FORMATS)}")
     block = _check_block(block)
     src, out = Path(src), Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
     if out.exists() and out.resolve() == src.resolve():
         raise ValueError(f"refusing to overwrite the source {src} with its own ingest")
-    mode = "w" if overwrite else "w-"
     with _open_raw(src) as ds:
-        _rechunk(ds, block).to_zarr(out, zarr_format=3, consolidated=False, mode=mode)
+        rechunked = _rechunk(ds, block)
+        if out.exists():
+            _check_replaceable(out)
+            _delete(out)
+        try:
+            _write(rechunked, out, fmt)
+        except BaseException:
+            _delete(out)  # ours: nothing was at ``out`` before this write
+            raise
     return out
+
+
+def _check_replaceable(out: Path) -> None:
+    """Only a store is replaced: ``overwrite`` must not delete whatever a typo points at."""
+    try:
+        detect_format(out)
+    except StoreError:
+        raise FileExistsError(
+            f"{out} exists and is not a zarr, TileDB or HDF5 store; not replacing it"
+        ) from None
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _write(ds: xr.Dataset, out: Path, fmt: str) -> None:
+    if fmt == "zarr":
+        ds.to_zarr(out, zarr_format=3, consolidated=False, mode="w-")
+        return
+    # the variables and attributes xarray's own writers start from: non-index coordinates named
+    # in each variable's ``coordinates`` attribute (or the dataset's)
+    variables, attrs = conventions.encode_dataset_coordinates(ds)
+    if fmt == "tiledb":
+        from tierscope.store.tiledb import write_tiledb
+
+        write_tiledb(out, variables, attrs)
+    else:
+        from tierscope.store.hdf5 import write_hdf5
+
+        write_hdf5(out, variables, attrs)
 
 
 def _check_block(block: BlockSpec) -> BlockSpec:

@@ -1,33 +1,72 @@
 """Origins: where blocks come from before any tier holds them.
 
-An origin reads one stored block of one variable of one dataset. Today: zarr v3 stores written by
-``tierscope sample`` / ``tierscope ingest`` (or any block-aligned zarr v3 store xarray wrote).
+An origin reads one stored block of one variable of one dataset. Three formats, all written by
+``tierscope ingest`` (and ``tierscope sample`` for zarr) with stored chunks = blocks: zarr v3 (a local
+directory or any fsspec URL), TileDB (a group of dense arrays, ``store/tiledb.py``) and HDF5 (one file
+of chunked datasets, ``store/hdf5.py``). ``open_origin`` tells them apart by what is on disk, so
+``tierscope serve`` and ``xr.open_dataset(path, engine="tierscope")`` take any of them.
 """
 
 from __future__ import annotations
 
 import abc
+import logging
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
 from tierscope.errors import StoreError
 from tierscope.grid import BlockIndex
-from tierscope.metadata import DatasetInfo
+from tierscope.metadata import DatasetInfo, VariableInfo
 
-__all__ = ["Origin", "ZarrOrigin", "dataset_name", "open_origin"]
+__all__ = ["FORMATS", "Origin", "ZarrOrigin", "dataset_name", "detect_format", "open_origin"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("zarr", "tiledb", "hdf5")
+SUFFIXES = (".zarr", ".tiledb", ".tdb", ".hdf5", ".h5")
+"""Store suffixes left out of the name a store is served under."""
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
-def dataset_name(path: str | Path) -> str:
-    """The name a store is served under: its directory name without the ``.zarr`` suffix."""
-    name = Path(path).resolve().name
-    return name[: -len(".zarr")] if name.endswith(".zarr") else name
+def _is_url(location: str | os.PathLike[str]) -> bool:
+    return isinstance(location, str) and "://" in location
+
+
+def _local_path(location: str | os.PathLike[str]) -> Path | None:
+    """The local path of a path or ``file://`` URL; None for a remote URL."""
+    if not _is_url(location):
+        return Path(location)
+    parts = urlsplit(str(location))
+    return Path(unquote(parts.path)) if parts.scheme == "file" else None
+
+
+def dataset_name(location: str | os.PathLike[str]) -> str:
+    """The name a store is served under: its file or directory name without a store suffix
+    (``turb.zarr``, ``turb.tdb``, ``turb.h5`` and ``http://host/data/turb.zarr`` are all ``turb``)."""
+    local = _local_path(location)
+    if local is not None:
+        name = local.resolve().name
+    else:
+        name = urlsplit(str(location)).path.rstrip("/").rpartition("/")[2]
+    for suffix in SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 class Origin(abc.ABC):
     """A dataset's source of raw blocks."""
 
     name: str
+    location: str
+    """Where the store is (path or URL), for messages."""
+    path: Path | None = None
+    """The local file or directory holding the store; None for a remote one."""
 
     @abc.abstractmethod
     def info(self) -> DatasetInfo:
@@ -40,44 +79,85 @@ class Origin(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""
 
+    def drop_page_cache(self) -> int:
+        """Ask the kernel to evict this store's files from the page cache, so that the next reads
+        come from the disk (cold-cache experiments). Returns how many files were advised."""
+        if self.path is None:
+            log.info("%s: %s is remote, it has no local page cache to drop", self.name, self.location)
+            return 0
+        if not hasattr(os, "posix_fadvise"):
+            log.info("%s: this platform has no posix_fadvise, page cache kept", self.name)
+            return 0
+        count = 0
+        for file in _files(self.path):
+            _drop_file(file)
+            count += 1
+        log.info("%s: dropped %d file(s) of %s from the page cache", self.name, count, self.path)
+        return count
+
+
+def _files(path: Path) -> Iterator[Path]:
+    if path.is_file():
+        yield path
+    else:
+        yield from (p for p in sorted(path.rglob("*")) if p.is_file())
+
+
+def _drop_file(file: Path) -> None:
+    """Flush, then drop: ``POSIX_FADV_DONTNEED`` leaves dirty pages (a fresh ingest) in memory."""
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
 
 class ZarrOrigin(Origin):
-    """A zarr v3 group whose arrays carry xarray's ``dimension_names``."""
+    """A zarr v3 group whose arrays carry xarray's ``dimension_names``: a local directory, or any
+    fsspec URL (``http://``, ``s3://``, ``memory://``, ``file://``) with its ``storage_options``."""
 
-    def __init__(self, path: str | Path, name: str | None = None) -> None:
+    def __init__(
+        self,
+        location: str | os.PathLike[str],
+        name: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
         from xarray.backends.zarr import ZarrStore
 
-        self.path = Path(path)
-        self.name = name or dataset_name(path)
-        if not self.path.exists():
-            raise StoreError(f"cannot open store {str(self.path)!r}: no such file or directory")
+        self.location = str(location)
+        self.path = _local_path(location)
+        self.name = name or dataset_name(location)
+        if self.path is not None and not self.path.exists():
+            raise StoreError(f"cannot open store {self.location!r}: no such file or directory")
+        if storage_options is not None and not _is_url(location):
+            raise ValueError(f"storage_options apply to URLs only, not to the path {self.location!r}")
+        options = {"storage_options": dict(storage_options or {})} if _is_url(location) else {}
         try:
             self._store = ZarrStore.open_group(
-                str(self.path), mode="r", zarr_format=3, consolidated=False
+                self.location, mode="r", zarr_format=3, consolidated=False, **options
             )
             self._info = self._describe()
         except StoreError:
             raise
         except Exception as exc:
             raise StoreError(
-                f"cannot open store {str(self.path)!r} as a zarr v3 dataset: {exc}"
+                f"cannot open store {self.location!r} as a zarr v3 dataset: {exc}"
             ) from exc
 
     def _describe(self) -> DatasetInfo:
-        from tierscope.metadata import VariableInfo
-
         variables, coords = {}, {}
         for name, var in self._store.get_variables().items():
             if var.dims == (name,):
-                coords[name] = (np.asarray(var.values), dict(var.attrs))
+                coords[name] = (_objects(np.asarray(var.values)), dict(var.attrs))
                 continue
-            block = tuple(var.encoding["chunks"])
+            dtype = np.dtype(var.dtype)
             variables[name] = VariableInfo(
                 name=name,
                 dims=tuple(var.dims),
                 shape=tuple(var.shape),
-                dtype=np.dtype(var.dtype),
-                block=block,
+                dtype=np.dtype(object) if dtype.kind == "T" else dtype,
+                block=tuple(var.encoding["chunks"]),
                 attrs=dict(var.attrs),
             )
         return DatasetInfo(
@@ -94,14 +174,72 @@ class ZarrOrigin(Origin):
             block = self._store.zarr_group[variable].get_block_selection(index)
         except Exception as exc:
             raise StoreError(
-                f"reading block {index} of {variable!r} from {str(self.path)!r} failed: {exc}"
+                f"reading block {index} of {variable!r} from {self.location!r} failed: {exc}"
             ) from exc
-        return np.asarray(block)
+        return _objects(np.asarray(block))
 
     def close(self) -> None:
         self._store.close()
 
 
-def open_origin(path: str | Path, name: str | None = None) -> Origin:
-    """Open a store as an origin, detecting its format."""
-    return ZarrOrigin(path, name=name)
+def _objects(values: np.ndarray) -> np.ndarray:
+    """zarr's strings (NumPy's ``StringDType``) as ``object`` arrays of ``str``, as the TileDB and
+    HDF5 origins give them: one dtype for text whatever the store."""
+    return values.astype(object) if values.dtype.kind == "T" else values
+
+
+def detect_format(location: str | os.PathLike[str]) -> str:
+    """Which of ``FORMATS`` a store is: a remote URL is zarr; on disk, a directory with
+    ``zarr.json`` is zarr, a TileDB group is tiledb, a file with the HDF5 signature is hdf5."""
+    path = _local_path(location)
+    if path is None:
+        return "zarr"
+    if not path.exists():
+        raise StoreError(f"cannot open store {str(location)!r}: no such file or directory")
+    if path.is_dir() and (path / "zarr.json").is_file():
+        return "zarr"
+    if path.is_dir() and _is_tiledb_group(path):
+        return "tiledb"
+    if path.is_file() and _has_hdf5_signature(path):
+        return "hdf5"
+    raise StoreError(
+        f"cannot open store {str(location)!r}: expected a zarr v3 store (a directory with zarr.json), "
+        "a TileDB group or an HDF5 file"
+    )
+
+
+def _is_tiledb_group(path: Path) -> bool:
+    try:
+        from tierscope.store.tiledb import is_group
+    except ImportError:  # without the tiledb extra, no directory is a TileDB group we can read
+        return False
+    return is_group(path)
+
+
+def _has_hdf5_signature(path: Path) -> bool:
+    """HDF5's superblock signature, at offset 0 or after a user block (512, 1024, 2048, ... bytes)."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        offset = 0
+        while offset + len(_HDF5_SIGNATURE) <= size:
+            file.seek(offset)
+            if file.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+                return True
+            offset = 512 if offset == 0 else offset * 2
+    return False
+
+
+def open_origin(location: str | os.PathLike[str], name: str | None = None) -> Origin:
+    """Open a store as an origin, detecting its format (``detect_format``)."""
+    fmt = detect_format(location)
+    if fmt == "tiledb":
+        from tierscope.store.tiledb import TileDBOrigin
+
+        return TileDBOrigin(location, name=name)
+    if fmt == "hdf5":
+        try:
+            from tierscope.store.hdf5 import HDF5Origin
+        except ImportError as exc:
+            raise StoreError(f"{str(location)!r} is an HDF5 file but h5py is missing: {exc}") from exc
+        return HDF5Origin(location, name=name)
+    return ZarrOrigin(location, name=name)
