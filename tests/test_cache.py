@@ -28,7 +28,7 @@ def test_capacity_zero_is_off_and_oversize_is_not_kept():
 
 
 def test_negative_capacity_rejected():
-    with pytest.raises(ValueError, match="l1 capacity must be >= 0"):
+    with pytest.raises(ValueError, match="l1 capacity must be an int >= 0"):
         TierCache(-1, "l1")
 
 
@@ -61,3 +61,167 @@ def test_failed_load_is_not_cached_and_reaches_every_waiter():
         cache.get_or_load("k", lambda: (_ for _ in ()).throw(OSError("boom")))
     assert "k" not in cache
     assert cache.get_or_load("k", lambda: b"ok") == b"ok"
+
+
+def fill(cache, keys, size=100, prefetch=False):
+    for key in keys:
+        cache.get_or_load(key, lambda: bytes(size), prefetch=prefetch)
+
+
+def test_lfu_evicts_fewest_hits_first_ties_in_lru_order():
+    cache = TierCache(300, "l3", policy="lfu")
+    fill(cache, "abc")
+    fill(cache, "aab")  # hits: a=2, b=1, c=0
+    fill(cache, "d")  # evicts c (0 hits)
+    assert cache.keys() == ["a", "b", "d"]
+    fill(cache, "e")  # d has 0 hits, so d goes before the older but more used b
+    assert set(cache.keys()) == {"a", "b", "e"}
+    fill(cache, "ef")  # e: 1 hit; b and e tie at 1 hit, b is less recent
+    assert set(cache.keys()) == {"a", "e", "f"} and cache.stats.evictions == 3
+
+
+def test_fifo_evicts_in_insertion_order_and_hits_do_not_refresh():
+    cache = TierCache(300, "l3", policy="fifo")
+    fill(cache, "abc")
+    fill(cache, "aaa")
+    fill(cache, "d")
+    assert cache.keys() == ["b", "c", "d"]
+    fill(cache, "e")
+    assert set(cache.keys()) == {"c", "d", "e"}
+
+
+def test_distance_evicts_farthest_first_ties_lru_and_falls_back_to_lru():
+    cache = TierCache(300, "l4", policy="distance")
+    fill(cache, "abc")
+    fill(cache, "d")  # no distance function: LRU
+    assert set(cache.keys()) == {"b", "c", "d"}
+    far = {"b": 1, "c": 5, "d": 5, "e": 0}
+    cache.distance = far.__getitem__
+    fill(cache, "e")  # c and d tie at 5, c is less recent
+    assert set(cache.keys()) == {"b", "d", "e"}
+    far["f"] = 2
+    fill(cache, "f")
+    assert set(cache.keys()) == {"b", "e", "f"}
+
+
+def test_unknown_policy_is_rejected_by_name():
+    with pytest.raises(ValueError, match="policy must be one of lru, lfu, fifo, distance, got 'mru'"):
+        TierCache(10, policy="mru")
+    with pytest.raises(ValueError, match="policy must be one of"):
+        TierCache(10).reconfigure(policy="x")
+
+
+def test_prefetch_counters_used_once_wasted_on_evict_and_clear():
+    cache = TierCache(300, "l3")
+    fill(cache, "abc", prefetch=True)
+    assert cache.stats.as_dict() == dict(hits=0, misses=0, evictions=0, waits=0, prefetched=3,
+                                         prefetch_used=0, prefetch_wasted=0)
+    fill(cache, "aa")  # used once, two hits
+    fill(cache, "a", prefetch=True)  # a prefetch hit counts nowhere
+    assert (cache.stats.hits, cache.stats.prefetch_used) == (2, 1)
+    fill(cache, "d")  # evicts b (LRU), never used
+    assert cache.stats.prefetch_wasted == 1 and cache.stats.misses == 1
+    cache.clear()  # c was never used: wasted; a was used; d was not prefetched
+    assert cache.stats.prefetch_wasted == 2 and len(cache) == 0 and cache.size == 0
+
+
+def test_user_joining_an_inflight_prefetch_counts_a_wait_and_marks_it_used():
+    cache = TierCache(1000)
+    gate, started = threading.Event(), threading.Event()
+
+    def slow():
+        started.set()
+        gate.wait(5)
+        return b"x" * 10
+
+    t = threading.Thread(target=cache.get_or_load, args=("k", slow), kwargs={"prefetch": True})
+    t.start()
+    started.wait(5)
+    joined = []
+    u = threading.Thread(target=lambda: joined.append(cache.get_or_load("k", pytest.fail)))
+    p = threading.Thread(target=cache.get_or_load, args=("k", pytest.fail), kwargs={"prefetch": True})
+    u.start(), p.start()
+    time.sleep(0.05)
+    gate.set()
+    for th in (t, u, p):
+        th.join(5)
+    assert joined == [b"x" * 10]
+    s = cache.stats
+    assert (s.hits, s.misses, s.waits, s.prefetched, s.prefetch_used) == (1, 0, 1, 1, 1)
+    cache.clear()
+    assert cache.stats.prefetch_wasted == 0
+
+
+def test_reconfigure_shrinks_in_policy_order_and_switches_off():
+    cache = TierCache(400, "l4")
+    fill(cache, "abcd")
+    fill(cache, "a")
+    cache.reconfigure(capacity=200)
+    assert cache.keys() == ["d", "a"] and cache.size == 200 and cache.stats.evictions == 2
+    cache.reconfigure(policy="fifo")
+    fill(cache, "e")  # fifo: a was inserted before d, its recent hit does not matter
+    assert cache.keys() == ["d", "e"]
+    cache.reconfigure(capacity=0)
+    assert len(cache) == 0 and cache.info()["capacity"] == 0 and cache.info()["policy"] == "fifo"
+    with pytest.raises(ValueError, match="capacity must be an int >= 0"):
+        cache.reconfigure(capacity=-5)
+
+
+def test_peek_changes_nothing():
+    cache = TierCache(200)
+    fill(cache, "ab")
+    assert cache.peek("a") == bytes(100) and cache.peek("zz") is None
+    fill(cache, "c")  # a is still least recent despite the peek
+    assert cache.keys() == ["b", "c"] and cache.stats.hits == 0
+
+
+def test_many_threads_one_load_per_key_and_bytes_within_capacity():
+    cache = TierCache(50 * 64, "l3", policy="lfu")
+    loads = {}
+    lock = threading.Lock()
+
+    def loader(key):
+        with lock:
+            loads[key] = loads.get(key, 0) + 1
+        time.sleep(0.001)
+        return bytes(64)
+
+    def worker(seed):
+        rng = np.random.default_rng(seed)
+        for key in rng.integers(0, 40, 300):
+            cache.get_or_load(int(key), lambda k=int(key): loader(k), prefetch=bool(seed % 2))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(loads.values()) == {1}  # 40 keys fit: every key loaded exactly once
+    assert cache.size == 40 * 64 <= cache.capacity
+    s = cache.stats
+    assert s.hits + s.misses == 8 * 300  # user lookups only
+    assert s.prefetched + s.misses == 40
+
+
+async def _async_loads(cache, n):
+    import asyncio
+
+    calls = []
+
+    async def loader():
+        calls.append(1)
+        await asyncio.sleep(0.01)
+        return b"v" * 8
+
+    got = await asyncio.gather(*(cache.aget_or_load("k", loader, prefetch=i % 2 == 0) for i in range(n)))
+    return calls, got
+
+
+def test_async_single_flight_on_one_loop():
+    import asyncio
+
+    cache = TierCache(100)
+    calls, got = asyncio.run(_async_loads(cache, 6))
+    assert calls == [1] and got == [b"v" * 8] * 6
+    s = cache.stats  # the first (prefetch) caller owns the load; 3 users joined it
+    assert (s.waits, s.hits, s.misses, s.prefetched, s.prefetch_used) == (3, 3, 0, 1, 1)

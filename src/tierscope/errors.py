@@ -4,6 +4,7 @@ so callers can keep catching ``KeyError``/``ValueError``/``ConnectionError`` as 
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "BlockIndexError",
     "DatasetNotFoundError",
     "FrameError",
@@ -51,3 +52,7 @@ class ChecksumError(FrameError):
 
 class ServerUnavailableError(TierscopeError, ConnectionError):
     """The block server could not be reached or answered with an error."""
+
+
+class AuthenticationError(TierscopeError, PermissionError):
+    """The block server refused the request: no valid bearer token (``token=`` or ``TIERSCOPE_TOKEN``)."""

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
 
 from tierscope import _sync
-from tierscope.client.source import Transport
+from tierscope.client.source import Fetched, Transport
 from tierscope.errors import (
+    AuthenticationError,
     BlockIndexError,
     DatasetNotFoundError,
     ServerUnavailableError,
@@ -19,6 +21,7 @@ from tierscope.errors import (
 )
 from tierscope.grid import BlockIndex
 from tierscope.metadata import DatasetInfo
+from tierscope.server.service import MAX_BATCH
 
 __all__ = ["HttpTransport"]
 
@@ -30,9 +33,42 @@ _ERRORS: dict[str, type[Exception]] = {
 _TIMEOUT = aiohttp.ClientTimeout(total=120, sock_connect=10)
 
 
+def _block_path(index: Sequence[int]) -> str:
+    return ".".join(str(int(i)) for i in index)
+
+
+def view_headers(session: str | None, position: Sequence[BlockIndex] | None) -> dict[str, str]:
+    """The session and position request headers (docs/protocol.md) for a view."""
+    headers = {}
+    if session is not None:
+        headers["X-Tierscope-Session"] = session
+    if position:
+        headers["X-Tierscope-Position"] = ";".join(_block_path(b) for b in position)
+    return headers
+
+
+def split_batch(body: bytes) -> list[tuple[tuple[int, ...], Fetched]]:
+    """A batch response as (index, block) pairs: a JSON header line, then the frames back to back."""
+    line, sep, rest = body.partition(b"\n")
+    try:
+        entries = json.loads(line)["blocks"] if sep else None
+        sizes = [int(e[2]) for e in entries]
+    except (ValueError, KeyError, TypeError, IndexError):
+        entries = None
+    if entries is None or sum(sizes) != len(rest):
+        raise ServerUnavailableError("malformed batch response: header line and frame sizes disagree")
+    out, offset = [], 0
+    for entry, size in zip(entries, sizes, strict=True):
+        server_s = (float(entry[3]) + float(entry[4])) / 1e3
+        out.append((tuple(entry[0]), Fetched(rest[offset:offset + size], str(entry[1]), server_s)))
+        offset += size
+    return out
+
+
 class HttpTransport(Transport):
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session: aiohttp.ClientSession | None = None
 
     async def _get_session(self) -> aiohttp.ClientSession:
@@ -43,12 +79,18 @@ class HttpTransport(Transport):
         return self._session
 
     async def _request(
-        self, method: str, path: str, params: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        json_body: Any = None,
     ) -> tuple[bytes, Any]:
         url = f"{self.base_url}{path}"
         session = await self._get_session()
         try:
-            async with session.request(method, url, params=params) as response:
+            async with session.request(method, url, params=params, json=json_body,
+                                       headers={**self._headers, **(headers or {})}) as response:
                 body = await response.read()
                 if response.status >= 400:
                     self._raise(url, response.status, body)
@@ -66,6 +108,9 @@ class HttpTransport(Transport):
             message, kind = body[:200].decode("utf-8", "replace"), ""
         if status < 500 and kind in _ERRORS:
             raise _ERRORS[kind](message)
+        if status == 401:
+            raise AuthenticationError(f"tierscope server at {url} refused the request (HTTP 401): "
+                                         f"{message}; pass token= or set TIERSCOPE_TOKEN")
         raise ServerUnavailableError(f"tierscope server at {url} answered HTTP {status}: {message}")
 
     def _get_json(self, path: str) -> Any:
@@ -76,11 +121,51 @@ class HttpTransport(Transport):
         return DatasetInfo.from_json(self._get_json(f"/datasets/{dataset}"))
 
     def fetch(
-        self, dataset: str, variable: str, index: BlockIndex, tol: float, purpose: str = "user"
-    ) -> bytes:
-        path = f"/datasets/{dataset}/blocks/{variable}/{'.'.join(map(str, index))}"
-        body, _ = _sync.sync(self._request("GET", path, {"tol": repr(float(tol)), "purpose": purpose}))
-        return body
+        self,
+        dataset: str,
+        variable: str,
+        index: BlockIndex,
+        tol: float,
+        purpose: str = "user",
+        session: str | None = None,
+        position: Sequence[BlockIndex] | None = None,
+    ) -> Fetched:
+        path = f"/datasets/{dataset}/blocks/{variable}/{_block_path(index)}"
+        params = {"tol": repr(float(tol)), "purpose": purpose}
+        body, headers = _sync.sync(self._request("GET", path, params, view_headers(session, position)))
+        try:
+            server_ms = float(headers["X-Tierscope-Read-Ms"]) + float(headers["X-Tierscope-Encode-Ms"])
+            tier = headers["X-Tierscope-Tier"]
+        except (KeyError, ValueError):
+            raise ServerUnavailableError(
+                f"{self.base_url} answered block {tuple(index)} without valid X-Tierscope-* headers"
+            ) from None
+        return Fetched(body, tier, server_ms / 1e3)
+
+    def fetch_many(
+        self,
+        dataset: str,
+        variable: str,
+        indices: Sequence[BlockIndex],
+        tol: float,
+        purpose: str = "user",
+        session: str | None = None,
+        position: Sequence[BlockIndex] | None = None,
+        codec: str | None = None,
+    ) -> list[Fetched]:
+        """Many blocks in one ``POST /datasets/{name}/batch`` round trip per 256 blocks."""
+        frames: list[Fetched] = []
+        indices = [[int(i) for i in index] for index in indices]
+        for start in range(0, len(indices), MAX_BATCH):
+            request = {"variable": variable, "tol": float(tol), "purpose": purpose,
+                       "blocks": indices[start:start + MAX_BATCH]}
+            if codec is not None:
+                request["codec"] = codec
+            body, _ = _sync.sync(self._request("POST", f"/datasets/{dataset}/batch",
+                                               headers=view_headers(session, position),
+                                               json_body=request))
+            frames.extend(block for _, block in split_batch(body))
+        return frames
 
     def server_stats(self) -> dict[str, object]:
         return self._get_json("/stats")

@@ -10,7 +10,8 @@ import abc
 import atexit
 import os
 import threading
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -18,7 +19,20 @@ from urllib.parse import urlsplit
 from tierscope.grid import BlockIndex
 from tierscope.metadata import DatasetInfo
 
-__all__ = ["Source", "Transport"]
+__all__ = ["Fetched", "Source", "Transport"]
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """One block as block service sent it: the frame, the server tier that answered, its read + encode time.
+
+    The tier and time let the worker split a fetch into network and server stages, and the evaluation
+    harness say which tier served each block.
+    """
+
+    frame: bytes
+    tier: str  # "l3", "l4" or "origin"
+    server_s: float
 
 
 class Transport(abc.ABC):
@@ -29,9 +43,29 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def fetch(
-        self, dataset: str, variable: str, index: BlockIndex, tol: float, purpose: str = "user"
-    ) -> bytes:
-        """One encoded frame."""
+        self,
+        dataset: str,
+        variable: str,
+        index: BlockIndex,
+        tol: float,
+        purpose: str = "user",
+        session: str | None = None,
+        position: Sequence[BlockIndex] | None = None,
+    ) -> Fetched:
+        """One encoded block; ``session``/``position`` (the current view's blocks) steer server prefetch."""
+
+    def fetch_many(
+        self,
+        dataset: str,
+        variable: str,
+        indices: Sequence[BlockIndex],
+        tol: float,
+        purpose: str = "user",
+        session: str | None = None,
+        position: Sequence[BlockIndex] | None = None,
+    ) -> list[Fetched]:
+        """Encoded blocks of one variable, in order (one round trip where possible)."""
+        return [self.fetch(dataset, variable, i, tol, purpose, session, position) for i in indices]
 
     @abc.abstractmethod
     def server_stats(self) -> dict[str, object]: ...
@@ -42,15 +76,22 @@ class Transport(abc.ABC):
 
 @dataclass(frozen=True)
 class Source:
-    """A served dataset (``kind="http"``: base URL) or a local store (``kind="embedded"``: path)."""
+    """A served dataset (``kind="http"``: base URL) or a local store (``kind="embedded"``: path).
+
+    ``token`` is the server's bearer token (it travels with the source to the workers; never printed).
+    """
 
     kind: Literal["http", "embedded"]
     location: str
     dataset: str
+    token: str | None = field(default=None, repr=False)
 
     @classmethod
-    def parse(cls, url_or_path: str | os.PathLike[str]) -> Source:
-        """``http(s)://host:port/datasets/NAME`` or a path to a local store."""
+    def parse(cls, url_or_path: str | os.PathLike[str], token: str | None = None) -> Source:
+        """``http(s)://host:port/datasets/NAME`` or a path to a local store.
+
+        ``token`` defaults to the ``TIERSCOPE_TOKEN`` environment variable (HTTP sources only).
+        """
         text = os.fspath(url_or_path)
         if text.startswith(("http://", "https://")):
             parts = urlsplit(text)
@@ -59,7 +100,8 @@ class Source:
                 raise ValueError(
                     f"malformed dataset URL {text!r}: expected http://HOST:PORT/datasets/NAME"
                 )
-            return cls("http", f"{parts.scheme}://{parts.netloc}", segments[1])
+            token = token if token is not None else os.environ.get("TIERSCOPE_TOKEN") or None
+            return cls("http", f"{parts.scheme}://{parts.netloc}", segments[1], token)
         from tierscope.store.origin import dataset_name
 
         path = Path(text).expanduser().resolve()
@@ -74,7 +116,7 @@ class Source:
 
     def transport(self) -> Transport:
         """This process's transport for the source (created once, then shared by all threads)."""
-        key = (self.kind, self.location)
+        key = (self.kind, self.location, self.token)
         with _lock:
             transport = _transports.get(key)
             if transport is None:
@@ -85,14 +127,14 @@ class Source:
         if self.kind == "http":
             from tierscope.client.http import HttpTransport
 
-            return HttpTransport(self.location)
+            return HttpTransport(self.location, token=self.token)
         from tierscope.client.embedded import EmbeddedTransport
 
         return EmbeddedTransport(self.location)
 
 
 _lock = threading.Lock()
-_transports: dict[tuple[str, str], Transport] = {}
+_transports: dict[tuple[str, str, str | None], Transport] = {}
 
 
 @atexit.register

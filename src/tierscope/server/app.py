@@ -1,10 +1,11 @@
-"""The block server's HTTP face (aiohttp, HTTP/1.1 keep-alive).
+"""The block server's HTTP face (aiohttp, HTTP/1.1 keep-alive). See docs/protocol.md.
 
-Routes (see docs/protocol.md):
-  GET  /datasets                                   names of the served datasets
-  GET  /datasets/{name}                            DatasetInfo as JSON
+Routes:
+  GET  /datasets, GET /datasets/{name}             served datasets, one dataset's description
   GET  /datasets/{name}/blocks/{var}/{i.j.k...}    one frame (?tol=&codec=&purpose=user|prefetch)
-  GET  /stats, POST /stats/reset                   server counters
+  POST /datasets/{name}/batch                      many frames of one variable in one response
+  GET  /stats, POST /stats/reset, GET /metrics     counters (JSON), reset, Prometheus text
+  GET  /config, PUT /config                        tier sizes, policy, prefetch; re-init
 Errors are JSON ``{"error": message, "type": ErrorClass}`` with a 4xx status for bad input, so the client
 can re-raise the same error class with the same message.
 """
@@ -12,9 +13,12 @@ can re-raise the same error class with the same message.
 from __future__ import annotations
 
 import asyncio
+import hmac
+import json
 import logging
+import socket
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from aiohttp import web
 
@@ -25,27 +29,36 @@ from tierscope.errors import (
     TierscopeError,
     VariableNotFoundError,
 )
-from tierscope.server.service import BlockService
+from tierscope.server.service import MAX_POSITION_BLOCKS, BlockResult, BlockService
 
-__all__ = ["ServerThread", "create_app", "parse_block_index"]
+__all__ = ["BATCH_CONTENT_TYPE", "ServerThread", "create_app", "parse_block_index", "run_server"]
 
 logger = logging.getLogger(__name__)
 
 SERVICE = web.AppKey("service", BlockService)
-EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
+TOKEN = web.AppKey("token", str)
+REGISTRY = web.AppKey("registry", object)
 MAX_INDEX_LEN = 32
+MAX_BODY = 64 << 10  # batch and config bodies are small JSON documents
+# Position headers list up to MAX_POSITION_BLOCKS indices: allow header fields of 64 KiB.
+HANDLER_ARGS: dict[str, Any] = {"max_field_size": 64 << 10}
+SHUTDOWN_TIMEOUT = 10.0
+BATCH_CONTENT_TYPE = "application/x-tierscope-batch"
 _STATUS = {
     DatasetNotFoundError: 404,
     VariableNotFoundError: 404,
     BlockIndexError: 404,
     StoreError: 500,
 }
+_BLOCK_QUERY = ("tol", "codec", "purpose")
+_BATCH_FIELDS = ("variable", "tol", "codec", "purpose", "blocks")
+_CONFIG_FIELDS = ("l3", "l4", "policy", "prefetch", "drop_page_cache")
 
 routes = web.RouteTableDef()
 
 
-def _error(status: int, message: str, kind: str) -> web.Response:
-    return web.json_response({"error": message, "type": kind}, status=status)
+def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message, "type": kind}, status=status, headers=headers)
 
 
 @web.middleware
@@ -67,20 +80,93 @@ async def error_middleware(request: web.Request, handler):  # noqa: ANN001, ANN2
         return _error(500, f"internal error: {exc}", type(exc).__name__)
 
 
-def parse_block_index(text: str) -> tuple[int, ...]:
+@web.middleware
+async def auth_middleware(request: web.Request, handler):  # noqa: ANN001, ANN201 - aiohttp signature
+    """With a token set, every route needs ``Authorization: Bearer <token>`` (constant-time compare)."""
+    token = request.app.get(TOKEN)
+    if token:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        expected = token.encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode("utf-8", "surrogateescape"), expected
+        ):
+            return _error(401, "missing or invalid bearer token (send Authorization: Bearer <token>)",
+                          "AuthenticationError", headers={"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+def parse_block_index(text: str, what: str = "block index") -> tuple[int, ...]:
     """Parse ``"3.0.1.2"`` into a block index (non-negative ints, bounded length)."""
     parts = text.split(".")
-    if not text or len(parts) > MAX_INDEX_LEN or not all(p.isdigit() and len(p) < 10 for p in parts):
-        raise ValueError(f"malformed block index {text!r}: expected dot-separated integers like 0.3.1.2")
+    if not text or len(parts) > MAX_INDEX_LEN or not all(
+        p.isascii() and p.isdigit() and len(p) < 10 for p in parts
+    ):
+        raise ValueError(f"malformed {what} {text[:80]!r}: expected dot-separated integers like 0.3.1.2")
     return tuple(int(p) for p in parts)
 
 
-def _query_tol(request: web.Request) -> float:
-    raw = request.query.get("tol", "0")
+def _parse_position(request: web.Request) -> list[tuple[int, ...]] | None:
+    raw = request.headers.get("X-Tierscope-Position")
+    if raw is None:
+        return None
+    parts = raw.split(";")
+    if len(parts) > MAX_POSITION_BLOCKS:
+        raise ValueError(f"X-Tierscope-Position lists {len(parts)} blocks, at most {MAX_POSITION_BLOCKS}")
+    return [parse_block_index(p.strip(), "X-Tierscope-Position block") for p in parts]
+
+
+def _session(request: web.Request) -> str | None:
+    return request.headers.get("X-Tierscope-Session")
+
+
+def _query(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
+    """The query parameters, each known and given once."""
+    query = request.query
+    for key in query:
+        if key not in allowed:
+            raise ValueError(f"unknown query parameter {key[:40]!r} (allowed: {', '.join(allowed)})")
+        if len(query.getall(key)) > 1:
+            raise ValueError(f"query parameter {key!r} given more than once")
+    return dict(query)
+
+
+def _tol(raw: Any) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise ValueError(f"tol must be a number, got {raw!r}")
     try:
         return float(raw)
     except ValueError:
-        raise ValueError(f"tol must be a number, got {raw!r}") from None
+        raise ValueError(f"tol must be a number, got {raw[:40]!r}") from None
+
+
+def _result_headers(result: BlockResult) -> dict[str, str]:
+    return {
+        "X-Tierscope-Tier": result.tier,
+        "X-Tierscope-Read-Ms": f"{result.read_s * 1e3:.3f}",
+        "X-Tierscope-Encode-Ms": f"{result.encode_s * 1e3:.3f}",
+    }
+
+
+async def _json_body(request: web.Request, allowed: tuple[str, ...]) -> dict[str, Any]:
+    body = await request.read()  # bounded by client_max_size: 413 beyond it
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ValueError("request body must be a JSON object")
+    unknown = sorted(set(payload) - set(allowed))
+    if unknown:
+        names = ", ".join(map(repr, unknown))[:200]
+        raise ValueError(f"unknown field(s) {names} (allowed: {', '.join(allowed)})")
+    return payload
+
+
+def _optional_str(payload: dict[str, Any], key: str) -> str | None:
+    value = payload.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r}"[:200])
+    return value
 
 
 @routes.get("/datasets")
@@ -96,30 +182,54 @@ async def dataset_info(request: web.Request) -> web.Response:
 
 @routes.get("/datasets/{name}/blocks/{var}/{index}")
 async def block(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    index = parse_block_index(request.match_info["index"])
-    tol = _query_tol(request)
-    loop = asyncio.get_running_loop()
-    result = await loop.run_in_executor(
-        request.app[EXECUTOR],
-        lambda: service.block(
-            request.match_info["name"],
-            request.match_info["var"],
-            index,
-            tol=tol,
-            codec_name=request.query.get("codec"),
-            purpose=request.query.get("purpose", "user"),
-        ),
+    query = _query(request, _BLOCK_QUERY)
+    result = await request.app[SERVICE].block(
+        request.match_info["name"],
+        request.match_info["var"],
+        parse_block_index(request.match_info["index"]),
+        tol=_tol(query.get("tol", "0")),
+        codec_name=query.get("codec"),
+        purpose=query.get("purpose", "user"),
+        session=_session(request),
+        position=_parse_position(request),
     )
-    return web.Response(
-        body=result.frame,
-        content_type="application/octet-stream",
-        headers={
-            "X-Tierscope-Tier": result.tier,
-            "X-Tierscope-Read-Ms": f"{result.read_s * 1e3:.3f}",
-            "X-Tierscope-Encode-Ms": f"{result.encode_s * 1e3:.3f}",
-        },
+    return web.Response(body=result.frame, content_type="application/octet-stream",
+                        headers=_result_headers(result))
+
+
+@routes.post("/datasets/{name}/batch")
+async def batch(request: web.Request) -> web.Response:
+    """Body: one JSON header line ``{"blocks": [[index, tier, nbytes, read_ms, encode_ms], ...]}``, then
+    the frames back to back in that order."""
+    _query(request, ())
+    payload = await _json_body(request, _BATCH_FIELDS)
+    variable = _optional_str(payload, "variable")
+    if variable is None:
+        raise ValueError("variable is required: the name of the variable whose blocks are wanted")
+    blocks = payload.get("blocks")
+    if not isinstance(blocks, list) or not all(
+        isinstance(b, list) and 0 < len(b) <= MAX_INDEX_LEN
+        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in b)
+        for b in blocks
+    ):
+        raise ValueError("blocks must be a list of block indices, each a list of non-negative integers")
+    results = await request.app[SERVICE].batch(
+        request.match_info["name"],
+        variable,
+        [tuple(b) for b in blocks],
+        tol=_tol(payload.get("tol", 0)),
+        codec_name=_optional_str(payload, "codec"),
+        purpose=_optional_str(payload, "purpose") or "user",
+        session=_session(request),
+        position=_parse_position(request),
     )
+    header = {"blocks": [
+        [list(index), r.tier, len(r.frame), round(r.read_s * 1e3, 3), round(r.encode_s * 1e3, 3)]
+        for index, r in zip(blocks, results, strict=True)
+    ]}
+    body = b"".join([json.dumps(header, separators=(",", ":")).encode(), b"\n",
+                     *(r.frame for r in results)])
+    return web.Response(body=body, content_type=BATCH_CONTENT_TYPE)
 
 
 @routes.get("/stats")
@@ -133,19 +243,54 @@ async def reset_stats(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def create_app(service: BlockService, *, workers: int = 4) -> web.Application:
-    """The block server app; storage reads and encodes run in a bounded thread pool."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=1 << 20)
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    from tierscope.server.metrics import CONTENT_TYPE, render
+
+    return web.Response(body=render(request.app[REGISTRY]), headers={"Content-Type": CONTENT_TYPE})
+
+
+@routes.get("/config")
+async def get_config(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SERVICE].config())
+
+
+@routes.put("/config")
+async def put_config(request: web.Request) -> web.Response:
+    payload = await _json_body(request, _CONFIG_FIELDS)
+    return web.json_response(await request.app[SERVICE].configure(**payload))
+
+
+def _check_token(token: str | None) -> str | None:
+    if token is not None and (not token or not token.isascii() or not token.isprintable() or " " in token):
+        raise ValueError("the server token must be non-empty printable ASCII without spaces")
+    return token
+
+
+def create_app(service: BlockService, *, token: str | None = None) -> web.Application:
+    """The block server app; the service starts (pools, prefetch workers) on the app's loop."""
+    from tierscope.server.metrics import metrics_registry  # prometheus_client: only servers need it
+
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY)
     app[SERVICE] = service
+    app[REGISTRY] = metrics_registry(service)
+    if _check_token(token):
+        app[TOKEN] = token
 
-    async def executor_ctx(app: web.Application):  # noqa: ANN202 - aiohttp cleanup context
-        app[EXECUTOR] = ThreadPoolExecutor(workers, thread_name_prefix="tierscope-block")
+    async def service_ctx(app: web.Application):  # noqa: ANN202 - aiohttp cleanup context
+        await service.start()
         yield
-        app[EXECUTOR].shutdown(wait=True)
+        await service.aclose()  # after in-flight responses finished (aiohttp's graceful shutdown)
 
-    app.cleanup_ctx.append(executor_ctx)
+    app.cleanup_ctx.append(service_ctx)
     app.add_routes(routes)
     return app
+
+
+def run_server(service: BlockService, host: str, port: int, token: str | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; in-flight responses get up to ``SHUTDOWN_TIMEOUT`` s to finish."""
+    web.run_app(create_app(service, token=token), host=host, port=port, print=None,
+                shutdown_timeout=SHUTDOWN_TIMEOUT, **HANDLER_ARGS)
 
 
 class ServerThread:
@@ -155,8 +300,9 @@ class ServerThread:
     ...     xr.open_dataset(f"{server.url}/datasets/turb", engine="tierscope")
     """
 
-    def __init__(self, service: BlockService, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.service, self.host, self.port = service, host, port
+    def __init__(self, service: BlockService, host: str = "127.0.0.1", port: int = 0,
+                 token: str | None = None) -> None:
+        self.service, self.host, self.port, self.token = service, host, port, _check_token(token)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="tierscope-server")
@@ -167,27 +313,40 @@ class ServerThread:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> ServerThread:
+        # Bind first: a taken port fails here, before the app (and its service) starts.
+        try:
+            sock = socket.create_server((self.host, self.port))
+        except OSError:
+            self._loop.close()
+            raise
         self._thread.start()
         try:
-            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+            asyncio.run_coroutine_threadsafe(self._start(sock), self._loop).result(timeout=30)
         except BaseException:
+            sock.close()
             self.stop()
             raise
         return self
 
-    async def _start(self) -> None:
-        self._runner = web.AppRunner(create_app(self.service), handle_signals=False)
+    async def _start(self, sock: socket.socket) -> None:
+        self._runner = web.AppRunner(create_app(self.service, token=self.token), handle_signals=False,
+                                     shutdown_timeout=SHUTDOWN_TIMEOUT, **HANDLER_ARGS)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        await web.SockSite(self._runner, sock).start()
+        self.port = sock.getsockname()[1]
 
     def stop(self) -> None:
+        """Stop accepting, let in-flight responses finish, then stop the service and the loop."""
         if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=30)
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(
+                timeout=SHUTDOWN_TIMEOUT + 30
+            )
             self._runner = None
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        if not self._thread.is_alive() and not self._loop.is_closed():
+            self._loop.close()
 
     def __enter__(self) -> ServerThread:
         return self.start()

@@ -1,59 +1,221 @@
-"""The block service: origin reads and encoding behind one synchronous call.
+"""The block service: L3 (encoded frames) and L4 (raw blocks) over origins, with server-side prefetch.
 
-The HTTP app runs it in a bounded thread pool; the embedded transport calls it in-process. Both see the
-same counters, so a test can ask either one how many blocks were read from the origin.
+One asyncio loop owns every piece of mutable state (tiers' bookkeeping, positions, the prefetch queue,
+counters); origin reads and encodes run in two bounded thread pools:
+
+- user work (``purpose=user`` requests) has its own pool of ``workers`` threads;
+- prefetch work (server plans and ``purpose=prefetch`` requests) holds one of ``prefetch_workers`` slots
+  before it starts a load, and its pool has exactly that many threads, so prefetch never queues inside an
+  executor. A user request therefore never waits behind prefetch work: it either runs in its own pool, or
+  joins a prefetch load that is already running (single flight), and queued plans are dropped as soon as
+  the position moves on.
+
+Path of one block: L3 hit -> frame; L4 hit -> encode -> L3; miss -> origin read -> L4 -> encode -> L3.
+Every tier lookup is single flight, so one key is never read from its origin twice at the same time.
+The HTTP app awaits the service on its own loop; the embedded transport runs it on the process's I/O loop
+(``tierscope._sync``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import logging
+import math
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
 
 from tierscope import codec
-from tierscope.errors import DatasetNotFoundError
+from tierscope.cache import TierCache, check_policy
+from tierscope.errors import BlockIndexError, DatasetNotFoundError
 from tierscope.grid import BlockIndex
-from tierscope.metadata import DatasetInfo, check_tol
+from tierscope.metadata import DatasetInfo, VariableInfo, check_tol
+from tierscope.prefetch import MODES, Position, radius_for
+from tierscope.server.sessions import PrefetchItem, PrefetchQueue, Sessions, check_session
+from tierscope.server.stats import ServerStats
 from tierscope.store.origin import Origin
 
-__all__ = ["BlockResult", "BlockService", "PURPOSES"]
+__all__ = ["MAX_BATCH", "MAX_POSITION_BLOCKS", "PURPOSES", "BlockResult", "BlockService",
+           "check_prefetch", "parse_size"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PURPOSES = ("user", "prefetch")
+MAX_BATCH = 256
+MAX_POSITION_BLOCKS = 4096
+ANONYMOUS = "-"
+# The codec helper is adding ``codec.encode(..., device=)``; until it exists the server encodes on the CPU.
+_ENCODE_TAKES_DEVICE = "device" in inspect.signature(codec.encode).parameters
+
+
+def parse_size(value: int | str, name: str) -> int:
+    """A tier capacity: bytes as an int or a string like ``"4GiB"`` (dask.utils.parse_bytes); 0 = off."""
+    from dask.utils import parse_bytes
+
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"{name} must be a size like '1GiB' or a number of bytes, got {value!r}")
+    try:
+        size = parse_bytes(value) if isinstance(value, str) else value
+    except (ValueError, TypeError):
+        raise ValueError(f"{name} must be a size like '1GiB' or a number of bytes, got {value!r}") from None
+    if size < 0:
+        raise ValueError(f"{name} must be >= 0 bytes, got {value!r}")
+    return int(size)
+
+
+def check_prefetch(mode: str) -> str:
+    """A prefetch setting: ``on`` (= ``auto``), ``off``, or a mode of ``tierscope.prefetch``."""
+    if mode == "on":
+        return "auto"
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"prefetch must be on, {', '.join(MODES)}; got {mode!r}")
+    return mode
+
+
+def _gpu_available() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, no driver, no device: encode on the CPU
+        return False
 
 
 @dataclass(frozen=True)
 class BlockResult:
-    """One encoded block and where its time went on the server."""
+    """One encoded block, which tier answered it, and where its time went on the server.
+
+    A request that joined a load already in flight reports that load's tier and stage times.
+    """
 
     frame: bytes
-    tier: str  # which server tier answered: "origin" until the server grows L3/L4
+    tier: str  # "l3", "l4" or "origin"
     read_s: float
     encode_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Raw:
+    """An L4 value: a raw block (read-only) and how long its origin read took."""
+
+    array: np.ndarray
+    read_s: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.array.nbytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    """An L3 value: charged at its encoded size."""
+
+    frame: bytes
+    tier: str
+    read_s: float
+    encode_s: float
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.frame)
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """A validated (dataset, variable, tol, codec)."""
+
+    origin: Origin
+    variable: VariableInfo
+    tol: float
+    codec: str
+
+    @property
+    def dataset(self) -> str:
+        return self.origin.name
+
+
 class BlockService:
-    """Serves encoded blocks of a set of origins, keyed by dataset name.
+    """Serves encoded blocks of a set of origins, keyed by dataset name, through L3/L4.
 
     The default codec is the error-bounded ``lorenzo``: within ``tol`` of the stored values, and
-    lossless (zstd) at ``tol=0`` or for integer data.
+    lossless (zstd) at ``tol=0`` or for integer data. Tiers default to off (``l3=l4=0``), which is what
+    an embedded service next to worker tiers wants; ``tierscope serve`` turns them on.
     """
 
-    def __init__(self, origins: Iterable[Origin], codec_name: str = "lorenzo") -> None:
+    def __init__(
+        self,
+        origins: Iterable[Origin],
+        codec_name: str = "lorenzo",
+        *,
+        l3: int | str = 0,
+        l4: int | str = 0,
+        policy: str = "lru",
+        prefetch: str = "off",
+        workers: int = 4,
+        prefetch_workers: int = 2,
+        max_positions: int = 1024,
+        plan_limit: int = 512,
+    ) -> None:
         self._origins: dict[str, Origin] = {}
         for origin in origins:
             if origin.name in self._origins:
                 raise ValueError(f"two stores are both named {origin.name!r}")
             self._origins[origin.name] = origin
         codec.get_codec(codec_name)
+        if workers < 1 or prefetch_workers < 1:
+            raise ValueError(f"workers and prefetch_workers must be >= 1, got {workers}, {prefetch_workers}")
         self.codec_name = codec_name
-        self._lock = threading.Lock()
-        self._requests: Counter[str] = Counter()
-        self._tiers: Counter[str] = Counter()
-        self._read_s = 0.0
-        self._encode_s = 0.0
+        self.workers, self.prefetch_workers, self.plan_limit = workers, prefetch_workers, plan_limit
+        check_policy(policy)
+        self.l3: TierCache[_Encoded] = TierCache(parse_size(l3, "l3"), "l3", policy=policy)
+        self.l4: TierCache[_Raw] = TierCache(parse_size(l4, "l4"), "l4", policy=policy)
+        self.prefetch_mode = check_prefetch(prefetch)
+        self.sessions = Sessions(max_positions)
+        self.l3.distance = lambda key: self.sessions.distance(key[0], key[1], key[4])
+        self.l4.distance = lambda key: self.sessions.distance(*key)
+        self.encode_device = "gpu" if _ENCODE_TAKES_DEVICE and _gpu_available() else "cpu"
+        self._stats = ServerStats()
+        self.queue = PrefetchQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
 
+    # ------------------------------------------------------------------ lifecycle (on the owning loop)
+    async def start(self) -> None:
+        """Start pools and prefetch workers on the running loop, which then owns this service."""
+        if self._loop is not None:
+            raise RuntimeError("this BlockService is already running on an event loop")
+        self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
+        self._user_pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tierscope-user")
+        self._prefetch_pool = ThreadPoolExecutor(self.prefetch_workers,
+                                                 thread_name_prefix="tierscope-prefetch")
+        self._slots = asyncio.Semaphore(self.prefetch_workers)
+        self.queue = PrefetchQueue()
+        self._tasks = [asyncio.create_task(self._prefetch_worker()) for _ in range(self.prefetch_workers)]
+
+    async def aclose(self) -> None:
+        """Stop prefetching and wait for running reads/encodes; the service can be started again."""
+        if self._loop is None:
+            return
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for pool in (self._user_pool, self._prefetch_pool):
+            pool.shutdown(wait=True)  # at most the block reads/encodes already running
+        self._loop = self._loop_thread = None
+
+    def close(self) -> None:
+        """Close the origins (after ``aclose``)."""
+        for origin in self._origins.values():
+            origin.close()
+
+    # ------------------------------------------------------------------ catalogue
     def datasets(self) -> list[str]:
         return sorted(self._origins)
 
@@ -69,7 +231,18 @@ class BlockService:
     def info(self, name: str) -> DatasetInfo:
         return self.origin(name).info()
 
-    def block(
+    def _request(self, dataset: str, variable: str, tol: float, codec_name: str | None,
+                 purpose: str) -> _Request:
+        if purpose not in PURPOSES:
+            raise ValueError(f"purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
+        tol = check_tol(tol)
+        codec_name = self.codec_name if codec_name is None else codec_name
+        codec.get_codec(codec_name)
+        origin = self.origin(dataset)
+        return _Request(origin, origin.info().variable(variable), tol, codec_name)
+
+    # ------------------------------------------------------------------ requests
+    async def block(
         self,
         dataset: str,
         variable: str,
@@ -77,42 +250,242 @@ class BlockService:
         tol: float = 0.0,
         codec_name: str | None = None,
         purpose: str = "user",
+        session: str | None = None,
+        position: Sequence[Sequence[int]] | None = None,
     ) -> BlockResult:
-        """Read one block from its origin and encode it at ``tol``."""
-        if purpose not in PURPOSES:
-            raise ValueError(f"purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
-        tol = check_tol(tol)
-        codec_name = codec_name or self.codec_name
-        codec.get_codec(codec_name)
-        origin = self.origin(dataset)
-        t0 = time.perf_counter()
-        raw = origin.read_block(variable, index)
-        t1 = time.perf_counter()
-        frame = codec.encode(raw, tol, codec=codec_name)
-        t2 = time.perf_counter()
-        with self._lock:
-            self._requests[purpose] += 1
-            self._tiers["origin"] += 1
-            self._read_s += t1 - t0
-            self._encode_s += t2 - t1
-        return BlockResult(frame=frame, tier="origin", read_s=t1 - t0, encode_s=t2 - t1)
+        """One encoded block at ``tol``; ``position`` (the session's current view) steers prefetch."""
+        return (await self.batch(dataset, variable, [index], tol, codec_name, purpose, session,
+                                 position, batch=False))[0]
 
-    def stats(self) -> dict[str, object]:
-        with self._lock:
-            return {
-                "requests": {p: self._requests[p] for p in PURPOSES},
-                "served_by": dict(self._tiers),
-                "origin_reads": self._tiers["origin"],
-                "read_s": self._read_s,
-                "encode_s": self._encode_s,
-            }
+    async def batch(
+        self,
+        dataset: str,
+        variable: str,
+        indices: Sequence[BlockIndex],
+        tol: float = 0.0,
+        codec_name: str | None = None,
+        purpose: str = "user",
+        session: str | None = None,
+        position: Sequence[Sequence[int]] | None = None,
+        *,
+        batch: bool = True,
+    ) -> list[BlockResult]:
+        """Many blocks of one variable in one call (at most ``MAX_BATCH``), served concurrently."""
+        if self._loop is None:
+            raise RuntimeError("BlockService.start() must run on an event loop before serving blocks")
+        req = self._request(dataset, variable, tol, codec_name, purpose)
+        if not 0 < len(indices) <= MAX_BATCH:
+            raise ValueError(f"blocks must list 1 to {MAX_BATCH} block indices, got {len(indices)}")
+        grid = req.variable.grid
+        checked = [grid.check(index) for index in indices]
+        if session is not None:
+            check_session(session)
+        self._observe(req, session, position, checked if purpose == "user" else None)
+        self._stats.requests[purpose] += len(checked)
+        self._stats.batches += batch
+        prefetch = purpose == "prefetch"
+        # shielded: a client that hangs up does not cancel a load other requests may be waiting on
+        return list(await asyncio.shield(asyncio.gather(
+            *(self._serve_request(req, index, prefetch) for index in checked)
+        )))
+
+    async def _serve_request(self, req: _Request, index: BlockIndex, prefetch: bool) -> BlockResult:
+        if prefetch:
+            async with self._slots:
+                result = await self._serve(req, index, prefetch=True)
+        else:
+            result = await self._serve(req, index, prefetch=False)
+        self._stats.served_by[result.tier] += 1
+        return result
+
+    async def _serve(self, req: _Request, index: BlockIndex, prefetch: bool) -> BlockResult:
+        key3 = (req.dataset, req.variable.name, req.tol, req.codec, index)
+        hit = self.l3.peek(key3) is not None  # no await before the lookup: still true there
+        encoded = await self.l3.aget_or_load(key3, lambda: self._encode(req, index, prefetch), prefetch)
+        if hit:
+            return BlockResult(encoded.frame, "l3", 0.0, 0.0)
+        return BlockResult(encoded.frame, encoded.tier, encoded.read_s, encoded.encode_s)
+
+    async def _encode(self, req: _Request, index: BlockIndex, prefetch: bool) -> _Encoded:
+        key4 = (req.dataset, req.variable.name, index)
+        hit = self.l4.peek(key4) is not None
+        raw = await self.l4.aget_or_load(key4, lambda: self._read(req, index, prefetch), prefetch)
+        kwargs = {"device": self.encode_device} if _ENCODE_TAKES_DEVICE else {}
+        frame, encode_s = await self._run(prefetch, codec.encode, raw.array, req.tol, codec=req.codec,
+                                          **kwargs)
+        self._stats.encodes += 1
+        self._stats.stages["encode"].add(encode_s)
+        return _Encoded(frame, "l4" if hit else "origin", 0.0 if hit else raw.read_s, encode_s)
+
+    async def _read(self, req: _Request, index: BlockIndex, prefetch: bool) -> _Raw:
+        array, read_s = await self._run(prefetch, req.origin.read_block, req.variable.name, index)
+        array = np.asarray(array)
+        array.flags.writeable = False  # shared by every later encode of this block
+        self._stats.origin_reads += 1
+        self._stats.stages["read"].add(read_s)
+        return _Raw(array, read_s)
+
+    async def _run(self, prefetch: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]:
+        """Run ``fn`` in the user or prefetch pool; record the wait for a thread; return its duration."""
+        pool = self._prefetch_pool if prefetch else self._user_pool
+        submitted = time.perf_counter()
+
+        def job() -> tuple[T, float, float]:
+            start = time.perf_counter()
+            return fn(*args, **kwargs), start, time.perf_counter()
+
+        result, start, end = await asyncio.get_running_loop().run_in_executor(pool, job)
+        self._stats.stages["queue"].add(start - submitted)
+        return result, end - start
+
+    # ------------------------------------------------------------------ positions and prefetch
+    def _observe(self, req: _Request, session: str | None, position: Sequence[Sequence[int]] | None,
+                 default: Sequence[BlockIndex] | None) -> None:
+        """Move the session's position (header blocks, else a user request's own blocks); replan."""
+        if position is not None and len(position) > MAX_POSITION_BLOCKS:
+            raise ValueError(
+                f"X-Tierscope-Position lists {len(position)} blocks, at most {MAX_POSITION_BLOCKS} allowed"
+            )
+        blocks = position if position else default
+        if not blocks:
+            return
+        grid = req.variable.grid
+        try:
+            view = [grid.check(b) for b in blocks]
+        except BlockIndexError as exc:
+            raise ValueError(f"X-Tierscope-Position: {exc}") from None
+        key = (session or ANONYMOUS, req.dataset, req.variable.name, req.tol)
+        pos, dropped = self.sessions.position(key, grid, req.variable.time_axis)
+        if dropped is not None:
+            self._stats.prefetch["cancelled"] += self.queue.replace(dropped, ())
+        if pos.observe(view):
+            self.sessions.moved(req.dataset, req.variable.name)
+            if self.prefetch_mode != "off":
+                self._plan(key, pos, req)
+
+    def _plan(self, key: tuple[str, str, str, float], pos: Position, req: _Request) -> None:
+        """Queue the blocks around the new position that fit L3 and L4, nearest/most likely first."""
+        var = req.variable
+        raw_nbytes = math.prod(var.block) * var.dtype.itemsize
+        extents = pos.box.extents
+
+        def radius(tier: TierCache) -> int:
+            if tier.capacity == 0:
+                return 0
+            average = tier.size / len(tier) if len(tier) else raw_nbytes  # L3 starts pessimistic
+            return radius_for(var.grid, tier.capacity, average, pos.time_axis, view=extents)
+
+        r3, r4 = radius(self.l3), radius(self.l4)
+        items = []
+        for index in pos.plan(self.prefetch_mode, max(r3, r4), limit=self.plan_limit):
+            to_l3 = pos.distance(index) <= r3
+            if to_l3 or pos.distance(index) <= r4:
+                items.append(PrefetchItem(req.dataset, var.name, index, req.tol, req.codec, to_l3))
+        self._stats.prefetch["planned"] += len(items)
+        self._stats.prefetch["cancelled"] += self.queue.replace(key, items)
+
+    async def _prefetch_worker(self) -> None:
+        while True:
+            item = await self.queue.get()
+            async with self._slots:
+                try:
+                    await self._prefetch(item)
+                except Exception:  # a failed prefetch must never stop the worker
+                    self._stats.prefetch["errors"] += 1
+                    logger.warning("prefetch of %s failed", item, exc_info=True)
+
+    async def _prefetch(self, item: PrefetchItem) -> None:
+        origin = self.origin(item.dataset)
+        req = _Request(origin, origin.info().variable(item.variable), item.tol, item.codec)
+        if item.to_l3:
+            cached = self.l3.peek((item.dataset, item.variable, item.tol, item.codec, item.index))
+        else:
+            cached = self.l4.peek((item.dataset, item.variable, item.index))
+        self._stats.prefetch["skipped" if cached is not None else "issued"] += 1
+        if item.to_l3:
+            await self._serve(req, item.index, prefetch=True)
+        else:
+            key4 = (item.dataset, item.variable, item.index)
+            await self.l4.aget_or_load(key4, lambda: self._read(req, item.index, True), prefetch=True)
+
+    # ------------------------------------------------------------------ stats and configuration
+    def _on_loop(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the owning loop (state is only touched there), waiting from other threads."""
+        loop = self._loop
+        if loop is None or threading.get_ident() == self._loop_thread:
+            return fn()
+
+        async def call() -> T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout=30)
+
+    def stats(self) -> dict[str, Any]:
+        """Requests, tier hits and occupancy, prefetch accounting, stage-time distributions."""
+
+        def collect() -> dict[str, Any]:
+            stats = self._stats.as_dict()
+            tiers = {"l3": self.l3.info(), "l4": self.l4.info()}
+            stats["prefetch"]["used"] = sum(t["prefetch_used"] for t in tiers.values())
+            stats["prefetch"]["wasted"] = sum(t["prefetch_wasted"] for t in tiers.values())
+            stats["prefetch"]["queued"] = len(self.queue)
+            stats["tiers"] = tiers
+            stats["sessions"] = len(self.sessions)
+            stats["config"] = self.config()
+            return stats
+
+        return self._on_loop(collect)
 
     def reset_stats(self) -> None:
-        with self._lock:
-            self._requests.clear()
-            self._tiers.clear()
-            self._read_s = self._encode_s = 0.0
+        def reset() -> None:
+            self._stats = ServerStats()
+            self.l3.reset_stats()
+            self.l4.reset_stats()
 
-    def close(self) -> None:
-        for origin in self._origins.values():
-            origin.close()
+        self._on_loop(reset)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "l3": self.l3.capacity,
+            "l4": self.l4.capacity,
+            "policy": self.l3.policy,
+            "prefetch": self.prefetch_mode,
+            "codec": self.codec_name,
+            "workers": self.workers,
+            "prefetch_workers": self.prefetch_workers,
+            "encode_device": self.encode_device,
+        }
+
+    async def configure(
+        self,
+        l3: int | str | None = None,
+        l4: int | str | None = None,
+        policy: str | None = None,
+        prefetch: str | None = None,
+        drop_page_cache: bool = False,
+    ) -> dict[str, Any]:
+        """Re-initialise: apply new sizes/policy/prefetch, clear tiers, positions, queue and stats.
+
+        Everything is validated before anything changes. ``drop_page_cache`` asks each origin that can
+        (``origin.drop_page_cache()``) to evict its files from the OS page cache, for cold-cache runs.
+        """
+        l3_size = None if l3 is None else parse_size(l3, "l3")
+        l4_size = None if l4 is None else parse_size(l4, "l4")
+        policy = None if policy is None else check_policy(policy)
+        mode = None if prefetch is None else check_prefetch(prefetch)
+        if not isinstance(drop_page_cache, bool):
+            raise ValueError(f"drop_page_cache must be true or false, got {drop_page_cache!r}")
+        for tier, size in ((self.l3, l3_size), (self.l4, l4_size)):
+            tier.reconfigure(capacity=size, policy=policy)
+            tier.clear()
+        self.prefetch_mode = mode or self.prefetch_mode
+        self.sessions.clear()
+        self.queue.clear()
+        dropped = []
+        if drop_page_cache:
+            for origin in self._origins.values():
+                if hasattr(origin, "drop_page_cache"):
+                    await asyncio.to_thread(origin.drop_page_cache)
+                    dropped.append(origin.name)
+        self.reset_stats()
+        return {**self.config(), "page_cache_dropped": dropped}

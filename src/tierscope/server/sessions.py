@@ -1,0 +1,154 @@
+"""Where each client session is looking, and the queue of prefetch work planned from it.
+
+A ``Position`` (tierscope.prefetch) is kept per (session, dataset, variable, tol); the table is bounded and
+drops the least recently seen. The prefetch queue holds one plan per position; a new plan for a position
+replaces its old one (the dropped remainder is *cancelled*), and workers take from the plans in turn so one
+busy session cannot starve another. Both live on the service's event loop: no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tierscope.grid import BlockGrid, BlockIndex
+from tierscope.prefetch import Position
+
+__all__ = ["PositionKey", "PrefetchItem", "PrefetchQueue", "Sessions", "check_session"]
+
+PositionKey = tuple[str, str, str, float]  # (session, dataset, variable, tol)
+_SESSION = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def check_session(session: str) -> str:
+    if not _SESSION.fullmatch(session):
+        raise ValueError(
+            f"X-Tierscope-Session must be 1-128 characters of A-Z a-z 0-9 _ . : -, got {session[:40]!r}"
+        )
+    return session
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchItem:
+    """One planned block: fill L4 with its raw block, and L3 with its frame when ``to_l3``."""
+
+    dataset: str
+    variable: str
+    index: BlockIndex
+    tol: float
+    codec: str
+    to_l3: bool
+
+
+class Sessions:
+    """A bounded table of positions, with a per-variable view for distance-ordered eviction.
+
+    ``distance`` is asked once per cached block each time a tier ranks its entries for eviction, so
+    the current view boxes of a variable are kept as arrays (rebuilt after a position moves) and every
+    session's distance is computed in one vectorised step.
+    """
+
+    def __init__(self, max_positions: int = 1024) -> None:
+        self.max_positions = max_positions
+        self._positions: OrderedDict[PositionKey, Position] = OrderedDict()
+        self._by_variable: dict[tuple[str, str], dict[PositionKey, Position]] = {}
+        self._boxes: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, int | None] | None] = {}
+
+    def moved(self, dataset: str, variable: str) -> None:
+        """A position on this variable changed its view: rebuild its boxes on the next ``distance``."""
+        self._boxes.pop((dataset, variable), None)
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    def position(
+        self, key: PositionKey, grid: BlockGrid, time_axis: int | None = 0
+    ) -> tuple[Position, PositionKey | None]:
+        """The position for ``key`` (created if new) and the key it pushed out of the table, if any."""
+        pos = self._positions.get(key)
+        if pos is not None:
+            self._positions.move_to_end(key)
+            return pos, None
+        dropped = None
+        if len(self._positions) >= self.max_positions:
+            dropped, _ = self._positions.popitem(last=False)
+            self._by_variable[dropped[1:3]].pop(dropped)
+            self.moved(*dropped[1:3])
+        pos = self._positions[key] = Position(grid, time_axis)
+        self._by_variable.setdefault(key[1:3], {})[key] = pos
+        return pos, dropped
+
+    def distance(self, dataset: str, variable: str, index: Sequence[int]) -> float:
+        """Hops from ``index`` to the nearest current view of any session on the variable (inf: none).
+
+        The same hops as ``Position.distance``: time steps plus the Chebyshev distance over the other
+        axes, counted from the view's box.
+        """
+        key = (dataset, variable)
+        if key not in self._boxes:
+            self._boxes[key] = self._stack(key)
+        boxes = self._boxes[key]
+        if boxes is None:
+            return math.inf
+        lo, hi, time_axis = boxes
+        where = np.asarray(index)
+        steps = np.maximum(np.maximum(lo - where, where - hi), 0)
+        if time_axis is None:
+            return float(steps.max(axis=1).min())
+        dt = steps[:, time_axis]
+        steps[:, time_axis] = 0
+        return float((dt + steps.max(axis=1)).min())
+
+    def _stack(self, key: tuple[str, str]) -> tuple[np.ndarray, np.ndarray, int | None] | None:
+        views = [p for p in self._by_variable.get(key, {}).values() if p.box is not None]
+        if not views:
+            return None
+        lo = np.array([p.box.lo for p in views], dtype=np.int64)
+        hi = np.array([p.box.hi for p in views], dtype=np.int64)
+        return lo, hi, views[0].time_axis
+
+    def clear(self) -> None:
+        self._positions.clear()
+        self._by_variable.clear()
+        self._boxes.clear()
+
+
+class PrefetchQueue:
+    """Plans per position, taken round-robin; replacing a plan drops what was left of the old one."""
+
+    def __init__(self) -> None:
+        self._plans: OrderedDict[Hashable, deque[PrefetchItem]] = OrderedDict()
+        self._ready = asyncio.Event()
+
+    def __len__(self) -> int:
+        return sum(len(plan) for plan in self._plans.values())
+
+    def replace(self, key: Hashable, items: Sequence[PrefetchItem]) -> int:
+        """Queue ``items`` as ``key``'s plan; return how many items of its previous plan were dropped."""
+        dropped = len(self._plans.pop(key, ()))
+        if items:
+            self._plans[key] = deque(items)
+            self._ready.set()
+        return dropped
+
+    def clear(self) -> int:
+        dropped = len(self)
+        self._plans.clear()
+        return dropped
+
+    async def get(self) -> PrefetchItem:
+        """The next item, from the plan after the one served last."""
+        while not self._plans:
+            self._ready.clear()
+            await self._ready.wait()
+        key, plan = self._plans.popitem(last=False)
+        item = plan.popleft()
+        if plan:
+            self._plans[key] = plan  # back of the line
+        return item
