@@ -41,11 +41,11 @@ def cluster():
 
 @pytest.fixture
 def client(cluster):
-    """A client on the shared cluster with fresh tiers."""
+    """A client on the shared cluster with fresh tiers (no prefetch: counts stay those of the views)."""
     from distributed import Client
 
     import tierscope
 
     with Client(cluster) as c:
-        tierscope.connect(c, l1="64MiB", l2="128MiB")
+        tierscope.connect(c, l1="64MiB", l2="128MiB", prefetch="off")
         yield c

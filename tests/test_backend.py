@@ -134,7 +134,7 @@ def test_views_stay_within_tol_and_travel_smaller(tol, dataset_url, sample_store
         assert error.max() <= tol
         assert error.max() > 0  # lossy really happened
     transport = tierscope.client.Source.parse(dataset_url).transport()
-    exact = transport.fetch("turb", "u", (0, 0, 0, 0), 0.0)
-    bounded = transport.fetch("turb", "u", (0, 0, 0, 0), tol)
+    exact = transport.fetch("turb", "u", (0, 0, 0, 0), 0.0).frame
+    bounded = transport.fetch("turb", "u", (0, 0, 0, 0), tol).frame
     assert codec.read_header(bounded).codec == "lorenzo" and codec.read_header(bounded).tol == tol
     assert len(bounded) < len(exact)

@@ -48,7 +48,7 @@ def one_worker():
 
 def test_repeated_view_hits_l1_and_l2_hit_avoids_the_server(one_worker, dataset_url):
     block_bytes = 8 * 16 * 16 * 4
-    tierscope.connect(one_worker, l1=block_bytes, l2="16MiB")  # L1 holds exactly one block
+    tierscope.connect(one_worker, l1=block_bytes, l2="16MiB", prefetch="off")  # L1 holds one block
     ds = xr.open_dataset(dataset_url, engine="tierscope")
     server = Source.parse(dataset_url).transport()
     view_a = {"time": 0, "z": 0, "y": slice(0, 16), "x": slice(0, 16)}  # one block each
@@ -94,8 +94,9 @@ def test_block_graph_stays_lazy_for_a_trillion_blocks():
     from tierscope.dask.tiers import BlockSpec
     from tierscope.grid import BlockGrid
 
-    spec = BlockSpec(Source("http", "http://127.0.0.1:1", "big"), "u", 0.0)
-    array = block_array(spec, BlockGrid((2**10,) * 4, (1,) * 4), np.dtype("f4"))
+    grid = BlockGrid((2**10,) * 4, (1,) * 4)
+    spec = BlockSpec(Source("http", "http://127.0.0.1:1", "big"), "u", 0.0, grid, "<f4")
+    array = block_array(spec, np.dtype("f4"))
     (view,) = dask.optimize(array[7, 3, :4, 5:7])
     loads = [k for k in dict(view.__dask_graph__()) if isinstance(k, tuple) and k[0] == array.name]
     assert sorted(k[1:] for k in loads) == [(7, 3, y, x) for y in range(4) for x in (5, 6)]

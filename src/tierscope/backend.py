@@ -62,7 +62,7 @@ class BlockArray(BackendArray):
         )
 
     def _getitem(self, key: tuple) -> np.ndarray:
-        selection = block_array(self.spec, self.grid, self.dtype)[key]
+        selection = block_array(self.spec, self.dtype)[key]
         if _inside_worker_task():  # e.g. a chunks={} load: this worker's tiers, no nested graph
             return np.asarray(selection.compute(scheduler="sync"))
         return np.asarray(selection.compute())
@@ -81,7 +81,7 @@ class TierscopeDataStore(AbstractDataStore):
             for name, (values, attrs) in self.info.coords.items()
         }
         for name, var in self.info.variables.items():
-            data = indexing.LazilyIndexedArray(BlockArray(BlockSpec(self.source, name, self.tol), var))
+            data = indexing.LazilyIndexedArray(BlockArray(BlockSpec(self.source, name, self.tol, var.grid, var.dtype.str, var.time_axis), var))
             encoding = {"chunks": var.block, "preferred_chunks": dict(zip(var.dims, var.block))}
             variables[name] = xr.Variable(var.dims, data, dict(var.attrs), encoding)
         return variables
@@ -104,6 +104,7 @@ class TierscopeBackendEntrypoint(BackendEntrypoint):
         "filename_or_obj",
         "drop_variables",
         "tol",
+        "token",
         "mask_and_scale",
         "decode_times",
         "concat_characters",
@@ -118,6 +119,7 @@ class TierscopeBackendEntrypoint(BackendEntrypoint):
         *,
         drop_variables: str | Iterable[str] | None = None,
         tol: float = 0.0,
+        token: str | None = None,
         mask_and_scale: bool = True,
         decode_times: bool = True,
         concat_characters: bool = True,
@@ -129,7 +131,8 @@ class TierscopeBackendEntrypoint(BackendEntrypoint):
             raise TypeError(
                 f"engine='tierscope' opens a URL or a store path, got {type(filename_or_obj).__name__}"
             )
-        store = TierscopeDataStore(Source.parse(filename_or_obj), check_tol(tol))
+        # token: the server's bearer token (default: the TIERSCOPE_TOKEN environment variable)
+        store = TierscopeDataStore(Source.parse(filename_or_obj, token=token), check_tol(tol))
         return StoreBackendEntrypoint().open_dataset(
             store,
             mask_and_scale=mask_and_scale,

@@ -52,6 +52,15 @@ class VariableInfo:
     def grid(self) -> BlockGrid:
         return BlockGrid(self.shape, self.block)
 
+    @property
+    def time_axis(self) -> int | None:
+        """The time-like axis (a dim named ``time``/``t``, else one whose name starts with ``time``)."""
+        names = [d.lower() for d in self.dims]
+        for candidate in ("time", "t"):
+            if candidate in names:
+                return names.index(candidate)
+        return next((i for i, d in enumerate(names) if d.startswith("time")), None)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "dims": list(self.dims),
@@ -74,7 +83,7 @@ class VariableInfo:
 
 
 def _coord_to_json(values: np.ndarray, attrs: dict[str, Any]) -> dict[str, Any]:
-    if values.dtype.kind in "OUS":
+    if values.dtype.kind in "OUST":
         return {"dtype": "str", "values": [str(v) for v in values.tolist()], "attrs": jsonable(attrs)}
     frame = codec.encode(values, 0.0, codec="zstd")
     return {"frame": base64.b64encode(frame).decode("ascii"), "attrs": jsonable(attrs)}

@@ -1,4 +1,4 @@
-"""``tierscope.connect`` and ``tierscope.stats``: attach tiers to a Dask cluster and read them back."""
+"""``tierscope.connect`` and ``tierscope.stats``: attach tiers and prefetch to a Dask cluster, read them back."""
 
 from __future__ import annotations
 
@@ -6,9 +6,14 @@ from typing import Any
 
 from dask.utils import parse_bytes
 
+from tierscope.cache import check_policy
 from tierscope.dask.tiers import PLUGIN_NAME, configure_local_tiers, local_tiers
+from tierscope.prefetch import check_mode
 
 __all__ = ["connect", "stats"]
+
+COUNTERS = ("hits", "misses", "evictions", "waits", "prefetched", "prefetch_used", "prefetch_wasted",
+            "blocks", "nbytes", "capacity")
 
 
 def _size(value: int | str, name: str) -> int:
@@ -18,55 +23,83 @@ def _size(value: int | str, name: str) -> int:
     return size
 
 
-def connect(client_or_cluster: Any = None, l1: int | str = "2GiB", l2: int | str = "4GiB") -> Any:
-    """Give every worker of a cluster L1 (decoded) and L2 (encoded) tiers of the given sizes.
+def connect(
+    client_or_cluster: Any = None,
+    l1: int | str = "2GiB",
+    l2: int | str = "4GiB",
+    policy: str = "lru",
+    prefetch: str = "auto",
+) -> Any:
+    """Give every worker L1 (decoded) and L2 (encoded) tiers, and the scheduler tierscope's prefetch plugin.
 
     ``client_or_cluster`` is a ``distributed.Client``, a cluster object (a Client is made for it), or
-    None to size the tiers of this process (dask's local schedulers). Calling again resets the tiers.
-    Returns the client (None without one). Size 0 switches a tier off.
+    None to size the tiers of this process (dask's local schedulers; no prefetch without a scheduler).
+    ``policy``: lru, lfu, fifo or distance (evict the blocks farthest from the current view first);
+    ``prefetch``: off, neighbourhood, momentum, playback or auto. Size 0 switches a tier off. Calling
+    again resets the tiers and the plugin. Returns the client (None without one).
     """
     l1_bytes, l2_bytes = _size(l1, "l1"), _size(l2, "l2")
+    check_policy(policy)
+    check_mode(prefetch)
     if client_or_cluster is None:
-        configure_local_tiers(l1_bytes, l2_bytes)
+        configure_local_tiers(l1_bytes, l2_bytes, policy)
         return None
     from distributed import Client
 
     from tierscope.dask.plugin import TierscopeWorkerPlugin
+    from tierscope.dask.scheduler import TierscopeSchedulerPlugin
 
     client = client_or_cluster if isinstance(client_or_cluster, Client) else Client(client_or_cluster)
-    client.register_plugin(TierscopeWorkerPlugin(l1_bytes, l2_bytes), name=PLUGIN_NAME)
+    client.register_plugin(TierscopeWorkerPlugin(l1_bytes, l2_bytes, policy), name=PLUGIN_NAME)
+    client.register_plugin(TierscopeSchedulerPlugin(prefetch, l1_bytes, l2_bytes))
     return client
 
 
 def _worker_stats(dask_worker: Any) -> dict[str, Any] | None:
     plugin = dask_worker.plugins.get(PLUGIN_NAME)
-    return plugin.tiers.stats() if plugin is not None and plugin.tiers is not None else None
+    return plugin.stats() if plugin is not None else None
+
+
+def _scheduler_stats(dask_scheduler: Any) -> dict[str, Any] | None:
+    from tierscope.dask.scheduler import SCHEDULER_PLUGIN_NAME
+
+    plugin = dask_scheduler.plugins.get(SCHEDULER_PLUGIN_NAME)
+    return plugin.stats() if plugin is not None else None
+
+
+def _add(into: dict[str, Any], stats: dict[str, Any]) -> None:
+    for k, v in stats.items():
+        if isinstance(v, dict):
+            _add(into.setdefault(k, {}), v)
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            into[k] = into.get(k, 0) + v
 
 
 def _total(per: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    total: dict[str, Any] = {"fetches": 0, "stage_s": {}}
-    for tier in ("l1", "l2"):
-        total[tier] = {}
-        for stats in per.values():
-            for k, v in stats[tier].items():
-                total[tier][k] = total[tier].get(k, 0) + v
-        looks = total[tier].get("hits", 0) + total[tier].get("misses", 0)
-        total[tier]["hit_ratio"] = total[tier].get("hits", 0) / looks if looks else 0.0
+    total: dict[str, Any] = {"fetches": 0, "stage_s": {}, "prefetch": {}}
     for stats in per.values():
-        total["fetches"] += stats["fetches"]
-        for k, v in stats["stage_s"].items():
-            total["stage_s"][k] = total["stage_s"].get(k, 0.0) + v
+        _add(total, {k: v for k, v in stats.items() if k in ("fetches", "stage_s", "prefetch", "l1", "l2")})
+    for tier in ("l1", "l2"):
+        counts = total.setdefault(tier, {})
+        looks = counts.get("hits", 0) + counts.get("misses", 0)
+        counts["hit_ratio"] = counts.get("hits", 0) / looks if looks else 0.0
     return total
 
 
 def stats(client: Any = None) -> dict[str, Any]:
-    """Per-worker and total tier counters: hits, misses, evictions, occupancy, fetches, stage times.
+    """Per-worker and total figures: tier hits/misses/evictions/occupancy, fetches, stage times, prefetch.
 
-    ``{"workers": {address: {...}}, "total": {...}}``; with no client, this process's tiers under
-    the address ``"local"``.
+    ``{"workers": {address: {...}}, "total": {...}, "scheduler": {...}}``; ``scheduler`` holds the
+    prefetch plugin's counts (views, plans) and the queue-time distribution of user loads. With no client,
+    this process's tiers under the address ``"local"``.
     """
     if client is None:
-        per = {"local": local_tiers().stats()}
-    else:
-        per = {a: s for a, s in client.run(_worker_stats).items() if s is not None}
-    return {"workers": per, "total": _total(per)}
+        tiers = local_tiers().stats()
+        per = {"local": {**tiers, "prefetch": {}}}
+        return {"workers": per, "total": _total(per), "scheduler": None}
+    per = {a: s for a, s in client.run(_worker_stats).items() if s is not None}
+    for s in per.values():
+        for tier in ("l1", "l2"):
+            looks = s[tier]["hits"] + s[tier]["misses"]
+            s[tier]["hit_ratio"] = s[tier]["hits"] / looks if looks else 0.0
+    return {"workers": per, "total": _total(per), "scheduler": client.run_on_scheduler(_scheduler_stats)}

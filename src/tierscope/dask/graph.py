@@ -17,7 +17,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph, Layer, MaterializedLayer
 
 from tierscope.dask.tiers import BlockSpec, current_tiers
-from tierscope.grid import BlockGrid, BlockIndex
+from tierscope.grid import BlockIndex
 
 __all__ = ["BlockLayer", "BlockLoadTask", "block_array", "block_array_name", "load_block"]
 
@@ -40,9 +40,9 @@ class BlockLoadTask(Task):
 class BlockLayer(Layer):
     """All block-load tasks of one variable, materialised only for the keys a graph needs."""
 
-    def __init__(self, name: str, spec: BlockSpec, grid: BlockGrid) -> None:
+    def __init__(self, name: str, spec: BlockSpec) -> None:
         super().__init__()
-        self.name, self.spec, self.grid = name, spec, grid
+        self.name, self.spec, self.grid = name, spec, spec.grid
 
     def is_materialized(self) -> bool:
         return False
@@ -83,16 +83,16 @@ class BlockLayer(Layer):
         return MaterializedLayer(mine), {key: set() for key in mine}
 
 
-def block_array_name(spec: BlockSpec, grid: BlockGrid, dtype: np.dtype) -> str:
+def block_array_name(spec: BlockSpec, dtype: np.dtype) -> str:
     """Deterministic: the same dataset, variable and tol always give the same task keys."""
-    return f"tierscope-{spec.variable}-{tokenize(spec, grid.shape, grid.block, np.dtype(dtype).str)}"
+    return f"tierscope-{spec.variable}-{tokenize(spec, np.dtype(dtype).str)}"
 
 
-def block_array(spec: BlockSpec, grid: BlockGrid, dtype: np.dtype):  # noqa: ANN201 - dask.array.Array
+def block_array(spec: BlockSpec, dtype: np.dtype):  # noqa: ANN201 - dask.array.Array
     """A dask array whose chunks are the stored blocks and whose tasks are block loads."""
     import dask.array as da
 
-    name = block_array_name(spec, grid, dtype)
-    graph = HighLevelGraph({name: BlockLayer(name, spec, grid)}, {name: set()})
-    meta = np.empty((0,) * grid.ndim, dtype=dtype)
-    return da.Array(graph, name, grid.chunks, dtype=dtype, meta=meta)
+    name = block_array_name(spec, dtype)
+    graph = HighLevelGraph({name: BlockLayer(name, spec)}, {name: set()})
+    meta = np.empty((0,) * spec.grid.ndim, dtype=dtype)
+    return da.Array(graph, name, spec.grid.chunks, dtype=dtype, meta=meta)

@@ -1,21 +1,29 @@
-"""The worker plugin that owns a Dask worker's L1/L2 tiers.
+"""The worker plugin that owns a Dask worker's L1/L2 tiers and its background prefetcher.
 
 The tiers are unmanaged memory to distributed (it cannot evict them): size ``l1 + l2`` inside the
-worker's memory limit, below its spill threshold.
+worker's memory limit, below its spill threshold. Prefetch plans from the scheduler plugin arrive as
+stream messages (op ``tierscope-prefetch``); the handler only queues them. The tier counters ride each
+heartbeat (``worker.metrics["tierscope"]``, read by the scheduler plugin to size its radius) and are on the
+worker's Prometheus ``/metrics`` as ``tierscope_*``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from tierscope.dask.prefetcher import PLAN_OP, Plan, Prefetcher
 from tierscope.dask.tiers import PLUGIN_NAME, WorkerTiers
 
 if TYPE_CHECKING:
     from distributed import Worker
 
-__all__ = ["TierscopeWorkerPlugin"]
+__all__ = ["TierscopeWorkerPlugin", "worker_stats"]
+
+logger = logging.getLogger(__name__)
 
 
 class TierscopeWorkerPlugin(WorkerPlugin):
@@ -24,12 +32,115 @@ class TierscopeWorkerPlugin(WorkerPlugin):
     name = PLUGIN_NAME
     idempotent = False  # registering again replaces the tiers (new sizes, empty caches)
 
-    def __init__(self, l1: int, l2: int) -> None:
-        self.l1, self.l2 = int(l1), int(l2)
+    def __init__(self, l1: int, l2: int, policy: str = "lru") -> None:
+        self.l1, self.l2, self.policy = int(l1), int(l2), policy
         self.tiers: WorkerTiers | None = None
+        self.prefetcher: Prefetcher | None = None
+        self._collector: _Collector | None = None
 
     def setup(self, worker: Worker) -> None:
-        self.tiers = WorkerTiers(self.l1, self.l2)
+        self.tiers = WorkerTiers(self.l1, self.l2, self.policy)
+        self.prefetcher = Prefetcher(self.tiers)
+        limit = worker.memory_manager.memory_limit
+        if limit and self.l1 + self.l2 > 0.6 * limit:
+            logger.warning(
+                "tierscope tiers (l1 %d + l2 %d bytes) exceed 60%% of worker %s's memory limit (%d bytes): "
+                "the worker may spill or pause", self.l1, self.l2, worker.address, limit,
+            )
+        worker.stream_handlers[PLAN_OP] = self._on_plan
+        worker.metrics["tierscope"] = lambda w: self._summary()
+        self._collector = _Collector(self)
+        _register(self._collector)
 
     def teardown(self, worker: Worker) -> None:
-        self.tiers = None
+        worker.stream_handlers.pop(PLAN_OP, None)
+        worker.metrics.pop("tierscope", None)
+        if self._collector is not None:
+            _unregister(self._collector)
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        self.tiers = self.prefetcher = self._collector = None
+
+    def _on_plan(self, plan: Plan) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.submit(plan)
+
+    def _summary(self) -> dict[str, Any]:
+        """What the scheduler plugin needs each heartbeat: tier occupancy."""
+        tiers = self.tiers
+        if tiers is None:
+            return {}
+        return {t: {"blocks": len(c), "nbytes": c.size} for t, c in (("l1", tiers.l1), ("l2", tiers.l2))}
+
+    def stats(self) -> dict[str, Any] | None:
+        if self.tiers is None or self.prefetcher is None:
+            return None
+        return worker_stats(self.tiers.stats(), self.prefetcher.stats())
+
+
+def worker_stats(tiers: dict[str, Any], prefetcher: dict[str, int]) -> dict[str, Any]:
+    """One worker's figures: tiers, fetches, stage times, and prefetch issued/used/wasted/cancelled.
+
+    ``issued`` counts tier entries a prefetch inserted (a decoded prefetch inserts into L2 and L1), and
+    each of them ends up ``used`` (a user load asked for it), ``wasted`` (evicted unasked) or still held.
+    """
+    l1, l2 = tiers["l1"], tiers["l2"]
+    prefetch = {
+        "issued": l1["prefetched"] + l2["prefetched"],
+        "used": l1["prefetch_used"] + l2["prefetch_used"],
+        "wasted": l1["prefetch_wasted"] + l2["prefetch_wasted"],
+        "cancelled": prefetcher["cancelled"],
+        "failed": prefetcher["failed"],
+        "queued": prefetcher["queued"],
+        "plans": prefetcher["plans"],
+        "blocks": prefetcher["issued"],
+    }
+    return {**tiers, "prefetch": prefetch}
+
+
+class _Collector:
+    """Prometheus view of one worker's tierscope figures (the worker serves the global registry)."""
+
+    def __init__(self, plugin: TierscopeWorkerPlugin) -> None:
+        self.plugin = plugin
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = self.plugin.stats()
+        if stats is None:
+            return
+        lookups = CounterMetricFamily("tierscope_tier_lookups", "User lookups per tier", labels=["tier", "result"])
+        held = GaugeMetricFamily("tierscope_tier_bytes", "Bytes held per tier", labels=["tier"])
+        for tier in ("l1", "l2"):
+            lookups.add_metric([tier, "hit"], stats[tier]["hits"])
+            lookups.add_metric([tier, "miss"], stats[tier]["misses"])
+            held.add_metric([tier], stats[tier]["nbytes"])
+        prefetch = CounterMetricFamily("tierscope_prefetch_blocks", "Prefetch outcomes", labels=["outcome"])
+        for outcome in ("issued", "used", "wasted", "cancelled", "failed"):
+            prefetch.add_metric([outcome], stats["prefetch"][outcome])
+        stages = CounterMetricFamily("tierscope_stage_seconds", "Time per load stage", labels=["stage"])
+        for stage, seconds in stats["stage_s"].items():
+            stages.add_metric([stage], seconds)
+        fetches = CounterMetricFamily("tierscope_fetches", "Blocks fetched from the block server")
+        fetches.add_metric([], stats["fetches"])
+        yield from (lookups, held, prefetch, stages, fetches)
+
+
+def _register(collector: _Collector) -> None:
+    try:
+        from prometheus_client import REGISTRY
+    except ImportError:  # the worker's /metrics needs prometheus_client too
+        return
+    REGISTRY.register(collector)
+
+
+def _unregister(collector: _Collector) -> None:
+    try:
+        from prometheus_client import REGISTRY
+    except ImportError:
+        return
+    try:
+        REGISTRY.unregister(collector)
+    except KeyError:
+        pass

@@ -6,6 +6,7 @@ elsewhere (dask's local schedulers, or no dask at all). Loads are single-flight 
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Hashable
@@ -16,22 +17,31 @@ import numpy as np
 from tierscope import codec
 from tierscope.cache import TierCache
 from tierscope.client.source import Source
-from tierscope.grid import BlockIndex
+from tierscope.grid import BlockGrid, BlockIndex
+from tierscope.prefetch import Box
 
 __all__ = ["BlockSpec", "WorkerTiers", "configure_local_tiers", "current_tiers", "local_tiers"]
 
 PLUGIN_NAME = "tierscope"
 DEFAULT_L1 = 1 << 30
 DEFAULT_L2 = 2 << 30
+# A view of more blocks is told to the server as its two corners: the same box, a short header.
+MAX_TOLD_BLOCKS = 256
 
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """Which blocks a load task reads: a dataset's variable at one error bound ``tol``."""
+    """Which blocks a load task reads: a dataset's variable at one error bound ``tol``.
+
+    The grid and time axis ride along so the scheduler plugin can place and plan without asking anyone.
+    """
 
     source: Source
     variable: str
     tol: float
+    grid: BlockGrid
+    dtype: str  # numpy dtype string of the raw values (sizes a decoded block)
+    time_axis: int | None = 0
 
     def block_key(self, index: BlockIndex) -> Hashable:
         """The brief's block key (dataset, variable, tol, block index), the dataset named by its URL."""
@@ -39,60 +49,111 @@ class BlockSpec:
 
 
 class WorkerTiers:
-    """L1 (decoded) over L2 (encoded) over the transport, with fetch and stage-time counters."""
+    """L1 (decoded) over L2 (encoded) over the transport, with fetch and stage-time counters.
 
-    def __init__(self, l1: int, l2: int) -> None:
-        self.l1: TierCache[np.ndarray] = TierCache(l1, "l1")
-        self.l2: TierCache[bytes] = TierCache(l2, "l2")
+    User loads and prefetch loads share the tiers (single flight per block key across both). Each
+    variable's current view (told by the scheduler plugin's plans) gives the ``distance`` policy its
+    order and rides on every request to the block server, so the server's prefetch follows it too.
+    """
+
+    def __init__(self, l1: int, l2: int, policy: str = "lru") -> None:
+        self.l1: TierCache[np.ndarray] = TierCache(l1, "l1", policy=policy)
+        self.l2: TierCache[bytes] = TierCache(l2, "l2", policy=policy)
+        self.l1.distance = self.l2.distance = self._distance
         self._lock = threading.Lock()
+        self._views: dict[tuple, tuple[str, tuple[BlockIndex, ...], Box, int | None]] = {}
+        self._user_loads = 0
+        self.user_idle = threading.Event()
+        self.user_idle.set()
         self.fetches = 0
-        self.network_s = 0.0
-        self.decode_s = 0.0
+        self.stage_s = {"network": 0.0, "server": 0.0, "decode": 0.0}
 
     def load(self, spec: BlockSpec, index: BlockIndex) -> np.ndarray:
         """One decoded block, as a private copy (a cached block is never handed out)."""
         key = spec.block_key(index)
-        return self.l1.get_or_load(key, lambda: self._decode(spec, index, key)).copy()
+        with self._lock:
+            self._user_loads += 1
+            self.user_idle.clear()
+        try:
+            block = self.l1.get_or_load(key, lambda: self._decode(spec, index, key, "user"))
+            return block.copy()
+        finally:
+            with self._lock:
+                self._user_loads -= 1
+                if not self._user_loads:
+                    self.user_idle.set()
 
-    def _decode(self, spec: BlockSpec, index: BlockIndex, key: Hashable) -> np.ndarray:
-        frame = self.l2.get_or_load(key, lambda: self._fetch(spec, index))
+    def prefetch(self, spec: BlockSpec, index: BlockIndex, decode: bool) -> bool:
+        """Bring a block into L2 (and L1 when ``decode``); False when it was already there."""
+        key = spec.block_key(index)
+        if key in self.l1 or (not decode and key in self.l2):
+            return False
+        if decode:
+            self.l1.get_or_load(key, lambda: self._decode(spec, index, key, "prefetch"), prefetch=True)
+        else:
+            self.l2.get_or_load(key, lambda: self._fetch(spec, index, "prefetch"), prefetch=True)
+        return True
+
+    def set_view(self, session: str, spec: BlockSpec, view: tuple[BlockIndex, ...]) -> None:
+        """The session's current view of ``spec``'s variable (from the scheduler plugin's plan)."""
+        with self._lock:
+            box = Box.of(view)
+            told = view if len(view) <= MAX_TOLD_BLOCKS else (box.lo, box.hi)
+            self._views[_view_key(spec)] = (session, told, box, spec.time_axis)
+
+    def _distance(self, key: Hashable) -> float:
+        """Hops from a cached block to its variable's current view (blocks of unviewed variables: inf)."""
+        url, variable, tol, index = key
+        entry = self._views.get((url, variable, tol))
+        return math.inf if entry is None else entry[2].distance(index, entry[3])
+
+    def _decode(self, spec: BlockSpec, index: BlockIndex, key: Hashable, purpose: str) -> np.ndarray:
+        prefetch = purpose == "prefetch"
+        frame = self.l2.get_or_load(key, lambda: self._fetch(spec, index, purpose), prefetch=prefetch)
         t0 = time.perf_counter()
         block = codec.decode(frame)
         block.flags.writeable = False
         with self._lock:
-            self.decode_s += time.perf_counter() - t0
+            self.stage_s["decode"] += time.perf_counter() - t0
         return block
 
-    def _fetch(self, spec: BlockSpec, index: BlockIndex) -> bytes:
+    def _fetch(self, spec: BlockSpec, index: BlockIndex, purpose: str) -> bytes:
+        session, view = self._position(spec)
         t0 = time.perf_counter()
-        frame = spec.source.transport().fetch(
-            spec.source.dataset, spec.variable, index, spec.tol, purpose="user"
+        fetched = spec.source.transport().fetch(
+            spec.source.dataset, spec.variable, index, spec.tol, purpose=purpose,
+            session=session, position=view,
         )
+        elapsed = time.perf_counter() - t0
         with self._lock:
             self.fetches += 1
-            self.network_s += time.perf_counter() - t0
-        return frame
+            self.stage_s["server"] += fetched.server_s
+            self.stage_s["network"] += max(elapsed - fetched.server_s, 0.0)
+        return fetched.frame
+
+    def _position(self, spec: BlockSpec) -> tuple[str | None, tuple[BlockIndex, ...] | None]:
+        entry = self._views.get(_view_key(spec))
+        return (None, None) if entry is None else (entry[0], entry[1])
 
     def stats(self) -> dict[str, object]:
         with self._lock:
-            fetches, network_s, decode_s = self.fetches, self.network_s, self.decode_s
-        return {
-            "l1": self.l1.info(),
-            "l2": self.l2.info(),
-            "fetches": fetches,
-            "stage_s": {"fetch": network_s, "decode": decode_s},
-        }
+            fetches, stage_s = self.fetches, dict(self.stage_s)
+        return {"l1": self.l1.info(), "l2": self.l2.info(), "fetches": fetches, "stage_s": stage_s}
+
+
+def _view_key(spec: BlockSpec) -> tuple:
+    return (spec.source.url, spec.variable, spec.tol)
 
 
 _local_lock = threading.Lock()
 _local: WorkerTiers | None = None
 
 
-def configure_local_tiers(l1: int, l2: int) -> WorkerTiers:
+def configure_local_tiers(l1: int, l2: int, policy: str = "lru") -> WorkerTiers:
     """Replace this process's tiers (used when no Dask worker plugin owns them)."""
     global _local
     with _local_lock:
-        _local = WorkerTiers(l1, l2)
+        _local = WorkerTiers(l1, l2, policy)
         return _local
 
 

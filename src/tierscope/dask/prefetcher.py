@@ -1,0 +1,120 @@
+"""A worker's background prefetch: the plans the scheduler plugin sends, run behind user loads.
+
+Plans arrive as stream messages on the worker's event loop; the handler only queues them, and one
+background thread does the fetching and decoding, so the event loop never waits on I/O or a decode. Each
+plan belongs to one position — (session, dataset, variable, tol) — and carries an epoch: a newer plan for
+the same position drops the queued remainder of the older one (counted as cancelled). Before each block
+the thread waits until no user load is running on this worker, so user loads always go first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+from tierscope.dask.tiers import BlockSpec, WorkerTiers
+from tierscope.grid import BlockIndex
+
+__all__ = ["PLAN_OP", "Plan", "Prefetcher"]
+
+logger = logging.getLogger(__name__)
+
+PLAN_OP = "tierscope-prefetch"  # the stream message op that carries a Plan to a worker
+# How long the prefetch thread waits for user loads to finish before it looks again (and at shutdown).
+USER_WAIT_S = 0.5
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The blocks one worker should load for one session's position, most likely first."""
+
+    epoch: int
+    session: str
+    spec: BlockSpec
+    view: tuple[BlockIndex, ...]  # the session's current view: the position the plan is made for
+    blocks: tuple[BlockIndex, ...]
+    decode: tuple[bool, ...]  # per block: into L1 (decoded) too, or L2 (encoded) only
+
+    @property
+    def position(self) -> tuple:
+        return (self.session, self.spec)
+
+
+class Prefetcher:
+    """Owns the queued plans of one worker and the thread that carries them out."""
+
+    def __init__(self, tiers: WorkerTiers) -> None:
+        self.tiers = tiers
+        self._cond = threading.Condition()
+        self._queues: dict[tuple, deque[tuple[Plan, BlockIndex, bool]]] = {}
+        self._epochs: dict[tuple, int] = {}
+        self._closed = False
+        self.counts = {"plans": 0, "issued": 0, "cancelled": 0, "failed": 0}
+        self._thread = threading.Thread(target=self._run, name="tierscope-prefetch", daemon=True)
+        self._thread.start()
+
+    def submit(self, plan: Plan) -> None:
+        """Queue a plan; it replaces what is left of older plans for the same position."""
+        with self._cond:
+            key = plan.position
+            if plan.epoch <= self._epochs.get(key, -1):
+                self.counts["cancelled"] += len(plan.blocks)
+                return
+            self._epochs[key] = plan.epoch
+            self.counts["plans"] += 1
+            self.counts["cancelled"] += len(self._queues.pop(key, ()))
+            self._queues[key] = deque(zip((plan,) * len(plan.blocks), plan.blocks, plan.decode, strict=True))
+            self.tiers.set_view(plan.session, plan.spec, plan.view)
+            self._cond.notify()
+
+    def queued(self) -> int:
+        with self._cond:
+            return sum(len(q) for q in self._queues.values())
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+
+    def _next(self) -> tuple[Plan, BlockIndex, bool] | None:
+        """The next block, round robin over positions; None once closed."""
+        with self._cond:
+            while not self._closed and not self._queues:
+                self._cond.wait()
+            if self._closed:
+                return None
+            key = next(iter(self._queues))
+            queue = self._queues.pop(key)
+            item = queue.popleft()
+            if queue:
+                self._queues[key] = queue  # to the back: positions take turns
+            return item
+
+    def _run(self) -> None:
+        while (item := self._next()) is not None:
+            while not self.tiers.user_idle.wait(USER_WAIT_S):
+                if self._closed:
+                    return
+            plan, index, decode = item
+            with self._cond:  # a newer plan may have arrived while this one waited
+                if plan.epoch < self._epochs.get(plan.position, -1):
+                    self.counts["cancelled"] += 1
+                    continue
+            try:
+                loaded = self.tiers.prefetch(plan.spec, index, decode)
+            except Exception as exc:  # a prefetch failure must never reach the user; the load retries
+                logger.warning("prefetch of block %s of %r failed: %s", index, plan.spec.variable, exc)
+                with self._cond:
+                    self.counts["failed"] += 1
+                continue
+            if loaded:
+                with self._cond:
+                    self.counts["issued"] += 1
+
+    def stats(self) -> dict[str, int]:
+        """Plans received; blocks loaded (issued), dropped by newer plans (cancelled), failed; queued now."""
+        with self._cond:
+            return {**self.counts, "queued": sum(len(q) for q in self._queues.values())}

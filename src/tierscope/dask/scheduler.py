@@ -1,0 +1,176 @@
+"""The scheduler plugin: knows where each session is in block space, places loads, dispatches prefetch.
+
+From every ``update_graph`` it picks out tierscope's block-load tasks (``BlockLoadTask``; their keys are
+``(name, *block_index)``), and for each (client, dataset, variable, tol) it:
+- pins each load to the block's owner worker — rendezvous hashing of the block's *spatial* index over the
+  current workers, so a time scrub stays on one worker and few blocks move when workers come and go — as
+  a loose restriction (the load still runs elsewhere if the owner is gone);
+- feeds the view to a ``tierscope.prefetch.Position`` and, when the view is new, plans the blocks to load
+  next within the radius that fits the workers' L1 (decoded) and L2 (encoded) tiers;
+- sends every worker its share of the plan (a stream message, no round trip) with a new epoch; an empty
+  share still tells the worker the new position, so its queued remainder of older plans is cancelled.
+Runs on the scheduler's event loop: everything here is bounded (``max_plan`` blocks per view).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.protocol.serialize import ToPickle
+
+from tierscope.dask.graph import BlockLoadTask
+from tierscope.dask.prefetcher import PLAN_OP, Plan
+from tierscope.dask.tiers import DEFAULT_L1, DEFAULT_L2, BlockSpec
+from tierscope.grid import BlockIndex
+from tierscope.prefetch import Position, check_mode, radius_for
+from tierscope.server.stats import Distribution
+
+if TYPE_CHECKING:
+    from distributed import Scheduler
+
+__all__ = ["SCHEDULER_PLUGIN_NAME", "TierscopeSchedulerPlugin", "owner_of"]
+
+logger = logging.getLogger(__name__)
+
+SCHEDULER_PLUGIN_NAME = "tierscope-prefetch"
+
+
+def owner_of(spec: BlockSpec, index: BlockIndex, workers: Sequence[str]) -> str:
+    """The block's owner: highest random weight over ``workers`` of its dataset and spatial index."""
+    spatial = tuple(i for axis, i in enumerate(index) if axis != spec.time_axis)
+    block = f"{spec.source.url}|{spatial}".encode()
+
+    def weight(worker: str) -> bytes:
+        return hashlib.blake2b(block + b"|" + worker.encode(), digest_size=8).digest()
+
+    return max(workers, key=weight)
+
+
+class TierscopeSchedulerPlugin(SchedulerPlugin):
+    """Position tracking, owner placement and prefetch dispatch for tierscope's block loads."""
+
+    name = SCHEDULER_PLUGIN_NAME
+
+    def __init__(
+        self,
+        prefetch: str = "auto",
+        l1: int = DEFAULT_L1,
+        l2: int = DEFAULT_L2,
+        max_plan: int = 512,
+        max_positions: int = 256,
+    ) -> None:
+        self.mode = check_mode(prefetch)
+        self.l1, self.l2 = int(l1), int(l2)
+        self.max_plan, self.max_positions = max_plan, max_positions
+        self.scheduler: Scheduler | None = None
+        self._positions: OrderedDict[tuple[str, BlockSpec], Position] = OrderedDict()
+        self._submitted: dict[Any, float] = {}
+        self._queue = Distribution()
+        self.epoch = 0
+        self.counts = {"views": 0, "loads": 0, "plans": 0, "planned": 0}
+
+    async def start(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    def update_graph(self, scheduler: Scheduler, *, client: str, tasks: list, **kwargs: Any) -> None:
+        now = time.time()
+        views: defaultdict[BlockSpec, list[tuple[Any, BlockIndex]]] = defaultdict(list)
+        for key in tasks:
+            ts = scheduler.tasks.get(key)
+            if ts is not None and isinstance(ts.run_spec, BlockLoadTask):
+                spec, index = ts.run_spec.args
+                views[spec].append((ts, tuple(index)))
+        if not views:
+            return
+        workers = sorted(scheduler.workers)
+        for spec, loads in views.items():
+            for ts, index in loads:
+                if workers:
+                    ts.worker_restrictions = {owner_of(spec, index, workers)}
+                    ts.loose_restrictions = True
+                self._submitted[ts.key] = now
+            self.counts["loads"] += len(loads)
+            self._on_view(scheduler, client, spec, [index for _, index in loads], workers)
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        """Queue time of user loads: from the graph's arrival to the start of the load on a worker."""
+        submitted = self._submitted.pop(key, None) if finish != "processing" else None
+        if submitted is None or finish != "memory":
+            return
+        for ss in kwargs.get("startstops", ()):
+            if ss.get("action") == "compute":
+                self._queue.add(max(ss["start"] - submitted, 0.0))
+                break
+
+    def _position(self, client: str, spec: BlockSpec) -> Position:
+        key = (client, spec)
+        pos = self._positions.get(key)
+        if pos is None:
+            pos = self._positions[key] = Position(spec.grid, spec.time_axis)
+            while len(self._positions) > self.max_positions:
+                self._positions.popitem(last=False)
+        self._positions.move_to_end(key)
+        return pos
+
+    def _on_view(
+        self, scheduler: Scheduler, client: str, spec: BlockSpec, view: list[BlockIndex], workers: list[str]
+    ) -> None:
+        pos = self._position(client, spec)
+        if not pos.observe(view):
+            return
+        self.counts["views"] += 1
+        if not workers:
+            return
+        blocks, r1 = self._plan(scheduler, spec, pos, len(workers))
+        shares: dict[str, list[tuple[BlockIndex, bool]]] = {w: [] for w in workers}
+        for index in blocks:
+            shares[owner_of(spec, index, workers)].append((index, pos.distance(index) <= r1))
+        self.epoch += 1
+        for worker, share in shares.items():
+            plan = Plan(
+                epoch=self.epoch, session=client, spec=spec, view=pos.current,
+                blocks=tuple(i for i, _ in share), decode=tuple(d for _, d in share),
+            )
+            scheduler.worker_send(worker, {"op": PLAN_OP, "plan": ToPickle(plan)})
+
+    def _plan(
+        self, scheduler: Scheduler, spec: BlockSpec, pos: Position, nworkers: int
+    ) -> tuple[list[BlockIndex], int]:
+        """The blocks to prefetch for a new view, and the L1 radius (blocks within it get decoded)."""
+        if self.mode == "off":
+            return [], 0
+        decoded, encoded = self._block_nbytes(scheduler, spec)
+        extents = pos.box.extents
+        r1 = radius_for(spec.grid, self.l1 * nworkers, decoded, spec.time_axis, view=extents)
+        r2 = radius_for(spec.grid, self.l2 * nworkers, encoded, spec.time_axis, view=extents)
+        blocks = pos.plan(self.mode, max(r1, r2), limit=self.max_plan)
+        self.counts["plans"] += 1
+        self.counts["planned"] += len(blocks)
+        return blocks, r1
+
+    def _block_nbytes(self, scheduler: Scheduler, spec: BlockSpec) -> tuple[float, float]:
+        """Decoded block size (exact) and the workers' measured average encoded (L2) block size."""
+        decoded = math.prod(spec.grid.block) * np.dtype(spec.dtype).itemsize
+        blocks = nbytes = 0
+        for ws in scheduler.workers.values():
+            l2 = ws.metrics.get("tierscope", {}).get("l2", {})
+            blocks += l2.get("blocks", 0)
+            nbytes += l2.get("nbytes", 0)
+        return float(decoded), (nbytes / blocks if blocks else float(decoded))
+
+    def stats(self) -> dict[str, Any]:
+        """Views seen, plans sent, and the queue-time distribution of user loads."""
+        return {**self.counts, "mode": self.mode, "queue": self._queue.summary()}
+
+    def reset_stats(self) -> None:
+        self._queue = Distribution()
+        self.counts = dict.fromkeys(self.counts, 0)
+
