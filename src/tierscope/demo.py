@@ -1,8 +1,9 @@
 """``tierscope demo``: the main job on an embedded default.
 
-Creates a sample dataset in a cache directory (once), starts a real block server on loopback and a
-LocalCluster, replays a scripted exploration — scrub time at a fixed z, scrub back, then move through z —
-and prints per-view latency and tier hit ratios next to the same views through ``xr.open_zarr`` + dask.
+Creates a sample dataset in a cache directory (once), starts a real block server on loopback (L3/L4 and
+prefetch on) and a LocalCluster with tierscope's tiers and prefetch, replays a scripted exploration —
+scrub time at a fixed z, scrub back, then move through z, with a think time between views as a slider
+gives — and prints per-view latency and tier hit ratios next to the same views through ``xr.open_zarr``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def run_demo(
     shape: tuple[int, ...] = (16, 64, 128, 128),
     block: tuple[int, ...] = (1, 32, 64, 64),
     workers: int = 2,
+    think: float = 0.1,
 ) -> dict[str, object]:
     """Run the demo, print its report and return the measured numbers."""
     import xarray as xr
@@ -66,12 +68,12 @@ def run_demo(
     views = exploration(shape, block)
 
     with (
-        ServerThread(BlockService([ZarrOrigin(store)])) as server,
+        ServerThread(BlockService([ZarrOrigin(store)], l3="256MiB", l4="512MiB", prefetch="auto")) as server,
         LocalCluster(n_workers=workers, threads_per_worker=2, processes=True,
                      dashboard_address=None, silence_logs=logging.ERROR) as cluster,
         Client(cluster) as client,
     ):
-        tierscope.connect(client, l1="256MiB", l2="512MiB")
+        tierscope.connect(client, l1="256MiB", l2="512MiB", policy="distance", prefetch="auto")
         url = f"{server.url}/datasets/turb"
         print(f"block server {url}; LocalCluster with {workers} worker processes", flush=True)
         ours = xr.open_dataset(url, engine="tierscope", tol=0)
@@ -79,6 +81,7 @@ def run_demo(
         rows = []
         print(f"{'view':>4} {'phase':<11} {'t':>3} {'z':>3}  {'tierscope':>10}  {'xr.open_zarr':>12}")
         for i, (phase, t, z) in enumerate(views):
+            time.sleep(think)
             t0 = time.perf_counter()
             a = ours.u.isel(time=t, z=z).values
             t1 = time.perf_counter()
@@ -102,7 +105,10 @@ def run_demo(
         s = tier_stats[tier]
         print(f"{tier.upper()}: {s['hits']} hits, {s['misses']} misses "
               f"(hit ratio {s['hit_ratio']:.0%}), {s['blocks']} blocks held")
+    p = tier_stats["prefetch"]
+    print(f"prefetch: {p['issued']} tier entries issued, {p['used']} used, {p['wasted']} wasted, "
+          f"{p['cancelled']} cancelled")
     print(f"server: {server_stats['origin_reads']} origin reads, "
-          f"{tier_stats['fetches']} worker fetches")
+          f"{tier_stats['fetches']} worker fetches, answered by {server_stats['served_by']}")
     return {"views": views, "tierscope_ms": ts_ms, "zarr_ms": zarr_ms, "tiers": tier_stats,
             "server": server_stats}

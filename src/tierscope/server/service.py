@@ -19,7 +19,6 @@ The HTTP app awaits the service on its own loop; the embedded transport runs it 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import math
 import threading
@@ -51,8 +50,6 @@ PURPOSES = ("user", "prefetch")
 MAX_BATCH = 256
 MAX_POSITION_BLOCKS = 4096
 ANONYMOUS = "-"
-# The codec helper is adding ``codec.encode(..., device=)``; until it exists the server encodes on the CPU.
-_ENCODE_TAKES_DEVICE = "device" in inspect.signature(codec.encode).parameters
 
 
 def parse_size(value: int | str, name: str) -> int:
@@ -77,15 +74,6 @@ def check_prefetch(mode: str) -> str:
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"prefetch must be on, {', '.join(MODES)}; got {mode!r}")
     return mode
-
-
-def _gpu_available() -> bool:
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # no CuPy, no driver, no device: encode on the CPU
-        return False
 
 
 @dataclass(frozen=True)
@@ -180,7 +168,6 @@ class BlockService:
         self.sessions = Sessions(max_positions)
         self.l3.distance = lambda key: self.sessions.distance(key[0], key[1], key[4])
         self.l4.distance = lambda key: self.sessions.distance(*key)
-        self.encode_device = "gpu" if _ENCODE_TAKES_DEVICE and _gpu_available() else "cpu"
         self._stats = ServerStats()
         self.queue = PrefetchQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -310,9 +297,7 @@ class BlockService:
         key4 = (req.dataset, req.variable.name, index)
         hit = self.l4.peek(key4) is not None
         raw = await self.l4.aget_or_load(key4, lambda: self._read(req, index, prefetch), prefetch)
-        kwargs = {"device": self.encode_device} if _ENCODE_TAKES_DEVICE else {}
-        frame, encode_s = await self._run(prefetch, codec.encode, raw.array, req.tol, codec=req.codec,
-                                          **kwargs)
+        frame, encode_s = await self._run(prefetch, codec.encode, raw.array, req.tol, codec=req.codec)
         self._stats.encodes += 1
         self._stats.stages["encode"].add(encode_s)
         return _Encoded(frame, "l4" if hit else "origin", 0.0 if hit else raw.read_s, encode_s)
@@ -453,7 +438,6 @@ class BlockService:
             "codec": self.codec_name,
             "workers": self.workers,
             "prefetch_workers": self.prefetch_workers,
-            "encode_device": self.encode_device,
         }
 
     async def configure(
