@@ -65,9 +65,10 @@ class Prefetcher:
             self._epochs[key] = plan.epoch
             self.counts["plans"] += 1
             self.counts["cancelled"] += len(self._queues.pop(key, ()))
-            self._queues[key] = deque(zip((plan,) * len(plan.blocks), plan.blocks, plan.decode, strict=True))
             self.tiers.set_view(plan.session, plan.spec, plan.view)
-            self._cond.notify()
+            if plan.blocks:  # an empty share only moves the position (and cancels the old queue)
+                self._queues[key] = deque(zip((plan,) * len(plan.blocks), plan.blocks, plan.decode, strict=True))
+                self._cond.notify()
 
     def queued(self) -> int:
         with self._cond:

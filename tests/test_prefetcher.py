@@ -1,0 +1,109 @@
+"""A worker's Prefetcher on its own: real tiers over the embedded transport on a real store."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tierscope.client.source import Source
+from tierscope.dask.prefetcher import Plan, Prefetcher
+from tierscope.dask.tiers import BlockSpec, WorkerTiers
+from tierscope.grid import BlockGrid
+
+from conftest import BLOCK, SHAPE
+
+BLOCKS = [(t, z, y, x) for t in range(4) for z in range(2) for y in range(2) for x in range(2)]
+
+
+@pytest.fixture
+def spec(sample_store):
+    return BlockSpec(Source.parse(sample_store), "u", 0.0, BlockGrid(SHAPE, BLOCK), "<f4")
+
+
+@pytest.fixture
+def tiers():
+    return WorkerTiers(64 << 20, 64 << 20)
+
+
+@pytest.fixture
+def prefetcher(tiers):
+    running = Prefetcher(tiers)
+    yield running
+    running.close()
+
+
+def plan(spec, epoch, blocks, decode=True, session="s"):
+    return Plan(epoch, session, spec, view=((0, 0, 0, 0),), blocks=tuple(blocks),
+                decode=(decode,) * len(blocks))
+
+
+def wait_idle(prefetcher, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while prefetcher.queued() or prefetcher.stats()["issued"] + prefetcher.stats()["failed"] == 0:
+        assert time.monotonic() < deadline, prefetcher.stats()
+        time.sleep(0.01)
+    time.sleep(0.05)  # the block just taken off the queue
+
+
+def test_plan_fills_l1_and_user_loads_then_hit(prefetcher, tiers, spec):
+    prefetcher.submit(plan(spec, 1, BLOCKS[:4]))
+    wait_idle(prefetcher)
+    assert prefetcher.stats()["issued"] == 4
+    for index in BLOCKS[:4]:
+        block = tiers.load(spec, index)
+        assert block.flags.writeable  # a private copy, never the cached array
+    assert tiers.l1.stats.hits == 4 and tiers.l1.stats.misses == 0
+    assert tiers.l1.stats.prefetch_used == 4 and tiers.fetches == 4
+
+
+def test_l2_only_blocks_are_not_decoded(prefetcher, tiers, spec):
+    prefetcher.submit(plan(spec, 1, BLOCKS[:3], decode=False))
+    wait_idle(prefetcher)
+    assert len(tiers.l2) == 3 and len(tiers.l1) == 0
+
+
+def test_an_empty_share_moves_the_position_and_the_thread_lives_on(prefetcher, tiers, spec):
+    prefetcher.submit(plan(spec, 1, []))
+    prefetcher.submit(plan(spec, 2, BLOCKS[:2]))
+    wait_idle(prefetcher)
+    assert prefetcher.stats()["issued"] == 2 and prefetcher._thread.is_alive()
+
+
+def test_a_newer_plan_cancels_the_queued_rest_and_stale_plans_are_dropped(prefetcher, tiers, spec):
+    tiers.user_idle.clear()  # a user load is running: the prefetcher must wait before each block
+    prefetcher.submit(plan(spec, 5, BLOCKS[:10]))
+    time.sleep(0.1)
+    assert prefetcher.queued() >= 9  # nothing but the first block left the queue
+    prefetcher.submit(plan(spec, 6, BLOCKS[20:22]))
+    prefetcher.submit(plan(spec, 4, BLOCKS[30:32]))  # an older epoch arriving late
+    stats = prefetcher.stats()
+    assert stats["cancelled"] >= 9 + 2 and stats["queued"] == 2
+    tiers.user_idle.set()
+    wait_idle(prefetcher)
+    assert not {spec.block_key(i) for i in BLOCKS[2:10]} & set(tiers.l1.keys())
+    assert {spec.block_key(i) for i in BLOCKS[20:22]} <= set(tiers.l1.keys())
+
+
+def test_positions_take_turns(prefetcher, tiers, spec):
+    tiers.user_idle.clear()
+    prefetcher.submit(plan(spec, 1, BLOCKS[:6], session="a"))
+    prefetcher.submit(plan(spec, 1, BLOCKS[6:12], session="b"))
+    tiers.user_idle.set()
+    wait_idle(prefetcher)
+    assert prefetcher.stats()["issued"] == 12
+
+
+def test_user_loads_and_prefetch_share_one_fetch_per_block(prefetcher, tiers, spec):
+    prefetcher.submit(plan(spec, 1, BLOCKS))
+    results = []
+    threads = [threading.Thread(target=lambda i=i: results.append(tiers.load(spec, i))) for i in BLOCKS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wait_idle(prefetcher)
+    assert tiers.fetches == len(BLOCKS)  # every block crossed the transport once
+    assert all(isinstance(r, np.ndarray) for r in results)
