@@ -120,6 +120,7 @@ def test_playback_session_hits_l1_after_three_views(client, url, reference):
     assert hit_ratio(per_view) >= 0.9, per_view
     stats = tierscope.stats(client)
     assert stats["scheduler"]["views"] == 12 and stats["scheduler"]["plans"] == 12
+    assert stats["scheduler"]["queue"]["count"] == 12 * 16  # every load's wait for a worker, measured
     prefetch = stats["total"]["prefetch"]
     assert prefetch["used"] >= 0.9 * 9 * 16 and prefetch["issued"] >= prefetch["used"]
 

@@ -102,13 +102,20 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         """Queue time of user loads: from the graph's arrival to the start of the load on a worker."""
-        submitted = self._submitted.pop(key, None) if finish != "processing" else None
+        if finish in ("waiting", "queued", "processing", "no-worker"):
+            return
+        submitted = self._submitted.pop(key, None)
         if submitted is None or finish != "memory":
             return
         for ss in kwargs.get("startstops", ()):
             if ss.get("action") == "compute":
                 self._queue.add(max(ss["start"] - submitted, 0.0))
                 break
+
+    def remove_client(self, scheduler: Scheduler, client: str) -> None:
+        """A closed notebook's positions go with it."""
+        for key in [k for k in self._positions if k[0] == client]:
+            del self._positions[key]
 
     def _position(self, client: str, spec: BlockSpec) -> Position:
         key = (client, spec)
