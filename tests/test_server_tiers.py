@@ -339,3 +339,84 @@ def test_graceful_shutdown_finishes_the_response_in_flight(sample_store, blocks)
     np.testing.assert_array_equal(codec.decode(body), blocks("v", (2, 1, 1, 0)))
     with pytest.raises(OSError):
         call(server, "GET", "/datasets")
+
+
+def _frame_and_config(store, device):
+    with ServerThread(BlockService([ZarrOrigin(store)], device=device)) as server:
+        status, _, frame = call(server, "GET", "/datasets/turb/blocks/u/1.0.1.0?tol=0.05")
+        assert status == 200, frame
+        return frame, get_json(server, "/config")
+
+
+@pytest.mark.skipif(codec.gpu_available(), reason="checks the CPU fallback of a machine without a GPU")
+def test_encode_device_is_the_cpu_here_and_gpu_without_one_fails_at_construction(sample_store, blocks):
+    for device in ("auto", "cpu"):
+        frame, config = _frame_and_config(sample_store, device)
+        assert config["encode_device"] == "cpu"
+        assert frame == codec.encode(blocks("u", (1, 0, 1, 0)), 0.05, codec="lorenzo")
+    with pytest.raises(RuntimeError, match="device='gpu' needs (CuPy|a CUDA GPU)"):
+        BlockService([ZarrOrigin(sample_store)], device="gpu")
+    with pytest.raises(ValueError, match="device must be one of auto, cpu, gpu, got 'tpu'"):
+        BlockService([ZarrOrigin(sample_store)], device="tpu")
+
+
+@pytest.mark.skipif(not codec.gpu_available(), reason="needs CuPy and a CUDA GPU")
+def test_gpu_encoding_server_serves_the_cpu_frame(sample_store, blocks):
+    gpu_frame, config = _frame_and_config(sample_store, "gpu")
+    assert config["encode_device"] == "gpu"
+    assert _frame_and_config(sample_store, "auto")[1]["encode_device"] == "gpu"
+    assert gpu_frame == _frame_and_config(sample_store, "cpu")[0]
+    assert gpu_frame == codec.encode(blocks("u", (1, 0, 1, 0)), 0.05, codec="lorenzo")
+
+
+def _l1_blocks():
+    from tierscope.dask.tiers import local_tiers
+
+    l1 = local_tiers().l1
+    return [l1.peek(key) for key in l1.keys()], l1.size
+
+
+def _view_u(dataset_url):
+    return xr.open_dataset(dataset_url, engine="tierscope").u.isel(time=1, z=slice(0, 8)).values
+
+
+@pytest.mark.skipif(codec.gpu_available(), reason="checks the CPU fallback of a machine without a GPU")
+def test_worker_tiers_decode_on_the_cpu_here(dataset_url, blocks):
+    import tierscope
+    from tierscope.dask.tiers import local_tiers
+
+    expected = codec.decode(codec.encode(blocks("u", (1, 0, 0, 0)), 0.0, codec="lorenzo"))[0]
+    for device in ("auto", "cpu"):
+        tierscope.connect(None, l1="8MiB", l2="8MiB", device=device)
+        assert local_tiers().device == "cpu"
+        got = _view_u(dataset_url)
+        np.testing.assert_array_equal(got[:, :16, :16], expected)
+        cached, nbytes = _l1_blocks()
+        assert cached and all(type(b) is np.ndarray and not b.flags.writeable for b in cached)
+        assert nbytes == sum(b.nbytes for b in cached)
+    with pytest.raises(RuntimeError, match="device='gpu' needs (CuPy|a CUDA GPU)"):
+        tierscope.connect(None, device="gpu")
+    with pytest.raises(ValueError, match="device must be one of auto, cpu, gpu, got 'tpu'"):
+        tierscope.connect(None, device="tpu")
+
+
+@pytest.mark.skipif(not codec.gpu_available(), reason="needs CuPy and a CUDA GPU")
+def test_worker_tiers_keep_l1_on_the_gpu(dataset_url):
+    import cupy
+
+    import tierscope
+    from tierscope.dask.tiers import local_tiers
+
+    tierscope.connect(None, l1="8MiB", l2="8MiB", device="cpu")
+    on_cpu = _view_u(dataset_url)
+    tierscope.connect(None, l1="8MiB", l2="8MiB", device="auto")
+    assert local_tiers().device == "gpu"
+    on_gpu = _view_u(dataset_url)
+    assert type(on_gpu) is np.ndarray and on_gpu.tobytes() == on_cpu.tobytes()
+    cached, nbytes = _l1_blocks()
+    assert cached and all(isinstance(b, cupy.ndarray) for b in cached)
+    assert nbytes == sum(b.nbytes for b in cached)
+    again = _view_u(dataset_url)  # L1 hits hand out fresh host copies
+    again[:] = -1
+    assert _view_u(dataset_url).tobytes() == on_cpu.tobytes()
+    tierscope.connect(None, l1="8MiB", l2="8MiB")

@@ -2,8 +2,10 @@
 
 ``encode`` turns an N-d numeric array into one self-contained frame (magic, version, JSON
 header, checksummed payload) and ``decode`` turns it back; ``read_header`` inspects a frame
-cheaply.  Codecs are looked up by the short name stored in each frame, so new ones (such as an
-error-bounded lossy codec) plug in via ``register_codec`` without touching the frame layer.
+cheaply.  Both take ``device="cpu"|"gpu"`` (CuPy; ``gpu_available()`` says whether there is
+one) and give the same bytes/values on either.  Codecs are looked up by the short name stored
+in each frame, so new ones (such as an error-bounded lossy codec) plug in via ``register_codec``
+without touching the frame layer.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from . import lossless as _lossless  # noqa: F401  (registers the built-in "raw" and "zstd")
 from . import bounded as _bounded  # noqa: F401  (registers "lorenzo", "interp", "bounded")
 from . import baselines as _baselines  # noqa: F401  ("fp16", and "zfp"/"sz3" when importable)
+from .device import gpu_available
 from .frame import FrameHeader, decode, encode, read_header
 from .registry import Codec, codec_ids, get_codec, register_codec
 
@@ -21,6 +24,7 @@ __all__ = [
     "decode",
     "encode",
     "get_codec",
+    "gpu_available",
     "read_header",
     "register_codec",
 ]

@@ -31,7 +31,8 @@ index, then differences >= 1), then their raw values as little-endian floats of 
 ``lorenzo`` decodes with prefix sums, ``interp`` compresses far better at loose bounds (its
 prediction absorbs the quantisation noise), ``bounded`` encodes both and keeps the smaller frame.
 Every mode's decode is one function of an array namespace ``xp`` (``decode_device``): NumPy on
-the CPU, CuPy on a GPU, bit-identical results.  The lossless path is also used for empty
+the CPU, CuPy on a GPU, bit-identical results; so is the encode up to the zstd stage
+(``encode_device``), which gives byte-identical frames.  The lossless path is also used for empty
 arrays, when ``2 tol`` underflows the dtype, and when a lossy payload would not be smaller than
 the raw array.
 """
@@ -62,6 +63,7 @@ from .predictors import (
     lorenzo_residuals,
 )
 from .quantize import Q_LIMIT, choose_step, prequantise, reconstruct, verify
+from .device import to_host
 from .registry import Codec, register_codec
 from .shuffle import RDTYPES, SHUFFLES, narrowest, shuffle, shuffled_nbytes, unshuffle
 
@@ -82,7 +84,9 @@ class _Lossy:
     params: dict[str, Any]
 
 
-def _outlier_bytes(indices: np.ndarray, values: np.ndarray, dtype: np.dtype) -> bytes:
+def _outlier_bytes(xp: Any, indices: Any, values: Any, dtype: np.dtype) -> bytes:
+    """The outliers' index deltas and raw values, on the host (there are few of them)."""
+    indices, values = to_host(xp, indices), to_host(xp, values)
     deltas = np.diff(indices, prepend=0).astype("<i8") if indices.size else np.empty(0, "<i8")
     return deltas.tobytes() + values.astype(dtype.newbyteorder("<")).tobytes()
 
@@ -92,43 +96,42 @@ def _fine_unit(dtype: np.dtype, step: float, frac_bits: int) -> np.floating:
     return dtype.type(step) * dtype.type(2.0**-frac_bits)
 
 
-def _frac_bits(y: np.ndarray, limit: float) -> int:
+def _frac_bits(xp: Any, y: Any, limit: float) -> int:
     """Finest lattice (<= MAX_FRAC_BITS extra bits) keeping every finite code below limit/2."""
-    finite = np.abs(y[np.isfinite(y)])
-    top = float(finite.max()) if finite.size else 0.0
+    top = float(xp.where(xp.isfinite(y), xp.abs(y), 0.0).max())
     room = (limit / 4) / (top + 1.0)
     return int(min(MAX_FRAC_BITS, max(0, math.floor(math.log2(room))))) if room >= 1 else 0
 
 
-def _encode_lorenzo(x: np.ndarray, step: np.floating, tol: float, level: int) -> _Lossy:
-    quant = prequantise(x, step, tol)
-    res = lorenzo_residuals(quant.q).reshape(-1)
+def _encode_lorenzo(xp: Any, x: Any, step: np.floating, tol: float, level: int) -> _Lossy:
+    quant = prequantise(x, step, tol, xp)
+    res = lorenzo_residuals(quant.q, xp).reshape(-1)
     rdtype = narrowest(res)
-    body = shuffle(res, np.dtype(rdtype).itemsize, "byte")
+    body = shuffle(res, np.dtype(rdtype).itemsize, "byte", xp)
     params = {"level": level, "mode": "lorenzo", "step": float(step), "rdtype": rdtype,
               "n_outliers": int(quant.indices.size)}
-    return _Lossy(body + _outlier_bytes(quant.indices, quant.values, x.dtype), params)
+    return _Lossy(body + _outlier_bytes(xp, quant.indices, quant.values, x.dtype), params)
 
 
-def _encode_interp(x: np.ndarray, step: np.floating, tol: float, level: int, order: int) -> _Lossy:
+def _encode_interp(xp: Any, x: Any, step: np.floating, tol: float, level: int, order: int) -> _Lossy:
     limit = Q_LIMIT[x.dtype.itemsize]
     with np.errstate(all="ignore"):
         y = x.astype(np.float64)
         y /= float(step)
-        frac_bits = _frac_bits(y, limit)
+        frac_bits = _frac_bits(xp, y, limit)
         y *= 2.0**frac_bits
-        regular = np.abs(y) < limit / 2  # False for NaN/Inf too
-    anchor, res, k = interp_encode(y, regular, frac_bits, order, int(limit) // 2)
+        regular = xp.abs(y) < limit / 2  # False for NaN/Inf too
+    anchor, res, k = interp_encode(y, regular, frac_bits, order, int(limit) // 2, xp)
     del y
     unit = _fine_unit(x.dtype, float(step), frac_bits)
-    ok = regular & verify(x, reconstruct(np, k, x.dtype, unit), tol)
-    bad = np.flatnonzero(~ok.reshape(-1)).astype(np.int64)
+    ok = regular & verify(x, reconstruct(xp, k, x.dtype, unit), tol, xp)
+    bad = xp.flatnonzero(~ok.reshape(-1)).astype(np.int64)
     rdtype = narrowest(res)
-    body = shuffle(res, np.dtype(rdtype).itemsize, "bit")
+    body = shuffle(res, np.dtype(rdtype).itemsize, "bit", xp)
     params = {"level": level, "mode": "interp", "step": float(step), "frac_bits": frac_bits,
               "order": order, "anchor": anchor, "rdtype": rdtype, "shuffle": "bit",
               "n_outliers": int(bad.size)}
-    return _Lossy(body + _outlier_bytes(bad, x.reshape(-1)[bad], x.dtype), params)
+    return _Lossy(body + _outlier_bytes(xp, bad, x.reshape(-1)[bad], x.dtype), params)
 
 
 # ------------------------------------------------------------------------------- decoding
@@ -240,34 +243,43 @@ class _BoundedBase(Codec):
         object.__setattr__(self, "level", int(level))
 
     @abc.abstractmethod
-    def _candidates(self, x: np.ndarray, step: np.floating, tol: float) -> list[_Lossy]:
-        """The lossy encodings to try for native-dtype ``x``; the smallest one is kept."""
+    def _candidates(self, xp: Any, x: Any, step: np.floating, tol: float) -> list[_Lossy]:
+        """The lossy encodings to try for native-dtype ``x`` (an ``xp`` array); the smallest is kept."""
 
     def _encode_lossless(self, array: np.ndarray) -> tuple[bytes, dict[str, Any]]:
         payload, _ = ZstdCodec(level=self.level).encode_payload(array, 0.0)
         return payload, {"level": self.level, "mode": "lossless"}
 
     def encode_payload(self, array: np.ndarray, tol: float) -> tuple[bytes, dict[str, Any]]:
-        """Smallest lossy candidate for non-empty float32/float64 with ``tol > 0``, else lossless."""
+        """Encode on the CPU: :meth:`encode_device` with NumPy."""
+        return self.encode_device(array, tol, np)
+
+    def encode_device(self, array: Any, tol: float, xp: Any) -> tuple[bytes, dict[str, Any]]:
+        """Smallest lossy candidate for non-empty float32/float64 with ``tol > 0``, else lossless.
+
+        One code path for CPU and GPU: quantisation, prediction, verification, outlier detection
+        and plane shuffling run in ``xp`` (NumPy or CuPy; ``array`` may live in either), zstd on
+        the host, so both produce the same payload byte for byte.
+        """
         dtype = array.dtype
         if tol <= 0 or dtype.kind != "f" or dtype.itemsize not in Q_LIMIT or array.size == 0:
-            return self._encode_lossless(array)
+            return self._encode_lossless(to_host(xp, array))
         native = dtype.newbyteorder("=")
         step = choose_step(native, tol)
         if not step > 0:  # 2 tol underflows the dtype: only exact storage meets the bound
-            return self._encode_lossless(array)
-        x = array.astype(native, copy=False)
+            return self._encode_lossless(to_host(xp, array))
+        x = xp.asarray(array.astype(native, copy=False))
         compressor = zstandard.ZstdCompressor(
             level=self.level, write_checksum=False, write_content_size=True
         )
         best: tuple[bytes, dict[str, Any]] | None = None
-        for candidate in self._candidates(x, step, tol):
+        for candidate in self._candidates(xp, x, step, tol):
             payload = compressor.compress(candidate.body)
             if best is None or len(payload) < len(best[0]):
                 best = payload, candidate.params
         assert best is not None
         if len(best[0]) >= array.nbytes:
-            return self._encode_lossless(array)
+            return self._encode_lossless(to_host(xp, array))
         return best
 
     def decode_payload(self, payload: memoryview, header: FrameHeader) -> np.ndarray:
@@ -292,8 +304,8 @@ class LorenzoCodec(_BoundedBase):
     codec_id: ClassVar[str] = "tierscope.lorenzo"
     modes: ClassVar[tuple[str, ...]] = ("lorenzo",)
 
-    def _candidates(self, x: np.ndarray, step: np.floating, tol: float) -> list[_Lossy]:
-        return [_encode_lorenzo(x, step, tol, self.level)]
+    def _candidates(self, xp: Any, x: Any, step: np.floating, tol: float) -> list[_Lossy]:
+        return [_encode_lorenzo(xp, x, step, tol, self.level)]
 
 
 def _check_order(codec: Codec, order: Any) -> None:
@@ -316,8 +328,8 @@ class InterpCodec(_BoundedBase):
         super().__post_init__()
         _check_order(self, self.order)
 
-    def _candidates(self, x: np.ndarray, step: np.floating, tol: float) -> list[_Lossy]:
-        return [_encode_interp(x, step, tol, self.level, self.order)]
+    def _candidates(self, xp: Any, x: Any, step: np.floating, tol: float) -> list[_Lossy]:
+        return [_encode_interp(xp, x, step, tol, self.level, self.order)]
 
 
 @register_codec
@@ -335,8 +347,8 @@ class BoundedCodec(_BoundedBase):
         super().__post_init__()
         _check_order(self, self.order)
 
-    def _candidates(self, x: np.ndarray, step: np.floating, tol: float) -> list[_Lossy]:
+    def _candidates(self, xp: Any, x: Any, step: np.floating, tol: float) -> list[_Lossy]:
         return [
-            _encode_lorenzo(x, step, tol, self.level),
-            _encode_interp(x, step, tol, self.level, self.order),
+            _encode_lorenzo(xp, x, step, tol, self.level),
+            _encode_interp(xp, x, step, tol, self.level, self.order),
         ]

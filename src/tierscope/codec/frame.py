@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ChecksumError, FrameError
+from .device import DEVICES, import_cupy
 from .registry import get_codec
 
 __all__ = [
@@ -63,7 +64,6 @@ _HEADER_KEYS = frozenset({"codec", "dtype", "shape", "tol", "params", "checksum"
 _NUMERIC_KINDS = frozenset("biufc")
 _MAX_DTYPE_STR = 64
 _MAX_NBYTES = 2**63 - 1  # anything larger cannot be allocated, let alone decoded
-_DEVICES = ("cpu", "gpu")
 
 FrameLike = bytes | bytearray | memoryview
 
@@ -327,23 +327,35 @@ def read_header(frame: FrameLike) -> FrameHeader:
     return parse_header(frame)
 
 
-def encode(array: Any, tol: float = 0.0, codec: str = "zstd", **params: Any) -> bytes:
+def encode(array: Any, tol: float = 0.0, codec: str = "zstd", device: str = "cpu", **params: Any) -> bytes:
     """Encode ``array`` into a self-describing frame.
 
     ``tol`` is the absolute pointwise error bound the caller accepts; it is recorded in the
     frame so readers know what fidelity they got.  Lossless codecs satisfy any ``tol``.
-    ``params`` go to the codec's constructor (e.g. ``level=9`` for zstd).
+    ``params`` go to the codec's constructor (e.g. ``level=9`` for zstd).  ``device="gpu"``
+    runs the codec's array stages on the GPU with CuPy (``array`` may be a NumPy or CuPy array)
+    and gives the same frame, byte for byte, as the CPU; the entropy stage runs on the host.
     """
     tol = check_tol(tol)
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+    cupy = import_cupy() if device == "gpu" else None  # fail fast, before encoding
     codec_cls = get_codec(codec)
     codec_obj = codec_cls.from_kwargs(params)
-    if type(array).__module__.split(".", 1)[0] == "cupy":
-        array = array.get()  # cupy refuses implicit host transfer; make it explicit
-    arr = np.asarray(array, order="C")  # the only copy, and only when not C-contiguous
+    on_gpu = type(array).__module__.split(".", 1)[0] == "cupy"
+    if on_gpu and cupy is not None:
+        arr = cupy.ascontiguousarray(array)
+    else:
+        if on_gpu:
+            array = array.get()  # cupy refuses implicit host transfer; make it explicit
+        arr = np.asarray(array, order="C")  # the only copy, and only when not C-contiguous
     check_dtype(arr.dtype)
     if arr.ndim > MAX_NDIM:
         raise ValueError(f"cannot encode a {arr.ndim}-d array: frames hold at most {MAX_NDIM}-d")
-    payload, stored = codec_obj.encode_payload(arr, tol)
+    if cupy is None:
+        payload, stored = codec_obj.encode_payload(arr, tol)
+    else:
+        payload, stored = codec_obj.encode_device(arr, tol, cupy)
     if not isinstance(stored, dict) or not all(isinstance(key, str) for key in stored):
         raise TypeError(f"codec {codec!r} returned params {stored!r}; expected a dict[str, ...]")
     return pack_frame(codec_cls.name, arr.dtype, arr.shape, tol, stored, payload)
@@ -356,9 +368,9 @@ def decode(frame: FrameLike, device: str = "cpu") -> Any:
     the entropy stage runs on the host, the reconstruction of codecs that implement
     ``decode_device`` on the GPU, bit-identical to the CPU result.
     """
-    if device not in _DEVICES:
-        raise ValueError(f"unknown device {device!r}; expected one of {', '.join(_DEVICES)}")
-    cupy = _import_cupy() if device == "gpu" else None  # fail fast, before decoding
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+    cupy = import_cupy() if device == "gpu" else None  # fail fast, before decoding
 
     header, payload = unpack_frame(frame)
     codec_cls = get_codec(header.codec)
@@ -389,18 +401,3 @@ def decode(frame: FrameLike, device: str = "cpu") -> Any:
     if not (out.flags.c_contiguous and out.flags.writeable):
         out = np.array(out, order="C", copy=True)
     return out
-
-
-def _import_cupy() -> Any:
-    """CuPy, imported only when a GPU array is asked for (it is an optional dependency)."""
-    try:
-        import cupy
-    except ImportError as exc:
-        raise RuntimeError(f"device='gpu' needs CuPy, which is not importable: {exc}") from None
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # CUDA errors have driver-specific types
-        raise RuntimeError(f"device='gpu' needs a CUDA GPU, but none is usable: {exc}") from None
-    if count < 1:
-        raise RuntimeError("device='gpu' needs a CUDA GPU, but none was found")
-    return cupy

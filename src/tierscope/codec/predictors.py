@@ -43,20 +43,20 @@ def _lorenzo_axes(shape: tuple[int, ...]) -> list[int]:
     return [axis for axis, size in enumerate(shape) if size > 1]
 
 
-def lorenzo_residuals(q: np.ndarray) -> np.ndarray:
+def lorenzo_residuals(q: Any, xp: Any = np) -> Any:
     """N-d Lorenzo residuals: first differences (prepend 0) along every axis of length > 1.
 
     Same result as chained ``np.diff(..., prepend=0)``, with two ping-pong buffers instead of a
-    concatenation per axis.
+    concatenation per axis; exact integer subtractions in any namespace ``xp`` (NumPy or CuPy).
     """
     cur, spare = q, None
     for axis in _lorenzo_axes(q.shape):
-        dst = spare if spare is not None else np.empty_like(q)
+        dst = spare if spare is not None else xp.empty_like(q)
         lo = [slice(None)] * q.ndim
         hi, first = list(lo), list(lo)
         lo[axis], hi[axis], first[axis] = slice(None, -1), slice(1, None), slice(0, 1)
         dst[tuple(first)] = cur[tuple(first)]
-        np.subtract(cur[tuple(hi)], cur[tuple(lo)], out=dst[tuple(hi)])
+        xp.subtract(cur[tuple(hi)], cur[tuple(lo)], out=dst[tuple(hi)])
         spare = cur if cur is not q else None
         cur = dst
     return cur
@@ -147,8 +147,8 @@ def _predict(xp: Any, known: Any, n_targets: int, axis: int, order: int) -> Any:
 
 
 def interp_encode(
-    y: np.ndarray, regular: np.ndarray, frac_bits: int, order: int, fill_limit: int
-) -> tuple[int, np.ndarray, np.ndarray]:
+    y: Any, regular: Any, frac_bits: int, order: int, fill_limit: int, xp: Any = np
+) -> tuple[int, Any, Any]:
     """Encode scaled values ``y`` (float64, ``x / step * 2**frac_bits``) level by level.
 
     Returns ``(anchor, residuals, k)``: ``k`` (int64, ``y``'s shape) are the codes the decoder
@@ -158,14 +158,17 @@ def interp_encode(
     absorbs the prediction's quantisation noise).  At points not ``regular`` (non-finite or too
     large, stored exactly elsewhere) the residual just keeps ``k`` near the prediction, clipped
     to ``+-fill_limit`` so codes stay far from int64 overflow.
+
+    Any namespace ``xp``: besides integer ops, only float64 subtraction, a multiply by a power of
+    two and ``rint``, each its own ufunc, so NumPy and CuPy give the same residuals.
     """
-    k = np.empty(y.shape, dtype=np.int64)
+    k = xp.empty(y.shape, dtype=np.int64)
     if y.size == 0:
-        return 0, np.empty(0, dtype=np.int64), k
+        return 0, xp.empty(0, dtype=np.int64), k
     unit = 1 << frac_bits
     inv_unit = 1.0 / unit
     flat_y = y.reshape(-1)
-    anchor = int(np.rint(flat_y[0] * inv_unit)) << frac_bits if regular.reshape(-1)[0] else 0
+    anchor = int(np.rint(float(flat_y[0]) * inv_unit)) << frac_bits if bool(regular.reshape(-1)[0]) else 0
     k.reshape(-1)[0] = anchor
     chunks = []
     nd = y.ndim
@@ -173,18 +176,18 @@ def interp_encode(
     for key, axis in interp_steps(y.shape):
         sub = k[key]
         targets = sub[_along(nd, axis, odd)]
-        pred = _predict(np, sub[_along(nd, axis, slice(0, None, 2))], targets.shape[axis], axis, order)
+        pred = _predict(xp, sub[_along(nd, axis, slice(0, None, 2))], targets.shape[axis], axis, order)
         goal = y[key][_along(nd, axis, odd)].copy()
         ok = regular[key][_along(nd, axis, odd)]
-        if not ok.all():
-            goal[~ok] = np.clip(pred[~ok], -fill_limit, fill_limit)
+        if not bool(ok.all()):
+            goal[~ok] = xp.clip(pred[~ok], -fill_limit, fill_limit)
         goal -= pred
         goal *= inv_unit
-        res = np.rint(goal).astype(np.int64)
+        res = xp.rint(goal).astype(np.int64)
         chunks.append(res.reshape(-1))
         pred += res << frac_bits
         targets[...] = pred
-    residuals = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.int64)
+    residuals = xp.concatenate(chunks) if chunks else xp.empty(0, dtype=np.int64)
     return anchor, residuals, k
 
 

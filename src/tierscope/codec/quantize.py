@@ -51,51 +51,55 @@ def reconstruct(xp: Any, q: Any, dtype: np.dtype, step: np.floating) -> Any:
     return out
 
 
-def verify(x: np.ndarray, recon: np.ndarray, tol: float) -> np.ndarray:
+def verify(x: Any, recon: Any, tol: float, xp: Any = np) -> Any:
     """Mask of points whose reconstruction is provably within ``tol`` (exact comparison).
 
     float32: two float32 values differ exactly in float64 whenever the difference could be near
     ``tol``.  float64: ``fl(|x - x'|) < tol`` implies the exact difference is ``< tol``; ties
-    are refused.  Non-finite points are never within the bound.
+    are refused.  Non-finite points are never within the bound.  Only a subtraction, an ``abs``
+    and a comparison, each its own ufunc: nothing a GPU compiler could contract.
     """
     with np.errstate(all="ignore"):
         if x.dtype.itemsize == 4:
-            return np.abs(x.astype(np.float64) - recon.astype(np.float64)) <= tol
-        return np.abs(x - recon) < tol
+            return xp.abs(x.astype(np.float64) - recon.astype(np.float64)) <= tol
+        return xp.abs(x - recon) < tol
 
 
 @dataclass(frozen=True)
 class Quantised:
     """Integer codes of a block plus its exactly stored outliers."""
 
-    q: np.ndarray  # int64, the block's shape; outliers hold a filler code (previous regular q)
-    indices: np.ndarray  # int64 flat C-order indices of the outliers, increasing
-    values: np.ndarray  # the outliers' raw values, native dtype
+    q: Any  # int64, the block's shape; outliers hold a filler code (previous regular q)
+    indices: Any  # int64 flat C-order indices of the outliers, increasing
+    values: Any  # the outliers' raw values, native dtype
 
 
-def prequantise(x: np.ndarray, step: np.floating, tol: float) -> Quantised:
+def prequantise(x: Any, step: np.floating, tol: float, xp: Any = np) -> Quantised:
     """Quantise ``x`` (native float32/float64, C order) and verify ``|x - x'| <= tol`` per point.
 
-    Outliers' codes are replaced by the previous (C-order) regular point's code so that any
-    predictor sees a smooth filler and they cost (almost) nothing in the residual stream.
+    Runs in array namespace ``xp`` (NumPy, or CuPy for the GPU encoder) with correctly rounded
+    float64 ops only (divide, rint), so both give the same codes bit for bit.  Outliers' codes are
+    replaced by the previous (C-order) regular point's code so that any predictor sees a smooth
+    filler and they cost (almost) nothing in the residual stream.  ``indices`` and ``values``
+    stay in ``xp``.
     """
     dtype = x.dtype
-    n = x.size
     with np.errstate(all="ignore"):
         q64 = x.astype(np.float64)  # always a fresh array
         q64 /= float(step)
-        np.rint(q64, out=q64)
-        ok = np.abs(q64) < Q_LIMIT[dtype.itemsize]  # False for NaN/Inf too
+        xp.rint(q64, out=q64)
+        ok = xp.abs(q64) < Q_LIMIT[dtype.itemsize]  # False for NaN/Inf too
         q64[~ok] = 0.0
         q = q64.astype(np.int64)
         del q64
-        ok &= verify(x, reconstruct(np, q, dtype, step), tol)
+        ok &= verify(x, reconstruct(xp, q, dtype, step), tol, xp)
     flat_ok = ok.reshape(-1)
-    bad = np.flatnonzero(~flat_ok).astype(np.int64)
+    bad = xp.flatnonzero(~flat_ok).astype(np.int64)
     if bad.size:
-        src = np.where(flat_ok, np.arange(n, dtype=np.int64), 0)
-        np.maximum.accumulate(src, out=src)
+        # the previous regular point of each outlier: the (count of regular points so far)-th one
+        good = xp.flatnonzero(flat_ok)
         qf = q.reshape(-1)
-        qf[bad] = 0
-        q = qf[src].reshape(x.shape)
+        before = xp.cumsum(flat_ok, dtype=np.int64)[bad] - 1
+        filler = qf[good[xp.maximum(before, 0)]] if good.size else xp.zeros_like(bad)
+        qf[bad] = xp.where(before >= 0, filler, 0)
     return Quantised(q=q, indices=bad, values=x.reshape(-1)[bad])

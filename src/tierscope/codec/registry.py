@@ -13,6 +13,8 @@ import dataclasses
 import threading
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from .device import to_host
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -54,6 +56,14 @@ class Codec(abc.ABC):
     @abc.abstractmethod
     def decode_payload(self, payload: memoryview, header: FrameHeader) -> np.ndarray:
         """Rebuild the array described by ``header`` from ``payload``."""
+
+    def encode_device(self, array: Any, tol: float, xp: Any) -> tuple[bytes, dict[str, Any]]:
+        """Encode an ``xp`` array (NumPy or CuPy; for CuPy, ``array`` may be on the host or the device).
+
+        The default copies it to the host and calls :meth:`encode_payload`; codecs whose array
+        stages run on the device override it and must produce the same payload byte for byte.
+        """
+        return self.encode_payload(to_host(xp, array), tol)
 
     def decode_device(self, payload: memoryview, header: FrameHeader, xp: Any) -> Any:
         """Rebuild the array as an ``xp`` array (NumPy or CuPy).

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from .device import to_host
+
 __all__ = ["RDTYPES", "SHUFFLES", "narrowest", "shuffle", "shuffled_nbytes", "unshuffle"]
 
 RDTYPES = ("<i1", "<i2", "<i4", "<i8")
@@ -29,8 +31,8 @@ SHUFFLES = ("byte", "bit")
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-def narrowest(res: np.ndarray) -> str:
-    """The narrowest of ``RDTYPES`` that holds every value of ``res`` (int64)."""
+def narrowest(res: Any) -> str:
+    """The narrowest of ``RDTYPES`` that holds every value of ``res`` (int64, NumPy or CuPy)."""
     lo, hi = (int(res.min()), int(res.max())) if res.size else (0, 0)
     for rdtype in RDTYPES:
         info = np.iinfo(rdtype)
@@ -44,23 +46,41 @@ def shuffled_nbytes(n: int, width: int, kind: str) -> int:
     return n * width if kind == "byte" else 8 * width * ((n + 7) // 8)
 
 
-def _zigzag(res: np.ndarray, width: int) -> np.ndarray:
+def _zigzag(res: Any, width: int) -> Any:
     """Little-endian unsigned zigzag codes of int64 residuals that fit ``width`` bytes."""
     narrow = res.astype(f"<i{width}")
-    zz = (narrow << 1) ^ (narrow >> (8 * width - 1))
-    return zz.view(_UNSIGNED[width]).astype(np.dtype(_UNSIGNED[width]).newbyteorder("<"))
+    # the cast keeps the width whatever a namespace promotes ``narrow << 1`` to (same bits either way)
+    zz = ((narrow << 1) ^ (narrow >> (8 * width - 1))).astype(narrow.dtype, copy=False)
+    return zz.view(_UNSIGNED[width]).astype(np.dtype(_UNSIGNED[width]).newbyteorder("<"), copy=False)
 
 
-def shuffle(res: np.ndarray, width: int, kind: str) -> bytes:
-    """Serialise flat int64 residuals (which fit ``width`` bytes) as ``kind`` planes."""
+def _bit_planes(xp: Any, zz: Any, width: int) -> Any:
+    """The ``8 width`` bit planes of the codes ``zz``, each padded with zero bits to whole bytes."""
+    n = zz.size
+    nb = (n + 7) // 8
+    if n != 8 * nb:  # zero codes pad exactly as packbits pads each plane
+        padded = xp.zeros(8 * nb, dtype=zz.dtype)
+        padded[:n] = zz
+        zz = padded
+    bits = xp.unpackbits(zz.view(np.uint8), bitorder="little").reshape(8 * nb, 8 * width)
+    return xp.packbits(xp.ascontiguousarray(bits.T).reshape(-1), bitorder="little")
+
+
+def shuffle(res: Any, width: int, kind: str, xp: Any = np) -> bytes:
+    """Serialise flat int64 residuals (which fit ``width`` bytes) as ``kind`` planes.
+
+    The planes are built in namespace ``xp`` (NumPy, or CuPy on a GPU: integer ops only, so the
+    bytes are the same) and copied to the host once, already narrowed, for the entropy stage.
+    """
     if kind == "byte" and width == 1:
-        return res.astype("<i1").tobytes()
-    zz = _zigzag(res, width)
-    as_bytes = zz.view(np.uint8).reshape(-1, width)
-    if kind == "byte":
-        return np.ascontiguousarray(as_bytes.T).tobytes()
-    bits = np.unpackbits(as_bytes, axis=1, bitorder="little")  # (n, 8w), bit i at column i
-    return np.packbits(bits.T, axis=1, bitorder="little").tobytes()
+        planes = res.astype("<i1")
+    else:
+        zz = _zigzag(res, width)
+        if kind == "byte":
+            planes = xp.ascontiguousarray(zz.view(np.uint8).reshape(-1, width).T)
+        else:
+            planes = _bit_planes(xp, zz, width)
+    return to_host(xp, planes).tobytes()
 
 
 def _zigzag_decode(zz: Any, width: int, out: np.dtype) -> Any:

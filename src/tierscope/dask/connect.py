@@ -7,6 +7,7 @@ from typing import Any
 from dask.utils import parse_bytes
 
 from tierscope.cache import check_policy
+from tierscope.codec.device import check_device
 from tierscope.dask.tiers import PLUGIN_NAME, configure_local_tiers, local_tiers
 from tierscope.prefetch import check_mode
 
@@ -29,20 +30,23 @@ def connect(
     l2: int | str = "4GiB",
     policy: str = "lru",
     prefetch: str = "auto",
+    device: str = "auto",
 ) -> Any:
     """Give every worker L1 (decoded) and L2 (encoded) tiers, and the scheduler tierscope's prefetch plugin.
 
     ``client_or_cluster`` is a ``distributed.Client``, a cluster object (a Client is made for it), or
     None to size the tiers of this process (dask's local schedulers; no prefetch without a scheduler).
     ``policy``: lru, lfu, fifo or distance (evict the blocks farthest from the current view first);
-    ``prefetch``: off, neighbourhood, momentum, playback or auto. Size 0 switches a tier off. Calling
-    again resets the tiers and the plugin. Returns the client (None without one).
+    ``prefetch``: off, neighbourhood, momentum, playback or auto. ``device``: where workers decode and
+    keep L1, "auto" (each worker's GPU when CuPy sees one), "cpu" or "gpu". Size 0 switches a tier off.
+    Calling again resets the tiers and the plugin. Returns the client (None without one).
     """
     l1_bytes, l2_bytes = _size(l1, "l1"), _size(l2, "l2")
     check_policy(policy)
     check_mode(prefetch)
+    check_device(device)
     if client_or_cluster is None:
-        configure_local_tiers(l1_bytes, l2_bytes, policy)
+        configure_local_tiers(l1_bytes, l2_bytes, policy, device)
         return None
     from distributed import Client
 
@@ -50,7 +54,7 @@ def connect(
     from tierscope.dask.scheduler import TierscopeSchedulerPlugin
 
     client = client_or_cluster if isinstance(client_or_cluster, Client) else Client(client_or_cluster)
-    client.register_plugin(TierscopeWorkerPlugin(l1_bytes, l2_bytes, policy), name=PLUGIN_NAME)
+    client.register_plugin(TierscopeWorkerPlugin(l1_bytes, l2_bytes, policy, device), name=PLUGIN_NAME)
     client.register_plugin(TierscopeSchedulerPlugin(prefetch, l1_bytes, l2_bytes))
     return client
 

@@ -32,14 +32,14 @@ class TierscopeWorkerPlugin(WorkerPlugin):
     name = PLUGIN_NAME
     idempotent = False  # registering again replaces the tiers (new sizes, empty caches)
 
-    def __init__(self, l1: int, l2: int, policy: str = "lru") -> None:
-        self.l1, self.l2, self.policy = int(l1), int(l2), policy
+    def __init__(self, l1: int, l2: int, policy: str = "lru", device: str = "auto") -> None:
+        self.l1, self.l2, self.policy, self.device = int(l1), int(l2), policy, device
         self.tiers: WorkerTiers | None = None
         self.prefetcher: Prefetcher | None = None
         self._collector: _Collector | None = None
 
     def setup(self, worker: Worker) -> None:
-        self.tiers = WorkerTiers(self.l1, self.l2, self.policy)
+        self.tiers = WorkerTiers(self.l1, self.l2, self.policy, self.device)  # "auto": this worker's GPU
         self.prefetcher = Prefetcher(self.tiers)
         limit = worker.memory_manager.memory_limit
         if limit and self.l1 + self.l2 > 0.6 * limit:

@@ -11,11 +11,13 @@ import threading
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from tierscope import codec
 from tierscope.cache import TierCache
+from tierscope.codec.device import import_cupy, resolve_device, to_host
 from tierscope.client.source import Source
 from tierscope.grid import BlockGrid, BlockIndex
 from tierscope.prefetch import Box
@@ -54,10 +56,15 @@ class WorkerTiers:
     User loads and prefetch loads share the tiers (single flight per block key across both). Each
     variable's current view (told by the scheduler plugin's plans) gives the ``distance`` policy its
     order and rides on every request to the block server, so the server's prefetch follows it too.
+
+    ``device``: "auto" (the GPU when CuPy sees one), "cpu" or "gpu". On a GPU, frames decode there and
+    L1 holds CuPy arrays in GPU memory (charged their ``nbytes``); loads hand out host NumPy copies.
     """
 
-    def __init__(self, l1: int, l2: int, policy: str = "lru") -> None:
-        self.l1: TierCache[np.ndarray] = TierCache(l1, "l1", policy=policy)
+    def __init__(self, l1: int, l2: int, policy: str = "lru", device: str = "auto") -> None:
+        self.device = resolve_device(device, "device")
+        self._xp: Any = import_cupy() if self.device == "gpu" else np
+        self.l1: TierCache[Any] = TierCache(l1, "l1", policy=policy)
         self.l2: TierCache[bytes] = TierCache(l2, "l2", policy=policy)
         self.l1.distance = self.l2.distance = self._distance
         self._lock = threading.Lock()
@@ -69,14 +76,14 @@ class WorkerTiers:
         self.stage_s = {"network": 0.0, "server": 0.0, "decode": 0.0}
 
     def load(self, spec: BlockSpec, index: BlockIndex) -> np.ndarray:
-        """One decoded block, as a private copy (a cached block is never handed out)."""
+        """One decoded block, as a private host copy (a cached block is never handed out)."""
         key = spec.block_key(index)
         with self._lock:
             self._user_loads += 1
             self.user_idle.clear()
         try:
             block = self.l1.get_or_load(key, lambda: self._decode(spec, index, key, "user"))
-            return block.copy()
+            return block.copy() if self._xp is np else _host_copy(self._xp, block, spec.dtype)
         finally:
             with self._lock:
                 self._user_loads -= 1
@@ -107,12 +114,15 @@ class WorkerTiers:
         entry = self._views.get((url, variable, tol))
         return math.inf if entry is None else entry[2].distance(index, entry[3])
 
-    def _decode(self, spec: BlockSpec, index: BlockIndex, key: Hashable, purpose: str) -> np.ndarray:
+    def _decode(self, spec: BlockSpec, index: BlockIndex, key: Hashable, purpose: str) -> Any:
         prefetch = purpose == "prefetch"
         frame = self.l2.get_or_load(key, lambda: self._fetch(spec, index, purpose), prefetch=prefetch)
         t0 = time.perf_counter()
-        block = codec.decode(frame)
-        block.flags.writeable = False
+        block = codec.decode(frame, device=self.device)
+        if self._xp is np:
+            block.flags.writeable = False
+        else:  # count the kernels' time, not just their launch
+            self._xp.cuda.get_current_stream().synchronize()
         with self._lock:
             self.stage_s["decode"] += time.perf_counter() - t0
         return block
@@ -145,15 +155,22 @@ def _view_key(spec: BlockSpec) -> tuple:
     return (spec.source.url, spec.variable, spec.tol)
 
 
+def _host_copy(xp: Any, block: Any, dtype: str) -> np.ndarray:
+    """A GPU block on the host, in the variable's byte order (GPU arrays only have the native one)."""
+    host = to_host(xp, block)
+    want = np.dtype(dtype)
+    return host.astype(want) if host.dtype != want and host.dtype == want.newbyteorder("=") else host
+
+
 _local_lock = threading.Lock()
 _local: WorkerTiers | None = None
 
 
-def configure_local_tiers(l1: int, l2: int, policy: str = "lru") -> WorkerTiers:
+def configure_local_tiers(l1: int, l2: int, policy: str = "lru", device: str = "auto") -> WorkerTiers:
     """Replace this process's tiers (used when no Dask worker plugin owns them)."""
     global _local
     with _local_lock:
-        _local = WorkerTiers(l1, l2, policy)
+        _local = WorkerTiers(l1, l2, policy, device)
         return _local
 
 

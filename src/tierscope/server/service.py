@@ -32,6 +32,7 @@ import numpy as np
 
 from tierscope import codec
 from tierscope.cache import TierCache, check_policy
+from tierscope.codec.device import resolve_device
 from tierscope.errors import BlockIndexError, DatasetNotFoundError
 from tierscope.grid import BlockIndex
 from tierscope.metadata import DatasetInfo, VariableInfo, check_tol
@@ -134,7 +135,9 @@ class BlockService:
 
     The default codec is the error-bounded ``lorenzo``: within ``tol`` of the stored values, and
     lossless (zstd) at ``tol=0`` or for integer data. Tiers default to off (``l3=l4=0``), which is what
-    an embedded service next to worker tiers wants; ``tierscope serve`` turns them on.
+    an embedded service next to worker tiers wants; ``tierscope serve`` turns them on. ``device``: where
+    blocks are encoded, "auto" (the GPU when CuPy sees one), "cpu" or "gpu" (an error now without one);
+    the frames are the same byte for byte either way.
     """
 
     def __init__(
@@ -150,7 +153,9 @@ class BlockService:
         prefetch_workers: int = 2,
         max_positions: int = 1024,
         plan_limit: int = 512,
+        device: str = "auto",
     ) -> None:
+        self.encode_device = resolve_device(device, "device")
         self._origins: dict[str, Origin] = {}
         for origin in origins:
             if origin.name in self._origins:
@@ -297,7 +302,8 @@ class BlockService:
         key4 = (req.dataset, req.variable.name, index)
         hit = self.l4.peek(key4) is not None
         raw = await self.l4.aget_or_load(key4, lambda: self._read(req, index, prefetch), prefetch)
-        frame, encode_s = await self._run(prefetch, codec.encode, raw.array, req.tol, codec=req.codec)
+        frame, encode_s = await self._run(prefetch, codec.encode, raw.array, req.tol, codec=req.codec,
+                                          device=self.encode_device)
         self._stats.encodes += 1
         self._stats.stages["encode"].add(encode_s)
         return _Encoded(frame, "l4" if hit else "origin", 0.0 if hit else raw.read_s, encode_s)
@@ -436,6 +442,7 @@ class BlockService:
             "policy": self.l3.policy,
             "prefetch": self.prefetch_mode,
             "codec": self.codec_name,
+            "encode_device": self.encode_device,
             "workers": self.workers,
             "prefetch_workers": self.prefetch_workers,
         }
