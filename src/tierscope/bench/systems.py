@@ -1,0 +1,458 @@
+"""The systems the replay compares: tierscope in its configurations, and what users would pick instead.
+
+Every system answers one question the same way: "give me the values of this view" (``read(view)``), after
+a cold ``setup`` that opens the variable. Systems that have tiers also give cumulative counters
+(``snapshot``); the replay turns the difference across one view into that view's blocks per tier and stage
+times (``view_counters``).
+
+Systems (``make_system(name)``):
+
+- ``tierscope``: all four tiers and prefetch ``auto``; ``tierscope-TIERS`` with TIERS four 0/1 digits for
+  L1, L2, L3, L4 (``tierscope-1010``: L1 and L3 on, L2 and L4 off, i.e. size 0);
+- ``raw`` / ``fp16``: tierscope with every tier on and the block server sending ``raw`` (uncompressed) or
+  ``fp16`` frames instead of error-bounded ones;
+- ``zarr-http``: ``xr.open_zarr`` of the same zarr store served as static files over HTTP (fsspec) through
+  the same emulated link, computed on the same Dask client: what a user does today;
+- ``zarr-local``: ``xr.open_zarr`` of the local store on the same Dask client (also the reference values);
+- ``tiledb`` / ``hdf5``: direct slice reads of the ingested TileDB array / HDF5 dataset in this process;
+- ``copy-first``: copy the whole store over the link first (its size at the link rate, reported as setup
+  time), then ``zarr-local`` reads.
+
+The tierscope systems and ``zarr-http`` reach their servers through the ``Testbed``'s link proxies;
+everything runs on loopback.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import json
+import re
+import threading
+import time
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tierscope.bench.link import Link, LinkProxy
+from tierscope.bench.patterns import View
+
+__all__ = [
+    "BASELINE",
+    "STAGES",
+    "SYSTEMS",
+    "TIERS",
+    "DataPaths",
+    "StaticServer",
+    "System",
+    "TierSizes",
+    "Testbed",
+    "make_system",
+    "parse_systems",
+    "view_counters",
+]
+
+TIERS = ("l1", "l2", "l3", "l4", "origin")
+STAGES = ("queue", "network", "server", "decode")
+BASELINE = "zarr-http"
+SYSTEMS = ("tierscope", "tierscope-TIERS", "raw", "fp16", "zarr-http", "zarr-local", "tiledb", "hdf5",
+           "copy-first")
+_TIER_COMBO = re.compile(r"tierscope-([01]{4})")
+_CONTROL_TIMEOUT = 30
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    """One dataset in the three store formats, and the variable the views select."""
+
+    zarr: Path
+    tiledb: Path | None
+    hdf5: Path | None
+    variable: str = "u"
+
+    @property
+    def name(self) -> str:
+        return self.zarr.name.removesuffix(".zarr")
+
+
+@dataclass(frozen=True)
+class TierSizes:
+    """Capacities of the tiers when on (worker tiers per worker), the replacement policy, prefetch mode."""
+
+    l1: str = "64MiB"
+    l2: str = "128MiB"
+    l3: str = "256MiB"
+    l4: str = "512MiB"
+    policy: str = "distance"
+    prefetch: str = "auto"
+
+
+class StaticServer:
+    """A directory served as static files (with index pages, which fsspec lists) by aiohttp in a thread."""
+
+    def __init__(self, directory: Path, route: str) -> None:
+        self.directory, self.route = Path(directory), "/" + route.strip("/")
+        self.host, self.port = "127.0.0.1", 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="bench-static")
+        self._runner: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> StaticServer:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=_CONTROL_TIMEOUT)
+        return self
+
+    async def _start(self) -> None:
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_static(self.route, self.directory, show_index=True)
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            cleanup = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+            cleanup.result(timeout=_CONTROL_TIMEOUT)
+            self._runner = None
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        if not self._thread.is_alive() and not self._loop.is_closed():
+            self._loop.close()
+
+
+class Testbed:
+    """What the systems of one run share: the data, the Dask client, and servers behind one emulated link.
+
+    Block servers (one per codec) and the static file server start on first use, each behind its own
+    ``LinkProxy`` with this bed's ``link`` (no proxy when ``link`` is None). ``close`` stops them all.
+    """
+
+    def __init__(self, data: DataPaths, client: Any, link: Link | None) -> None:
+        self.data, self.client, self.link = data, client, link
+        self._block_servers: dict[str, tuple[Any, str]] = {}
+        self._static: tuple[StaticServer, str] | None = None
+        self._closers: list[Any] = []
+
+    def _behind_link(self, host: str, port: int, direct_url: str) -> str:
+        if self.link is None:
+            return direct_url
+        proxy = LinkProxy.for_link(self.link, host, port).start()
+        self._closers.append(proxy.stop)
+        return proxy.url
+
+    def block_server(self, codec: str) -> tuple[Any, str]:
+        """(the ServerThread, its base URL through the link) serving the data with ``codec`` frames."""
+        if codec not in self._block_servers:
+            from tierscope.server import BlockService, ServerThread
+            from tierscope.store.origin import ZarrOrigin
+
+            server = ServerThread(BlockService([ZarrOrigin(self.data.zarr)], codec_name=codec)).start()
+            self._closers.append(server.stop)
+            self._block_servers[codec] = server, self._behind_link(server.host, server.port, server.url)
+        return self._block_servers[codec]
+
+    def static_url(self) -> str:
+        """URL of the zarr store served as static files, through the link."""
+        if self._static is None:
+            server = StaticServer(self.data.zarr, self.data.zarr.name).start()
+            self._closers.append(server.stop)
+            self._static = server, self._behind_link(server.host, server.port, server.url)
+        return f"{self._static[1]}/{self.data.zarr.name}"
+
+    def close(self) -> None:
+        while self._closers:
+            self._closers.pop()()
+
+    def __enter__(self) -> Testbed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _http_json(method: str, url: str, body: dict[str, Any] | None = None) -> Any:
+    """A control request straight to a server (never through the link: it is not user traffic)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=_CONTROL_TIMEOUT) as response:
+        return json.loads(response.read())
+
+
+def _store_nbytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ---- systems ----------------------------------------------------------------------------------------
+
+
+class System(abc.ABC):
+    """One way of reading views. ``setup`` opens cold and returns its seconds; ``read`` returns values."""
+
+    name: str
+    bounded = True  # values within the view's tol of the stored ones (fp16 is not error-bounded)
+
+    @abc.abstractmethod
+    def setup(self, bed: Testbed, tol: float) -> float:
+        """Open the variable from a cold start; the seconds it took count as setup time."""
+
+    @abc.abstractmethod
+    def read(self, view: View) -> np.ndarray:
+        """The view's values as a NumPy array."""
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """Cumulative counters (tier systems only); ``view_counters`` diffs two of them."""
+        return None
+
+    def teardown(self) -> None:
+        """Release what ``setup`` opened."""
+
+
+class _XarraySystem(System):
+    """Views as ``DataArray.isel(...).values``."""
+
+    array: Any = None
+
+    def read(self, view: View) -> np.ndarray:
+        return np.asarray(self.array.isel(view.isel(self.array.dims)).values)
+
+    def teardown(self) -> None:
+        self.array = None
+
+
+class TierscopeSystem(_XarraySystem):
+    """tierscope over HTTP through the link: L1/L2 sized by ``connect``, L3/L4 by ``PUT /config``."""
+
+    def __init__(self, name: str, tiers: str = "1111", codec: str = "lorenzo",
+                 sizes: TierSizes | None = None) -> None:
+        if not re.fullmatch(r"[01]{4}", tiers):
+            raise ValueError(f"tiers must be four 0/1 digits for L1, L2, L3, L4, got {tiers!r}")
+        self.name, self.tiers, self.codec = name, tiers, codec
+        self.bounded = codec != "fp16"
+        self.sizes = sizes or TierSizes()
+        self.bed: Testbed | None = None
+        self._server: Any = None
+
+    def _size(self, tier: str) -> str | int:
+        on = self.tiers["l1 l2 l3 l4".split().index(tier)] == "1"
+        return getattr(self.sizes, tier) if on else 0
+
+    def setup(self, bed: Testbed, tol: float) -> float:
+        import xarray as xr
+
+        import tierscope
+        from tierscope.server.service import parse_size
+
+        self.bed = bed
+        self._server, url = bed.block_server(self.codec)
+        t0 = time.perf_counter()
+        _http_json("PUT", f"{self._server.url}/config", {
+            "l3": parse_size(self._size("l3"), "l3"), "l4": parse_size(self._size("l4"), "l4"),
+            "policy": self.sizes.policy, "prefetch": self.sizes.prefetch,
+        })
+        with warnings.catch_warnings():  # connect replaces the previous system's plugins on purpose
+            warnings.filterwarnings("ignore", "Scheduler already contains a plugin", UserWarning)
+            tierscope.connect(bed.client, l1=self._size("l1"), l2=self._size("l2"),
+                              policy=self.sizes.policy, prefetch=self.sizes.prefetch)
+        ds = xr.open_dataset(f"{url}/datasets/{bed.data.name}", engine="tierscope", tol=tol)
+        self.array = ds[bed.data.variable]
+        return time.perf_counter() - t0
+
+    def snapshot(self) -> dict[str, Any]:
+        import tierscope
+
+        assert self.bed is not None, "setup() first"
+        worker = tierscope.stats(self.bed.client)
+        server = _http_json("GET", f"{self._server.url}/stats")
+        return _counters(worker, server)
+
+
+def _total_s(summary: dict[str, float]) -> float:
+    """Seconds summed over a Distribution summary (count x mean; 0 when it holds no figures)."""
+    return summary.get("count", 0) * summary.get("mean_ms", 0.0) / 1e3
+
+
+def _counters(worker: dict[str, Any], server: dict[str, Any]) -> dict[str, Any]:
+    """The cumulative figures a view's counters are differences of."""
+    total = worker["total"]
+    queue = (worker.get("scheduler") or {}).get("queue") or {}
+    return {
+        "l1_hits": total["l1"]["hits"], "l1_misses": total["l1"]["misses"],
+        "l2_hits": total["l2"]["hits"], "l2_misses": total["l2"]["misses"],
+        "fetches": total["fetches"],
+        "network_s": total["stage_s"].get("network", 0.0),
+        "server_s": total["stage_s"].get("server", 0.0),
+        "decode_s": total["stage_s"].get("decode", 0.0),
+        "queue_n": queue.get("count", 0),
+        "queue_s": _total_s(queue),
+        "served_by": dict(server["served_by"]),
+    }
+
+
+def view_counters(before: dict[str, Any] | None, after: dict[str, Any] | None,
+                  nblocks: int) -> tuple[dict[str, float], dict[str, float | None] | None]:
+    """One view's blocks per tier and stage seconds, from snapshots taken right before and after it.
+
+    Without snapshots (systems with no tiers) every block came from the origin and stages are unknown.
+    Worker L1/L2 counters count user lookups only. Blocks that missed L2 were fetched from the server;
+    they are split over L3/L4/origin in the proportions the server answered requests in the window (exact
+    when no worker prefetch request was answered during the view). ``network`` and ``server`` are the
+    workers' fetch round trips without / with only the server's read + encode (from its response
+    headers), scaled to the user's share of the fetches in the window; ``queue`` is the scheduler's wait
+    from a graph's arrival to each load's start (None when it recorded no load); ``decode`` is the
+    window's decode time (prefetch decodes still running when the view started included). Stage times
+    are summed over the view's blocks, which load in parallel, so their sum can exceed the latency.
+    """
+    if before is None or after is None:
+        return {**dict.fromkeys(TIERS, 0.0), "origin": float(nblocks)}, None
+    d = {k: after[k] - before[k] for k in after if k != "served_by"}
+    served = {t: after["served_by"].get(t, 0) - before["served_by"].get(t, 0) for t in ("l3", "l4", "origin")}
+    remote = d["l2_misses"]
+    answered = sum(served.values())
+    blocks = {"l1": float(d["l1_hits"]), "l2": float(d["l2_hits"])}
+    for tier in ("l3", "l4", "origin"):
+        share = served[tier] / answered if answered else float(tier == "origin")
+        blocks[tier] = remote * share
+    user = min(1.0, remote / d["fetches"]) if d["fetches"] else 0.0
+    stages = {
+        "queue": d["queue_s"] if d["queue_n"] > 0 else None,
+        "network": d["network_s"] * user,
+        "server": d["server_s"] * user,
+        "decode": d["decode_s"],
+    }
+    return blocks, stages
+
+
+class ZarrHttpSystem(_XarraySystem):
+    """xarray + zarr over HTTP (fsspec) + the Dask client: the store as static files through the link."""
+
+    name = "zarr-http"
+
+    def setup(self, bed: Testbed, tol: float) -> float:
+        import xarray as xr
+
+        url = bed.static_url()
+        t0 = time.perf_counter()
+        ds = xr.open_zarr(url, consolidated=False, chunks={})
+        self.array = ds[bed.data.variable]
+        return time.perf_counter() - t0
+
+
+class ZarrLocalSystem(_XarraySystem):
+    """xarray + zarr from the local disk + the Dask client."""
+
+    name = "zarr-local"
+
+    def setup(self, bed: Testbed, tol: float) -> float:
+        import xarray as xr
+
+        t0 = time.perf_counter()
+        self.array = xr.open_zarr(bed.data.zarr, consolidated=False, chunks={})[bed.data.variable]
+        return time.perf_counter() - t0
+
+
+class CopyFirstSystem(ZarrLocalSystem):
+    """Copy the whole store over the link first (size x 8 / bandwidth + one round trip), then read locally."""
+
+    name = "copy-first"
+
+    def setup(self, bed: Testbed, tol: float) -> float:
+        transfer = 0.0
+        if bed.link is not None:
+            transfer = _store_nbytes(bed.data.zarr) * 8 / bed.link.bandwidth_bps + 2 * bed.link.delay_s
+        return transfer + super().setup(bed, tol)
+
+
+class TileDBSystem(System):
+    """Direct TileDB slice reads of the ingested array (one query per view), in this process."""
+
+    name = "tiledb"
+
+    def setup(self, bed: Testbed, tol: float) -> float:
+        import tiledb
+
+        from tierscope.store.tiledb import context
+
+        if bed.data.tiledb is None:
+            raise ValueError("the tiledb system needs the TileDB copy of the data (DataPaths.tiledb)")
+        t0 = time.perf_counter()
+        self.variable = bed.data.variable
+        self._array = tiledb.open(str(bed.data.tiledb / self.variable), ctx=context())
+        return time.perf_counter() - t0
+
+    def read(self, view: View) -> np.ndarray:
+        return self._array[_selection(view)][self.variable]
+
+    def teardown(self) -> None:
+        self._array.close()
+
+
+class HDF5System(System):
+    """Direct h5py slice reads of the ingested HDF5 dataset, in this process."""
+
+    name = "hdf5"
+
+    def setup(self, bed: Testbed, tol: float) -> float:
+        import h5py
+
+        if bed.data.hdf5 is None:
+            raise ValueError("the hdf5 system needs the HDF5 copy of the data (DataPaths.hdf5)")
+        t0 = time.perf_counter()
+        self._file = h5py.File(bed.data.hdf5, "r")
+        self._dataset = self._file[bed.data.variable]
+        return time.perf_counter() - t0
+
+    def read(self, view: View) -> np.ndarray:
+        return self._dataset[_selection(view)]
+
+    def teardown(self) -> None:
+        self._file.close()
+
+
+def _selection(view: View) -> tuple[int | slice, ...]:
+    return tuple(slice(*s) if isinstance(s, tuple) else s for s in view.sels)
+
+
+def make_system(name: str, sizes: TierSizes | None = None) -> System:
+    """A fresh system by its ``--systems`` name."""
+    sizes = sizes or TierSizes()
+    if name == "tierscope":
+        return TierscopeSystem(name, "1111", sizes=sizes)
+    if match := _TIER_COMBO.fullmatch(name):
+        return TierscopeSystem(name, match.group(1), sizes=sizes)
+    if name in ("raw", "fp16"):
+        return TierscopeSystem(name, "1111", codec=name, sizes=sizes)
+    simple = {"zarr-http": ZarrHttpSystem, "zarr-local": ZarrLocalSystem, "copy-first": CopyFirstSystem,
+              "tiledb": TileDBSystem, "hdf5": HDF5System}
+    if name not in simple:
+        raise ValueError(f"unknown system {name!r}; known: {', '.join(SYSTEMS)} "
+                         f"(TIERS = four 0/1 digits for L1 L2 L3 L4, e.g. tierscope-1010)")
+    return simple[name]()
+
+
+def parse_systems(text: str) -> list[str]:
+    """``"tierscope,zarr-http,..."`` as a list of validated names (duplicates are an error)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError("--systems names no system")
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"system {name!r} is listed twice")
+        seen.add(name)
+        make_system(name)
+    return names
+
