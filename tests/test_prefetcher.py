@@ -40,17 +40,20 @@ def plan(spec, epoch, blocks, decode=True, session="s"):
                 decode=(decode,) * len(blocks))
 
 
-def wait_idle(prefetcher, timeout=30.0):
+def wait_idle(prefetcher, blocks, timeout=30.0):
+    """Until every one of the ``blocks`` submitted blocks is loaded, skipped, cancelled or failed."""
     deadline = time.monotonic() + timeout
-    while prefetcher.queued() or prefetcher.stats()["issued"] + prefetcher.stats()["failed"] == 0:
-        assert time.monotonic() < deadline, prefetcher.stats()
+    while True:
+        stats = prefetcher.stats()
+        if sum(stats[k] for k in ("issued", "skipped", "cancelled", "failed")) >= blocks:
+            return stats
+        assert time.monotonic() < deadline, stats
         time.sleep(0.01)
-    time.sleep(0.05)  # the block just taken off the queue
 
 
 def test_plan_fills_l1_and_user_loads_then_hit(prefetcher, tiers, spec):
     prefetcher.submit(plan(spec, 1, BLOCKS[:4]))
-    wait_idle(prefetcher)
+    wait_idle(prefetcher, 4)
     assert prefetcher.stats()["issued"] == 4
     for index in BLOCKS[:4]:
         block = tiers.load(spec, index)
@@ -61,14 +64,14 @@ def test_plan_fills_l1_and_user_loads_then_hit(prefetcher, tiers, spec):
 
 def test_l2_only_blocks_are_not_decoded(prefetcher, tiers, spec):
     prefetcher.submit(plan(spec, 1, BLOCKS[:3], decode=False))
-    wait_idle(prefetcher)
+    wait_idle(prefetcher, 3)
     assert len(tiers.l2) == 3 and len(tiers.l1) == 0
 
 
 def test_an_empty_share_moves_the_position_and_the_thread_lives_on(prefetcher, tiers, spec):
     prefetcher.submit(plan(spec, 1, []))
     prefetcher.submit(plan(spec, 2, BLOCKS[:2]))
-    wait_idle(prefetcher)
+    wait_idle(prefetcher, 2)
     assert prefetcher.stats()["issued"] == 2 and prefetcher._thread.is_alive()
 
 
@@ -82,7 +85,7 @@ def test_a_newer_plan_cancels_the_queued_rest_and_stale_plans_are_dropped(prefet
     stats = prefetcher.stats()
     assert stats["cancelled"] >= 9 + 2 and stats["queued"] == 2
     tiers.user_idle.set()
-    wait_idle(prefetcher)
+    wait_idle(prefetcher, 10 + 2 + 2)
     assert not {spec.block_key(i) for i in BLOCKS[2:10]} & set(tiers.l1.keys())
     assert {spec.block_key(i) for i in BLOCKS[20:22]} <= set(tiers.l1.keys())
 
@@ -92,8 +95,7 @@ def test_positions_take_turns(prefetcher, tiers, spec):
     prefetcher.submit(plan(spec, 1, BLOCKS[:6], session="a"))
     prefetcher.submit(plan(spec, 1, BLOCKS[6:12], session="b"))
     tiers.user_idle.set()
-    wait_idle(prefetcher)
-    assert prefetcher.stats()["issued"] == 12
+    assert wait_idle(prefetcher, 12)["issued"] == 12
 
 
 def test_user_loads_and_prefetch_share_one_fetch_per_block(prefetcher, tiers, spec):
@@ -104,6 +106,7 @@ def test_user_loads_and_prefetch_share_one_fetch_per_block(prefetcher, tiers, sp
         t.start()
     for t in threads:
         t.join()
-    wait_idle(prefetcher)
+    stats = wait_idle(prefetcher, len(BLOCKS))
+    assert stats["issued"] + stats["skipped"] == len(BLOCKS)
     assert tiers.fetches == len(BLOCKS)  # every block crossed the transport once
     assert all(isinstance(r, np.ndarray) for r in results)

@@ -94,6 +94,7 @@ def worker_stats(tiers: dict[str, Any], prefetcher: dict[str, int]) -> dict[str,
         "queued": prefetcher["queued"],
         "plans": prefetcher["plans"],
         "blocks": prefetcher["issued"],
+        "skipped": prefetcher["skipped"],
     }
     return {**tiers, "prefetch": prefetch}
 

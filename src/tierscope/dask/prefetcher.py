@@ -51,7 +51,7 @@ class Prefetcher:
         self._queues: dict[tuple, deque[tuple[Plan, BlockIndex, bool]]] = {}
         self._epochs: dict[tuple, int] = {}
         self._closed = False
-        self.counts = {"plans": 0, "issued": 0, "cancelled": 0, "failed": 0}
+        self.counts = {"plans": 0, "issued": 0, "skipped": 0, "cancelled": 0, "failed": 0}
         self._thread = threading.Thread(target=self._run, name="tierscope-prefetch", daemon=True)
         self._thread.start()
 
@@ -111,11 +111,11 @@ class Prefetcher:
                 with self._cond:
                     self.counts["failed"] += 1
                 continue
-            if loaded:
-                with self._cond:
-                    self.counts["issued"] += 1
+            with self._cond:
+                self.counts["issued" if loaded else "skipped"] += 1
 
     def stats(self) -> dict[str, int]:
-        """Plans received; blocks loaded (issued), dropped by newer plans (cancelled), failed; queued now."""
+        """Plans received; blocks loaded (issued), already held (skipped), dropped by newer plans
+        (cancelled), failed; queued now."""
         with self._cond:
             return {**self.counts, "queued": sum(len(q) for q in self._queues.values())}
