@@ -120,9 +120,11 @@ class _Collector:
         prefetch = CounterMetricFamily("tierscope_prefetch_blocks", "Prefetch outcomes", labels=["outcome"])
         for outcome in ("issued", "used", "wasted", "cancelled", "failed"):
             prefetch.add_metric([outcome], stats["prefetch"][outcome])
-        stages = CounterMetricFamily("tierscope_stage_seconds", "Time per load stage", labels=["stage"])
-        for stage, seconds in stats["stage_s"].items():
-            stages.add_metric([stage], seconds)
+        stages = CounterMetricFamily("tierscope_stage_seconds", "Time per load stage",
+                                     labels=["stage", "purpose"])
+        for purpose, key in (("user", "stage_s"), ("prefetch", "prefetch_stage_s")):
+            for stage, seconds in stats[key].items():
+                stages.add_metric([stage, purpose], seconds)
         fetches = CounterMetricFamily("tierscope_fetches", "Blocks fetched from the block server")
         fetches.add_metric([], stats["fetches"])
         yield from (lookups, held, prefetch, stages, fetches)

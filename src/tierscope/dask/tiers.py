@@ -73,7 +73,10 @@ class WorkerTiers:
         self.user_idle = threading.Event()
         self.user_idle.set()
         self.fetches = 0
+        # Seconds per stage of user loads, and apart from them of prefetch loads (which run while the
+        # user looks at a view, so they must not be read as part of any view's time).
         self.stage_s = {"network": 0.0, "server": 0.0, "decode": 0.0}
+        self.prefetch_stage_s = dict(self.stage_s)
 
     def load(self, spec: BlockSpec, index: BlockIndex) -> np.ndarray:
         """One decoded block, as a private host copy (a cached block is never handed out)."""
@@ -124,7 +127,7 @@ class WorkerTiers:
         else:  # count the kernels' time, not just their launch
             self._xp.cuda.get_current_stream().synchronize()
         with self._lock:
-            self.stage_s["decode"] += time.perf_counter() - t0
+            self._stages(purpose)["decode"] += time.perf_counter() - t0
         return block
 
     def _fetch(self, spec: BlockSpec, index: BlockIndex, purpose: str) -> bytes:
@@ -137,9 +140,13 @@ class WorkerTiers:
         elapsed = time.perf_counter() - t0
         with self._lock:
             self.fetches += 1
-            self.stage_s["server"] += fetched.server_s
-            self.stage_s["network"] += max(elapsed - fetched.server_s, 0.0)
+            stages = self._stages(purpose)
+            stages["server"] += fetched.server_s
+            stages["network"] += max(elapsed - fetched.server_s, 0.0)
         return fetched.frame
+
+    def _stages(self, purpose: str) -> dict[str, float]:
+        return self.stage_s if purpose == "user" else self.prefetch_stage_s
 
     def _position(self, spec: BlockSpec) -> tuple[str | None, tuple[BlockIndex, ...] | None]:
         entry = self._views.get(_view_key(spec))
@@ -147,8 +154,9 @@ class WorkerTiers:
 
     def stats(self) -> dict[str, object]:
         with self._lock:
-            fetches, stage_s = self.fetches, dict(self.stage_s)
-        return {"l1": self.l1.info(), "l2": self.l2.info(), "fetches": fetches, "stage_s": stage_s}
+            fetches, stage_s, prefetch_s = self.fetches, dict(self.stage_s), dict(self.prefetch_stage_s)
+        return {"l1": self.l1.info(), "l2": self.l2.info(), "fetches": fetches, "stage_s": stage_s,
+                "prefetch_stage_s": prefetch_s}
 
 
 def _view_key(spec: BlockSpec) -> tuple:
