@@ -143,9 +143,9 @@ def test_prefetched_blocks_sit_on_the_worker_that_runs_the_load(client, url, ref
         host = worker.split("://")[1].rsplit(":", 1)[0]
         text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
         hits = per_worker[worker]["l1"]["hits"]
-        assert f'tierscope_tier_lookups_total{{result="hit",tier="l1"}} {float(hits)}' in text
+        assert f'tierscope_tier_lookups_total{{result="hit",tier="l1",worker="{worker}"}} {float(hits)}' in text
         used = per_worker[worker]["prefetch"]["used"]
-        assert f'tierscope_prefetch_blocks_total{{outcome="used"}} {float(used)}' in text
+        assert f'tierscope_prefetch_blocks_total{{outcome="used",worker="{worker}"}} {float(used)}' in text
 
 
 def test_wandering_session_hits_l1_most_of_the_time(client, url, reference):
@@ -226,3 +226,17 @@ def test_the_view_reaches_the_block_server_and_its_prefetch_follows(client, stor
     assert stats["requests"]["user"] == 8 * 16
     assert stats["served_by"]["l3"] >= 0.75 * 6 * 16, stats["served_by"]  # views 2.. came from L3
     assert stats["prefetch"]["used"] > 0
+
+
+def test_workers_sharing_a_process_each_get_tiers_and_metrics(url, reference):
+    from prometheus_client import generate_latest
+
+    with LocalCluster(n_workers=2, processes=False, dashboard_address=None) as c, Client(c) as client:
+        tierscope.connect(client, l1=L1, l2=L2, prefetch="auto")
+        run_session(client, url, reference, playback(z=1, steps=3))
+        per_worker = tierscope.stats(client)["workers"]
+        text = generate_latest().decode()
+    assert len(per_worker) == 2
+    for worker, stats in per_worker.items():
+        misses = float(stats["l1"]["misses"])
+        assert f'tierscope_tier_lookups_total{{result="miss",tier="l1",worker="{worker}"}} {misses}' in text

@@ -83,11 +83,16 @@ def _total(per: dict[str, dict[str, Any]]) -> dict[str, Any]:
     total: dict[str, Any] = {"fetches": 0, "stage_s": {}, "prefetch_stage_s": {}, "prefetch": {}}
     for stats in per.values():
         _add(total, {k: v for k, v in stats.items() if k in total or k in ("l1", "l2")})
+    _hit_ratios(total)
+    return total
+
+
+def _hit_ratios(stats: dict[str, Any]) -> None:
+    """Add each tier's hit ratio over user lookups (hits + misses)."""
     for tier in ("l1", "l2"):
-        counts = total.setdefault(tier, {})
+        counts = stats.setdefault(tier, {})
         looks = counts.get("hits", 0) + counts.get("misses", 0)
         counts["hit_ratio"] = counts.get("hits", 0) / looks if looks else 0.0
-    return total
 
 
 def stats(client: Any = None) -> dict[str, Any]:
@@ -98,12 +103,12 @@ def stats(client: Any = None) -> dict[str, Any]:
     this process's tiers under the address ``"local"``.
     """
     if client is None:
-        tiers = local_tiers().stats()
-        per = {"local": {**tiers, "prefetch": {}}}
-        return {"workers": per, "total": _total(per), "scheduler": None}
-    per = {a: s for a, s in client.run(_worker_stats).items() if s is not None}
-    for s in per.values():
-        for tier in ("l1", "l2"):
-            looks = s[tier]["hits"] + s[tier]["misses"]
-            s[tier]["hit_ratio"] = s[tier]["hits"] / looks if looks else 0.0
-    return {"workers": per, "total": _total(per), "scheduler": client.run_on_scheduler(_scheduler_stats)}
+        per = {"local": {**local_tiers().stats(), "prefetch": {}}}
+        scheduler = None
+    else:
+        per = {a: s for a, s in client.run(_worker_stats).items() if s is not None}
+        scheduler = client.run_on_scheduler(_scheduler_stats)
+    total = _total(per)  # before the per-worker ratios, which must not be summed
+    for worker_stats in per.values():
+        _hit_ratios(worker_stats)
+    return {"workers": per, "total": total, "scheduler": scheduler}

@@ -10,6 +10,7 @@ worker's Prometheus ``/metrics`` as ``tierscope_*``.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,6 @@ class TierscopeWorkerPlugin(WorkerPlugin):
         self.l1, self.l2, self.policy, self.device = int(l1), int(l2), policy, device
         self.tiers: WorkerTiers | None = None
         self.prefetcher: Prefetcher | None = None
-        self._collector: _Collector | None = None
 
     def setup(self, worker: Worker) -> None:
         self.tiers = WorkerTiers(self.l1, self.l2, self.policy, self.device)  # "auto": this worker's GPU
@@ -49,17 +49,15 @@ class TierscopeWorkerPlugin(WorkerPlugin):
             )
         worker.stream_handlers[PLAN_OP] = self._on_plan
         worker.metrics["tierscope"] = lambda w: self._summary()
-        self._collector = _Collector(self)
-        _register(self._collector)
+        _process_collector().plugins[worker.address] = self
 
     def teardown(self, worker: Worker) -> None:
         worker.stream_handlers.pop(PLAN_OP, None)
         worker.metrics.pop("tierscope", None)
-        if self._collector is not None:
-            _unregister(self._collector)
+        _process_collector().plugins.pop(worker.address, None)
         if self.prefetcher is not None:
             self.prefetcher.close()
-        self.tiers = self.prefetcher = self._collector = None
+        self.tiers = self.prefetcher = None
 
     def _on_plan(self, plan: Plan) -> None:
         if self.prefetcher is not None:
@@ -100,50 +98,55 @@ def worker_stats(tiers: dict[str, Any], prefetcher: dict[str, int]) -> dict[str,
 
 
 class _Collector:
-    """Prometheus view of one worker's tierscope figures (the worker serves the global registry)."""
+    """Prometheus view of the tierscope figures of every worker in this process, labelled by worker.
 
-    def __init__(self, plugin: TierscopeWorkerPlugin) -> None:
-        self.plugin = plugin
+    One per process, registered once in the global registry the workers' ``/metrics`` serve: a threaded
+    cluster runs several workers in one process, and a collector per worker would clash by name.
+    """
+
+    def __init__(self) -> None:
+        self.plugins: dict[str, TierscopeWorkerPlugin] = {}
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        stats = self.plugin.stats()
-        if stats is None:
-            return
-        lookups = CounterMetricFamily("tierscope_tier_lookups", "User lookups per tier", labels=["tier", "result"])
-        held = GaugeMetricFamily("tierscope_tier_bytes", "Bytes held per tier", labels=["tier"])
-        for tier in ("l1", "l2"):
-            lookups.add_metric([tier, "hit"], stats[tier]["hits"])
-            lookups.add_metric([tier, "miss"], stats[tier]["misses"])
-            held.add_metric([tier], stats[tier]["nbytes"])
-        prefetch = CounterMetricFamily("tierscope_prefetch_blocks", "Prefetch outcomes", labels=["outcome"])
-        for outcome in ("issued", "used", "wasted", "cancelled", "failed"):
-            prefetch.add_metric([outcome], stats["prefetch"][outcome])
+        lookups = CounterMetricFamily("tierscope_tier_lookups", "User lookups per tier",
+                                      labels=["worker", "tier", "result"])
+        held = GaugeMetricFamily("tierscope_tier_bytes", "Bytes held per tier", labels=["worker", "tier"])
+        prefetch = CounterMetricFamily("tierscope_prefetch_blocks", "Prefetch outcomes",
+                                       labels=["worker", "outcome"])
         stages = CounterMetricFamily("tierscope_stage_seconds", "Time per load stage",
-                                     labels=["stage", "purpose"])
-        for purpose, key in (("user", "stage_s"), ("prefetch", "prefetch_stage_s")):
-            for stage, seconds in stats[key].items():
-                stages.add_metric([stage, purpose], seconds)
-        fetches = CounterMetricFamily("tierscope_fetches", "Blocks fetched from the block server")
-        fetches.add_metric([], stats["fetches"])
+                                     labels=["worker", "stage", "purpose"])
+        fetches = CounterMetricFamily("tierscope_fetches", "Blocks fetched from the block server",
+                                      labels=["worker"])
+        for worker, plugin in list(self.plugins.items()):
+            stats = plugin.stats()
+            if stats is None:
+                continue
+            for tier in ("l1", "l2"):
+                lookups.add_metric([worker, tier, "hit"], stats[tier]["hits"])
+                lookups.add_metric([worker, tier, "miss"], stats[tier]["misses"])
+                held.add_metric([worker, tier], stats[tier]["nbytes"])
+            for outcome in ("issued", "used", "wasted", "cancelled", "failed"):
+                prefetch.add_metric([worker, outcome], stats["prefetch"][outcome])
+            for purpose, key in (("user", "stage_s"), ("prefetch", "prefetch_stage_s")):
+                for stage, seconds in stats[key].items():
+                    stages.add_metric([worker, stage, purpose], seconds)
+            fetches.add_metric([worker], stats["fetches"])
         yield from (lookups, held, prefetch, stages, fetches)
 
 
-def _register(collector: _Collector) -> None:
-    try:
-        from prometheus_client import REGISTRY
-    except ImportError:  # the worker's /metrics needs prometheus_client too
-        return
-    REGISTRY.register(collector)
+_collector_lock = threading.Lock()
+_collector: _Collector | None = None
 
 
-def _unregister(collector: _Collector) -> None:
-    try:
-        from prometheus_client import REGISTRY
-    except ImportError:
-        return
-    try:
-        REGISTRY.unregister(collector)
-    except KeyError:
-        pass
+def _process_collector() -> _Collector:
+    """This process's collector, registered on first use."""
+    global _collector
+    with _collector_lock:
+        if _collector is None:
+            from prometheus_client import REGISTRY
+
+            _collector = _Collector()
+            REGISTRY.register(_collector)
+        return _collector
