@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -394,6 +395,20 @@ def test_failed_write_leaves_nothing(tmp_path) -> None:
     with pytest.raises(StoreError, match="variable name '__meta' cannot name a TileDB array in a group"):
         ingest(src, tmp_path / "clash.tdb", {"x": 2}, fmt="tiledb")  # after "v" was written
     assert not (tmp_path / "clash.tdb").exists()
+    assert list(tmp_path.iterdir()) == [src]
+
+
+def test_failed_overwrite_keeps_the_old_store(reanalysis, tmp_path) -> None:
+    out = tmp_path / "keep.tdb"
+    ingest(reanalysis, out, (1, 1, 16, 16), fmt="tiledb")
+    before = TileDBOrigin(out).read_block("z", (0, 0, 0, 0))
+    src = tmp_path / "clash.zarr"
+    data = {"v": (("x",), np.arange(4.0)), "__meta": (("x",), np.arange(4.0))}
+    xr.Dataset(data).to_zarr(src, zarr_format=3, consolidated=False)
+    with pytest.raises(StoreError, match="variable name '__meta' cannot name a TileDB array"):
+        ingest(src, out, {"x": 2}, fmt="tiledb", overwrite=True)
+    np.testing.assert_array_equal(TileDBOrigin(out).read_block("z", (0, 0, 0, 0)), before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clash.zarr", "keep.tdb"]
 
 
 def test_reserved_attribute_name_is_refused(tmp_path) -> None:
@@ -445,3 +460,27 @@ def test_ingest_under_a_distributed_client(cluster, reanalysis, stores, tmp_path
             out = ingest(reanalysis, tmp_path / f"hgt{SUFFIX[fmt]}", (1, 1, 16, 16), fmt=fmt)
             with closing(open_origin(out)) as origin, closing(open_origin(stores["hgt", "zarr"])) as ref:
                 _assert_same_origin(origin, ref)
+
+
+def test_a_store_missing_a_listed_variable_is_a_store_error(tmp_path) -> None:
+    src = tmp_path / "two.zarr"
+    xr.Dataset({"a": (("x",), np.arange(4.0)), "b": (("x",), np.arange(4.0))}).to_zarr(
+        src, zarr_format=3, consolidated=False)
+    h5 = ingest(src, tmp_path / "two.h5", {"x": 2}, fmt="hdf5")
+    with h5py.File(h5, "a") as file:
+        del file["b"]
+    with pytest.raises(StoreError, match="as an HDF5 dataset"):
+        HDF5Origin(h5)
+    tdb = ingest(src, tmp_path / "two.tdb", {"x": 2}, fmt="tiledb")
+    shutil.rmtree(tdb / "b")
+    with pytest.raises(StoreError, match="as a TileDB dataset"):
+        TileDBOrigin(tdb)
+
+
+def test_an_empty_dimension_reads_the_same_from_hdf5_and_zarr(tmp_path) -> None:
+    src = tmp_path / "empty.zarr"
+    xr.Dataset({"v": (("x", "y"), np.empty((2, 0)))}).to_zarr(src, zarr_format=3, consolidated=False)
+    zarr_info = ZarrOrigin(ingest(src, tmp_path / "e.zarr", {"x": 1})).info().variable("v")
+    h5_info = HDF5Origin(ingest(src, tmp_path / "e.h5", {"x": 1}, fmt="hdf5")).info().variable("v")
+    assert h5_info.shape == zarr_info.shape == (2, 0)
+    assert h5_info.grid.nblocks[1] == zarr_info.grid.nblocks[1] == 0  # no block to read, no error

@@ -95,10 +95,11 @@ class HDF5Origin(Origin):
             file, lock = self._file()
             with lock:
                 self._info = self._describe(file)
-        except OSError as exc:
+        except (OSError, KeyError) as exc:  # KeyError: bookkeeping naming what the file lacks
+            self.close()
             if isinstance(exc, StoreError):
                 raise
-            raise StoreError(f"cannot open store {self.location!r} as an HDF5 dataset: {exc}") from exc
+            raise StoreError(f"cannot open store {self.location!r} as an HDF5 dataset: {exc!s}") from exc
 
     def _file(self) -> tuple[h5py.File, threading.Lock]:
         """This process's read-only handle and its lock (both made anew in a forked child)."""
@@ -125,7 +126,7 @@ class HDF5Origin(Origin):
                 dims=dims,
                 shape=tuple(dataset.shape),
                 dtype=np.dtype(object) if strings else dataset.dtype,
-                block=tuple(dataset.chunks or dataset.shape),
+                block=tuple(dataset.chunks or (max(1, n) for n in dataset.shape)),  # unchunked: one block
                 attrs=var_attrs,
             )
         return DatasetInfo(name=self.name, attrs=attrs, variables=variables, coords=coords)

@@ -14,6 +14,7 @@ ingested dataset identically.
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 from collections.abc import Hashable, Mapping, Sequence
@@ -93,8 +94,9 @@ def ingest(
     A tuple block applies to every variable with that many dimensions (others get one chunk); a
     dict names dimensions, and those not named keep their full extent except ``time``/``t`` (1).
     1-D dimension coordinates are always a single chunk. ``overwrite`` replaces an existing store
-    (of any of the three formats; anything else at ``out`` is left alone). A failed write leaves
-    nothing behind. Returns the output path."""
+    (of any of the three formats; anything else at ``out`` is left alone) once the new store is
+    complete: the new store is written beside it and renamed into place, so a failed write leaves the
+    old store as it was and nothing else behind. Returns the output path."""
     if fmt not in FORMATS:
         raise ValueError(f"output format {fmt!r} is not supported; supported: {', '.join(FORMATS)}")
     block = _check_block(block)
@@ -103,16 +105,18 @@ def ingest(
         raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
     if out.exists() and out.resolve() == src.resolve():
         raise ValueError(f"refusing to overwrite the source {src} with its own ingest")
+    if out.exists():
+        _check_replaceable(out)
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    _delete(partial)  # a leftover of a crashed ingest of this process id
     with _open_raw(src) as ds:
-        rechunked = _rechunk(ds, block)
-        if out.exists():
-            _check_replaceable(out)
-            _delete(out)
         try:
-            _write(rechunked, out, fmt)
+            _write(_rechunk(ds, block), partial, fmt)
         except BaseException:
-            _delete(out)  # ours: nothing was at ``out`` before this write
+            _delete(partial)
             raise
+    _delete(out)
+    partial.rename(out)
     return out
 
 

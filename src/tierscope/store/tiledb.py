@@ -171,8 +171,8 @@ class TileDBOrigin(Origin):
             if not is_group(self.path):
                 raise StoreError(f"cannot open store {self.location!r}: not a TileDB group")
             self._info = self._describe()
-        except tiledb.TileDBError as exc:
-            raise StoreError(f"cannot open store {self.location!r} as a TileDB dataset: {exc}") from exc
+        except (tiledb.TileDBError, KeyError) as exc:  # KeyError: bookkeeping naming what the group lacks
+            raise StoreError(f"cannot open store {self.location!r} as a TileDB dataset: {exc!s}") from exc
 
     def _describe(self) -> DatasetInfo:
         ctx = context()
