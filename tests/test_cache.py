@@ -225,3 +225,27 @@ def test_async_single_flight_on_one_loop():
     assert calls == [1] and got == [b"v" * 8] * 6
     s = cache.stats  # the first (prefetch) caller owns the load; 3 users joined it
     assert (s.waits, s.hits, s.misses, s.prefetched, s.prefetch_used) == (3, 3, 0, 1, 1)
+
+
+def test_a_cancelled_waiter_does_not_break_the_load_others_share():
+    import asyncio
+
+    async def scenario():
+        cache = TierCache(100)
+        release = asyncio.Event()
+
+        async def loader():
+            await release.wait()
+            return b"v" * 8
+
+        owner = asyncio.create_task(cache.aget_or_load("k", loader))
+        await asyncio.sleep(0)
+        quitter = asyncio.create_task(cache.aget_or_load("k", loader))
+        stayer = asyncio.create_task(cache.aget_or_load("k", loader))
+        await asyncio.sleep(0)
+        quitter.cancel()
+        await asyncio.sleep(0)
+        release.set()
+        return await owner, await stayer, quitter.cancelled(), cache.peek("k")
+
+    assert asyncio.run(scenario()) == (b"v" * 8, b"v" * 8, True, b"v" * 8)

@@ -133,3 +133,18 @@ def test_server_thread_that_cannot_bind_fails_cleanly(server):
     with pytest.raises(OSError):
         ServerThread(server.service, port=server.port).start()  # port taken
     assert threading.active_count() == before
+
+
+def test_a_damaged_block_reaches_the_client_as_a_store_error(tmp_path):
+    from tierscope.server import BlockService, ServerThread
+    from tierscope.store import write_sample
+    from tierscope.store.origin import ZarrOrigin
+
+    store = write_sample(tmp_path / "hurt.zarr", shape=(2, 8, 8, 8), block=(1, 8, 8, 8), variables=("u",))
+    (store / "u" / "c" / "1" / "0" / "0" / "0").write_bytes(b"not a zstd chunk")
+    with ServerThread(BlockService([ZarrOrigin(store)])) as server:
+        transport = Source.parse(f"{server.url}/datasets/hurt").transport()
+        with pytest.raises(StoreError, match=r"reading block \(1, 0, 0, 0\) of 'u'"):
+            transport.fetch("hurt", "u", (1, 0, 0, 0), 0.0)
+        assert codec.decode(transport.fetch("hurt", "u", (0, 0, 0, 0), 0.0).frame).shape == (1, 8, 8, 8)
+

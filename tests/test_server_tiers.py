@@ -213,6 +213,7 @@ def test_batch_returns_every_frame_with_its_tier(tiered, blocks):
     ("body", "status", "message"),
     [
         (b"{not json", 400, "not valid JSON"),
+        (b"[" * 50_000, 400, "not valid JSON"),  # nesting beyond the parser's recursion limit
         (b"[1, 2]", 400, "must be a JSON object"),
         ({"blocks": [[0, 0, 0, 0]]}, 400, "variable is required"),
         ({"variable": "u", "blocks": []}, 400, "1 to 256 block indices"),

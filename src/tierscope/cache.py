@@ -158,8 +158,8 @@ class TierCache(Generic[V]):
         entry, flight, owner = self._lookup(key, prefetch)
         if entry is not None:
             return entry.value
-        if not owner:
-            return await asyncio.wrap_future(flight.future)
+        if not owner:  # shielded: a waiter's cancellation must not cancel the load others share
+            return await asyncio.shield(asyncio.wrap_future(flight.future))
         try:
             value = await loader()
         except BaseException as exc:
@@ -197,6 +197,8 @@ class TierCache(Generic[V]):
     def _fail(self, key: Hashable, flight: _Flight, exc: BaseException) -> None:
         with self._lock:
             del self._inflight[key]
+        if flight.future.done():
+            return
         if isinstance(exc, CancelledError | asyncio.CancelledError):
             flight.future.cancel()
         else:
@@ -206,7 +208,8 @@ class TierCache(Generic[V]):
         with self._lock:
             del self._inflight[key]
             self._insert(key, value, prefetched=flight.prefetch, used=flight.used)
-        flight.future.set_result(value)
+        if not flight.future.done():
+            flight.future.set_result(value)
 
     def reconfigure(self, capacity: int | None = None, policy: str | None = None) -> None:
         """Resize and/or change policy, evicting (in the new policy's order) until the values fit."""

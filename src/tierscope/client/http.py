@@ -106,7 +106,7 @@ class HttpTransport(Transport):
             message, kind = payload["error"], payload.get("type", "")
         except (ValueError, KeyError, TypeError):
             message, kind = body[:200].decode("utf-8", "replace"), ""
-        if status < 500 and kind in _ERRORS:
+        if kind in _ERRORS and (status < 500 or kind == StoreError.__name__):  # a storage failure is 500
             raise _ERRORS[kind](message)
         if status == 401:
             raise AuthenticationError(f"tierscope server at {url} refused the request (HTTP 401): "

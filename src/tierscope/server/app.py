@@ -151,7 +151,7 @@ async def _json_body(request: web.Request, allowed: tuple[str, ...]) -> dict[str
     body = await request.read()  # bounded by client_max_size: 413 beyond it
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: absurd nesting
         raise ValueError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise ValueError("request body must be a JSON object")

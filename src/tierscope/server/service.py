@@ -198,8 +198,8 @@ class BlockService:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for pool in (self._user_pool, self._prefetch_pool):
-            pool.shutdown(wait=True)  # at most the block reads/encodes already running
+        for pool in (self._user_pool, self._prefetch_pool):  # off the loop: it keeps serving meanwhile
+            await asyncio.to_thread(pool.shutdown, True)  # at most the reads/encodes already running
         self._loop = self._loop_thread = None
 
     def close(self) -> None:

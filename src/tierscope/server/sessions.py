@@ -101,9 +101,8 @@ class Sessions:
         steps = np.maximum(np.maximum(lo - where, where - hi), 0)
         if time_axis is None:
             return float(steps.max(axis=1).min())
-        dt = steps[:, time_axis]
-        steps[:, time_axis] = 0
-        return float((dt + steps.max(axis=1)).min())
+        spatial = np.delete(steps, time_axis, axis=1).max(axis=1, initial=0)
+        return float((steps[:, time_axis] + spatial).min())
 
     def _stack(self, key: tuple[str, str]) -> tuple[np.ndarray, np.ndarray, int | None] | None:
         views = [p for p in self._by_variable.get(key, {}).values() if p.box is not None]
