@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tierscope.bench.codec import run_codec_bench, smooth, turbulence
+from tierscope.bench.codec import measure, run_codec_bench, smooth, turbulence
 from tierscope.cli import main
 
 
@@ -42,3 +42,9 @@ def test_bench_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert all(np.isfinite(r["ratio"]) for r in records)
     assert main(["bench", "codec", "--out", str(out), "--codecs", "nope"]) == 2
     assert "none of the codecs" in capsys.readouterr().err
+
+
+def test_psnr_of_an_inexact_constant_field_is_undefined_not_a_crash():
+    record = measure(np.full((8, 8), 1000.1, dtype=np.float32), "fp16", 0.5, repeats=1)
+    assert record["psnr_db"] is None and 0 < record["max_err"] <= 0.5
+

@@ -55,3 +55,6 @@ def test_numcodecs_codec() -> None:
     assert codec.decode(frame, out=target) is target and np.array_equal(target, out)
     with pytest.raises(ValueError, match="bytes"):
         codec.decode(frame, out=np.empty(3))
+    strided = np.empty((2 * x.shape[0], *x.shape[1:]))[::2]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        codec.decode(frame, out=strided)

@@ -93,7 +93,9 @@ def measure(x: np.ndarray, codec: str, tol: float, repeats: int = 3) -> dict[str
     max_err = float(err.max()) if err.size else 0.0
     value_range = float(x[finite].max() - x[finite].min()) if finite.any() else 0.0
     mse = float(np.mean(err**2)) if err.size else 0.0
-    psnr = math.inf if mse == 0 else 20 * math.log10(value_range) - 10 * math.log10(mse)
+    # None in the record: exact (infinite PSNR), or a constant field reproduced inexactly (no range to
+    # compare with); max_err tells the two apart.
+    psnr = None if mse == 0 or value_range == 0 else 20 * math.log10(value_range) - 10 * math.log10(mse)
     return {
         "codec": codec,
         "tol": tol,
@@ -102,7 +104,7 @@ def measure(x: np.ndarray, codec: str, tol: float, repeats: int = 3) -> dict[str
         "ratio": x.nbytes / len(frame),
         "max_err": max_err,
         "max_err_over_tol": max_err / tol if tol > 0 else (0.0 if max_err == 0 else math.inf),
-        "psnr_db": psnr if math.isfinite(psnr) else None,
+        "psnr_db": psnr,
         "encode_mb_s": x.nbytes / enc_s / 1e6,
         "decode_mb_s": x.nbytes / dec_s / 1e6,
         "bounded": codec in BOUNDED,
@@ -187,7 +189,7 @@ def format_table(results: dict[str, Any]) -> str:
     lines = ["| field | rel tol | codec | ratio | max err/tol | PSNR dB | enc MB/s | dec MB/s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results["records"]:
-        psnr = "inf" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}"
+        psnr = f"{r['psnr_db']:.1f}" if r["psnr_db"] is not None else "inf" if r["max_err"] == 0 else "n/a"
         lines.append(f"| {r['field']} | {r['rel_tol']:g} | {r['codec']} | {r['ratio']:.1f} | "
                      f"{r['max_err_over_tol']:.4f} | {psnr} | {r['encode_mb_s']:.0f} | "
                      f"{r['decode_mb_s']:.0f} |")

@@ -71,7 +71,7 @@ def lorenzo_integrate(xp: Any, res: Any) -> Any:
     for axis in reversed(_lorenzo_axes(res.shape)):
         size = res.shape[axis]
         if xp is not np or axis == res.ndim - 1 or res.size // size < 2048:
-            res[...] = xp.cumsum(res, axis=axis)
+            xp.cumsum(res, axis=axis, dtype=res.dtype, out=res)  # in place, no wider temporary
         else:
             view = np.moveaxis(res, axis, 0)
             for i in range(1, size):

@@ -112,6 +112,8 @@ class TierscopeNumcodec(numcodecs.abc.Codec):
         if out is None:
             return array
         target = np.asarray(out)
+        if not target.flags.c_contiguous:  # reshape would copy, and the data would not reach ``out``
+            raise ValueError("out must be C-contiguous")
         if target.nbytes != array.nbytes:
             raise ValueError(f"out has {target.nbytes} bytes, the frame decodes to {array.nbytes}")
         target.reshape(-1).view(array.dtype)[:] = array.reshape(-1)
