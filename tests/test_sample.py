@@ -161,3 +161,13 @@ def test_invalid_arguments(tmp_path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         write_sample(tmp_path / "bad.zarr", **arguments)
     assert not (tmp_path / "bad.zarr").exists()
+
+
+def test_sample_field_is_what_write_sample_stores(tmp_path):
+    from tierscope.store.sample import sample_field
+
+    out = write_sample(tmp_path / "f.zarr", shape=(3, 8, 8, 8), block=(1, 8, 8, 8), variables=("u", "p"),
+                       seed=4)
+    stored = xr.open_zarr(out, consolidated=False)
+    np.testing.assert_array_equal(sample_field((8, 8, 8), "p", seed=4, step=2), stored.p[2].values)
+

@@ -245,11 +245,7 @@ class TierCache(Generic[V]):
             }
 
     def _insert(self, key: Hashable, value: V, prefetched: bool, used: bool) -> None:
-        size = self._nbytes(value)
-        old = self._data.pop(key, None)
-        if old is not None:
-            self._size -= old.nbytes
-            del self._inserted[key]
+        size = self._nbytes(value)  # no old entry to replace: loads run only for keys not cached
         if size > self.capacity:
             return
         self._make_room(size)

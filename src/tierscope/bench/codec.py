@@ -38,9 +38,9 @@ BOUNDED = frozenset({"lorenzo", "interp", "bounded", "zfp", "sz3", "zstd", "raw"
 
 def turbulence(n: int, seed: int = 0) -> np.ndarray:
     """One float32 ``n^3`` k^-5/3 field from the sample-data generator (unit std)."""
-    from ..store.sample import _Generator, _rng
+    from tierscope.store.sample import sample_field
 
-    return _Generator((n, n, n), {"u": _rng(seed, "u")}).step(0.0)["u"]
+    return sample_field((n, n, n), "u", seed)
 
 
 def smooth(n: int, seed: int = 0) -> np.ndarray:

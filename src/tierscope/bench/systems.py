@@ -25,10 +25,8 @@ everything runs on loopback.
 from __future__ import annotations
 
 import abc
-import asyncio
 import json
 import re
-import threading
 import time
 import urllib.request
 import warnings
@@ -37,9 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from aiohttp import web
 
 from tierscope.bench.link import Link, LinkProxy
 from tierscope.bench.patterns import View
+from tierscope.server.app import AppThread
 
 __all__ = [
     "BASELINE",
@@ -91,46 +91,17 @@ class TierSizes:
     prefetch: str = "auto"
 
 
-class StaticServer:
+class StaticServer(AppThread):
     """A directory served as static files (with index pages, which fsspec lists) by aiohttp in a thread."""
 
     def __init__(self, directory: Path, route: str) -> None:
+        super().__init__(name="bench-static")
         self.directory, self.route = Path(directory), "/" + route.strip("/")
-        self.host, self.port = "127.0.0.1", 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="bench-static")
-        self._runner: Any = None
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> StaticServer:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=_CONTROL_TIMEOUT)
-        return self
-
-    async def _start(self) -> None:
-        from aiohttp import web
-
+    def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_static(self.route, self.directory, show_index=True)
-        self._runner = web.AppRunner(app, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            cleanup = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
-            cleanup.result(timeout=_CONTROL_TIMEOUT)
-            self._runner = None
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-        if not self._thread.is_alive() and not self._loop.is_closed():
-            self._loop.close()
+        return app
 
 
 class Testbed:

@@ -12,13 +12,14 @@ can re-raise the same error class with the same message.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import hmac
 import json
 import logging
 import socket
 import threading
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -31,7 +32,8 @@ from tierscope.errors import (
 )
 from tierscope.server.service import MAX_POSITION_BLOCKS, BlockResult, BlockService
 
-__all__ = ["BATCH_CONTENT_TYPE", "ServerThread", "create_app", "parse_block_index", "run_server"]
+__all__ = [
+    "AppThread", "BATCH_CONTENT_TYPE", "ServerThread", "create_app", "parse_block_index", "run_server"]
 
 logger = logging.getLogger(__name__)
 
@@ -293,27 +295,25 @@ def run_server(service: BlockService, host: str, port: int, token: str | None = 
                 shutdown_timeout=SHUTDOWN_TIMEOUT, **HANDLER_ARGS)
 
 
-class ServerThread:
-    """Run a block server on loopback in a background thread (tests, the demo, notebooks).
+class AppThread(abc.ABC):
+    """Run an aiohttp app on loopback in a background thread with its own event loop."""
 
-    >>> with ServerThread(service) as server:   # doctest: +SKIP
-    ...     xr.open_dataset(f"{server.url}/datasets/turb", engine="tierscope")
-    """
-
-    def __init__(self, service: BlockService, host: str = "127.0.0.1", port: int = 0,
-                 token: str | None = None) -> None:
-        self.service, self.host, self.port, self.token = service, host, port, _check_token(token)
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, name: str = "tierscope-app") -> None:
+        self.host, self.port = host, port
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="tierscope-server")
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name=name)
         self._runner: web.AppRunner | None = None
+
+    @abc.abstractmethod
+    def make_app(self) -> web.Application:
+        """The app to serve (made on the thread's loop)."""
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> ServerThread:
-        # Bind first: a taken port fails here, before the app (and its service) starts.
+    def start(self) -> Self:
+        # Bind first: a taken port fails here, before the app (and any service behind it) starts.
         try:
             sock = socket.create_server((self.host, self.port))
         except OSError:
@@ -329,14 +329,14 @@ class ServerThread:
         return self
 
     async def _start(self, sock: socket.socket) -> None:
-        self._runner = web.AppRunner(create_app(self.service, token=self.token), handle_signals=False,
+        self._runner = web.AppRunner(self.make_app(), handle_signals=False,
                                      shutdown_timeout=SHUTDOWN_TIMEOUT, **HANDLER_ARGS)
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
         self.port = sock.getsockname()[1]
 
     def stop(self) -> None:
-        """Stop accepting, let in-flight responses finish, then stop the service and the loop."""
+        """Stop accepting, let in-flight responses finish, then stop the app and the loop."""
         if self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(
                 timeout=SHUTDOWN_TIMEOUT + 30
@@ -348,8 +348,24 @@ class ServerThread:
         if not self._thread.is_alive() and not self._loop.is_closed():
             self._loop.close()
 
-    def __enter__(self) -> ServerThread:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ServerThread(AppThread):
+    """Run a block server on loopback in a background thread (tests, the demo, notebooks).
+
+    >>> with ServerThread(service) as server:   # doctest: +SKIP
+    ...     xr.open_dataset(f"{server.url}/datasets/turb", engine="tierscope")
+    """
+
+    def __init__(self, service: BlockService, host: str = "127.0.0.1", port: int = 0,
+                 token: str | None = None) -> None:
+        super().__init__(host, port, name="tierscope-server")
+        self.service, self.token = service, _check_token(token)
+
+    def make_app(self) -> web.Application:
+        return create_app(self.service, token=self.token)

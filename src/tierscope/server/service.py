@@ -366,12 +366,11 @@ class BlockService:
             average = tier.size / len(tier) if len(tier) else raw_nbytes  # L3 starts pessimistic
             return radius_for(var.grid, tier.capacity, average, pos.time_axis, view=extents)
 
-        r3, r4 = radius(self.l3), radius(self.l4)
-        items = []
-        for index in pos.plan(self.prefetch_mode, max(r3, r4), limit=self.plan_limit):
-            to_l3 = pos.distance(index) <= r3
-            if to_l3 or pos.distance(index) <= r4:
-                items.append(PrefetchItem(req.dataset, var.name, index, req.tol, req.codec, to_l3))
+        r3 = radius(self.l3)
+        items = [  # plan() stays within the larger radius: each block goes to L4, and to L3 when near enough
+            PrefetchItem(req.dataset, var.name, index, req.tol, req.codec, pos.distance(index) <= r3)
+            for index in pos.plan(self.prefetch_mode, max(r3, radius(self.l4)), limit=self.plan_limit)
+        ]
         self._stats.prefetch["planned"] += len(items)
         self._stats.prefetch["cancelled"] += self.queue.replace(key, items)
 

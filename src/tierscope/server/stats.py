@@ -31,20 +31,19 @@ class Distribution:
         self.max = max(self.max, seconds)
         self._recent.append(seconds)
 
-    def quantile(self, q: float) -> float:
-        """The ``q`` quantile (nearest rank) of the recent window, 0 when empty."""
-        if not self._recent:
-            return 0.0
-        ordered = sorted(self._recent)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
     def summary(self) -> dict[str, float]:
+        """count, mean and max since the last reset; p50/p95 (nearest rank) of the recent window."""
         mean = self.total / self.count if self.count else 0.0
+        ordered = sorted(self._recent)
+
+        def quantile(q: float) -> float:
+            return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
         return {
             "count": self.count,
             "mean_ms": mean * 1e3,
-            "p50_ms": self.quantile(0.5) * 1e3,
-            "p95_ms": self.quantile(0.95) * 1e3,
+            "p50_ms": quantile(0.5) * 1e3,
+            "p95_ms": quantile(0.95) * 1e3,
             "max_ms": self.max * 1e3,
         }
 

@@ -27,7 +27,7 @@ import xarray as xr
 
 from tierscope.store.ingest import _positive_ints
 
-__all__ = ["write_sample"]
+__all__ = ["sample_field", "write_sample"]
 
 DIMS = ("time", "z", "y", "x")
 DT = 0.1
@@ -75,6 +75,12 @@ def write_sample(
         data = {name: (DIMS, np.stack([step[name] for step in steps])) for name in names}
         xr.Dataset(data).to_zarr(out, region={"time": slice(t0, t1)}, consolidated=False)
     return out
+
+
+def sample_field(space: Sequence[int], name: str = "u", seed: int = 0, step: int = 0) -> np.ndarray:
+    """One variable's float32 field over ``space`` at time step ``step``: exactly what ``write_sample``
+    stores there (benchmarks use it to get the same fields in memory)."""
+    return _Generator(tuple(space), {name: _rng(_check_seed(seed), name)}).step(step * DT)[name]
 
 
 def _check_variables(variables: Sequence[str]) -> tuple[str, ...]:
