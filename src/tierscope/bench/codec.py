@@ -158,17 +158,15 @@ def run_codec_bench(
 
 def plot_results(results: dict[str, Any], out_dir: Path) -> list[Path]:
     """ratio_vs_tol.png and decode_speed.png: one panel per field, one line per codec."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend is left alone
 
     records = results["records"]
     names = list(dict.fromkeys(r["field"] for r in records))
     written = []
     for metric, label, filename in (("ratio", "compression ratio", "ratio_vs_tol.png"),
                                     ("decode_mb_s", "decode MB/s (1 core)", "decode_speed.png")):
-        fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+        fig = Figure(figsize=(5 * len(names), 4))
+        axes = fig.subplots(1, len(names), squeeze=False)
         for ax, name in zip(axes[0], names, strict=True):
             for codec in results["codecs"]:
                 rows = [r for r in records if r["field"] == name and r["codec"] == codec]
@@ -179,7 +177,6 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> list[Path]:
         fig.tight_layout()
         path = out_dir / filename
         fig.savefig(path, dpi=100)
-        plt.close(fig)
         written.append(path)
     return written
 

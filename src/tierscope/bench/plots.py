@@ -1,4 +1,6 @@
-"""The replay's figures (matplotlib, Agg), from ``results.json``'s records pooled over sequences.
+"""The replay's figures, from ``results.json``'s records pooled over sequences.
+
+Drawn on matplotlib ``Figure`` objects, not pyplot, so a notebook's backend is left alone.
 
 Per condition (link and swept value), one panel per access pattern:
 - ``latency_*.png``: mean view latency per system, whiskers up to the p95 (the zarr-http baseline in orange);
@@ -47,20 +49,17 @@ def _panels(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
 
 
 def _figure(npanels: int, title: str):  # noqa: ANN202 - matplotlib figure and axes
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend is left alone
 
-    fig, axes = plt.subplots(1, npanels, figsize=(max(5.0, 4.2 * npanels), 4.2), squeeze=False,
-                             sharey=True)
+    fig = Figure(figsize=(max(5.0, 4.2 * npanels), 4.2))
+    axes = fig.subplots(1, npanels, squeeze=False, sharey=True)
     fig.suptitle(title)
     return fig, axes[0]
 
 
 def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -103,11 +102,11 @@ def _stacked(rows: list[dict[str, Any]], title: str, path: Path, field: str, par
 
 
 def _sweep(rows: list[dict[str, Any]], var: str, values: list[str], path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     patterns, systems = _panels(rows)
-    fig, axes = plt.subplots(2, len(patterns), figsize=(max(5.0, 4.2 * len(patterns)), 6.5), squeeze=False,
-                             sharex=True)
+    fig = Figure(figsize=(max(5.0, 4.2 * len(patterns)), 6.5))
+    axes = fig.subplots(2, len(patterns), squeeze=False, sharex=True)
     fig.suptitle(f"latency and L1+L2 hit ratio against {var}")
     for col, pattern in enumerate(patterns):
         for system in systems:
@@ -136,9 +135,6 @@ def _value(row: dict[str, Any], var: str) -> str:
 
 def plot_results(results: dict[str, Any], out: str | Path) -> list[Path]:
     """Write the figures for ``results`` (run_bench's dictionary) into ``out``; return their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     out = Path(out)
     rows = summarise(results["records"])
     written = []

@@ -320,9 +320,9 @@ def replay(
             raise ValueError(f"sequence {seq.name!r} is for shape {seq.shape} in blocks {seq.block}; "
                              f"the data has shape {stored[0]} in blocks {stored[1]}")
     records: list[dict[str, Any]] = []
-    by_link: dict[str, list[Condition]] = {}
+    by_link: dict[Link | None, list[Condition]] = {}  # the Link itself: its text rounds the numbers
     for cond in conditions:
-        by_link.setdefault(str(cond.link), []).append(cond)
+        by_link.setdefault(cond.link, []).append(cond)
     for conds in by_link.values():
         with Testbed(data, client, conds[0].link) as bed:
             for cond in conds:
