@@ -345,6 +345,8 @@ class BlockService:
             view = [grid.check(b) for b in blocks]
         except BlockIndexError as exc:
             raise ValueError(f"X-Tierscope-Position: {exc}") from None
+        if self.prefetch_mode == "off" and self.l3.policy != "distance":
+            return  # validated, but nothing plans or evicts by position: no need to track it
         key = (session or ANONYMOUS, req.dataset, req.variable.name, req.tol)
         pos, dropped = self.sessions.position(key, grid, req.variable.time_axis)
         if dropped is not None:
