@@ -198,8 +198,10 @@ class BlockService:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for pool in (self._user_pool, self._prefetch_pool):  # off the loop: it keeps serving meanwhile
-            await asyncio.to_thread(pool.shutdown, True)  # at most the reads/encodes already running
+        # On the loop, briefly: at most the reads/encodes already running. Not via to_thread: at
+        # interpreter exit (the transports' atexit close) the default executor takes no new work.
+        for pool in (self._user_pool, self._prefetch_pool):
+            pool.shutdown(wait=True)
         self._loop = self._loop_thread = None
 
     def close(self) -> None:
