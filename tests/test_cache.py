@@ -249,3 +249,68 @@ def test_a_cancelled_waiter_does_not_break_the_load_others_share():
         return await owner, await stayer, quitter.cancelled(), cache.peek("k")
 
     assert asyncio.run(scenario()) == (b"v" * 8, b"v" * 8, True, b"v" * 8)
+
+
+def test_load_many_loads_only_what_is_neither_cached_nor_in_flight():
+    cache = TierCache(1000)
+    cache.get_or_load("a", lambda: b"A")
+    gate, started = threading.Event(), threading.Event()
+
+    def slow():
+        started.set()
+        gate.wait(5)
+        return b"B"
+
+    t = threading.Thread(target=cache.get_or_load, args=("b", slow))
+    t.start()
+    started.wait(5)
+    asked = []
+
+    def batch(keys):
+        asked.append(keys)
+        return [k.upper().encode() for k in keys]
+
+    loaded = cache.load_many(["a", "b", "c", "d", "c"], batch)
+    gate.set()
+    t.join(5)
+    assert asked == [["c", "d"]] and loaded == {"c": b"C", "d": b"D"}
+    assert sorted(cache.keys()) == ["a", "b", "c", "d"]
+    s = cache.stats
+    assert (s.hits, s.misses, s.prefetched) == (0, 2, 2)  # prefetch lookups count neither hit nor miss
+
+
+def test_a_user_joining_a_batch_waits_for_it_and_shares_its_failure():
+    cache = TierCache(1000)
+    gate, started = threading.Event(), threading.Event()
+
+    def batch(keys):
+        started.set()
+        gate.wait(5)
+        raise OSError("server went away")
+
+    errors = []
+
+    def user():
+        try:
+            cache.get_or_load("y", pytest.fail)  # joins the batch's flight: never loads on its own
+        except OSError as exc:
+            errors.append(str(exc))
+
+    p = threading.Thread(target=lambda: pytest.raises(OSError, cache.load_many, ["x", "y"], batch))
+    p.start()
+    started.wait(5)
+    u = threading.Thread(target=user)
+    u.start()
+    time.sleep(0.05)
+    gate.set()
+    p.join(5), u.join(5)
+    assert errors == ["server went away"] and len(cache) == 0
+    assert cache.load_many(["x"], lambda keys: [b"X"]) == {"x": b"X"}  # the failed flights are gone
+
+
+def test_load_many_returns_values_too_big_to_keep_and_checks_the_loader():
+    cache = TierCache(2)
+    assert cache.load_many(["k"], lambda keys: [b"abc"]) == {"k": b"abc"} and len(cache) == 0
+    with pytest.raises(ValueError, match="returned 1 values for 2 keys"):
+        cache.load_many(["p", "q"], lambda keys: [b"p"])
+    assert cache.load_many(["p", "q"], lambda keys: [b"p", b"q"]) == {"p": b"p", "q": b"q"}

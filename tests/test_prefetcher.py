@@ -76,26 +76,55 @@ def test_an_empty_share_moves_the_position_and_the_thread_lives_on(prefetcher, t
 
 
 def test_a_newer_plan_cancels_the_queued_rest_and_stale_plans_are_dropped(prefetcher, tiers, spec):
-    tiers.user_idle.clear()  # a user load is running: the prefetcher must wait before each block
+    tiers.user_idle.clear()  # a user load is running: the prefetcher must wait before each batch
     prefetcher.submit(plan(spec, 5, BLOCKS[:10]))
     time.sleep(0.1)
-    assert prefetcher.queued() >= 9  # nothing but the first block left the queue
+    assert prefetcher.queued() == 10  # nothing leaves the queue while users load
     prefetcher.submit(plan(spec, 6, BLOCKS[20:22]))
     prefetcher.submit(plan(spec, 4, BLOCKS[30:32]))  # an older epoch arriving late
     stats = prefetcher.stats()
-    assert stats["cancelled"] >= 9 + 2 and stats["queued"] == 2
+    assert stats["cancelled"] == 10 + 2 and stats["queued"] == 2
     tiers.user_idle.set()
     wait_idle(prefetcher, 10 + 2 + 2)
-    assert not {spec.block_key(i) for i in BLOCKS[2:10]} & set(tiers.l1.keys())
+    assert not {spec.block_key(i) for i in BLOCKS[:10] + BLOCKS[30:32]} & set(tiers.l1.keys())
     assert {spec.block_key(i) for i in BLOCKS[20:22]} <= set(tiers.l1.keys())
 
 
+def server_counts(spec):
+    stats = spec.source.transport().server_stats()
+    return stats["batches"], stats["requests"]["prefetch"]
+
+
+def test_a_batch_is_one_round_trip_and_ends_where_decoding_does(prefetcher, tiers, spec):
+    blocks = BLOCKS[:5]
+    before = server_counts(spec)
+    prefetcher.submit(Plan(1, "s", spec, view=((0, 0, 0, 0),), blocks=tuple(blocks),
+                           decode=(True, True, True, False, False)))
+    assert wait_idle(prefetcher, 5)["issued"] == 5
+    batches, requests = server_counts(spec)
+    assert (batches - before[0], requests - before[1]) == (2, 5)
+    assert sorted(tiers.l1.keys()) == sorted(spec.block_key(i) for i in blocks[:3])
+    assert len(tiers.l2) == 5 and tiers.fetches == 5
+
+
+def test_batches_hold_at_most_batch_bytes_of_decoded_blocks(prefetcher, tiers, spec, monkeypatch):
+    monkeypatch.setattr("tierscope.dask.prefetcher.BATCH_BYTES", 3 * spec.block_nbytes)
+    before = server_counts(spec)
+    prefetcher.submit(plan(spec, 1, BLOCKS[:7]))
+    wait_idle(prefetcher, 7)
+    assert server_counts(spec)[0] - before[0] == 3  # 3 + 3 + 1 blocks
+
+
 def test_positions_take_turns(prefetcher, tiers, spec):
+    batches = []
+    load = tiers.prefetch
+    tiers.prefetch = lambda s, blocks: batches.append(blocks[0][0]) or load(s, blocks)
     tiers.user_idle.clear()
-    prefetcher.submit(plan(spec, 1, BLOCKS[:6], session="a"))
-    prefetcher.submit(plan(spec, 1, BLOCKS[6:12], session="b"))
+    prefetcher.submit(plan(spec, 1, BLOCKS[:12], session="a"))
+    prefetcher.submit(plan(spec, 1, BLOCKS[12:24], session="b"))
     tiers.user_idle.set()
-    assert wait_idle(prefetcher, 12)["issued"] == 12
+    assert wait_idle(prefetcher, 24)["issued"] == 24
+    assert batches == [BLOCKS[0], BLOCKS[12], BLOCKS[8], BLOCKS[20]]  # batches of 8: a, b, a, b
 
 
 def test_user_loads_and_prefetch_share_one_fetch_per_block(prefetcher, tiers, spec):

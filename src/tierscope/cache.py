@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import CancelledError, Future
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, TypeVar
@@ -150,6 +150,34 @@ class TierCache(Generic[V]):
             raise
         self._finish(key, flight, value)
         return value
+
+    def load_many(
+        self, keys: Sequence[Hashable], loader: Callable[[list[Hashable]], Sequence[V]]
+    ) -> dict[Hashable, V]:
+        """Prefetch: load, with one ``loader`` call, the ``keys`` neither cached nor in flight.
+
+        Each loaded key is a flight of its own while ``loader`` runs, so a user lookup of it joins the
+        batch instead of fetching again. Returns the values this call loaded (also those too big to keep).
+        """
+        owned: list[tuple[Hashable, _Flight]] = []
+        for key in dict.fromkeys(keys):
+            _, flight, owner = self._lookup(key, prefetch=True)
+            if owner:
+                owned.append((key, flight))
+        if not owned:
+            return {}
+        try:
+            values = list(loader([key for key, _ in owned]))
+            if len(values) != len(owned):
+                raise ValueError(f"{self.name}: the batch loader returned {len(values)} values "
+                                 f"for {len(owned)} keys")
+        except BaseException as exc:
+            for key, flight in owned:
+                self._fail(key, flight, exc)
+            raise
+        for (key, flight), value in zip(owned, values, strict=True):
+            self._finish(key, flight, value)
+        return {key: value for (key, _), value in zip(owned, values, strict=True)}
 
     async def aget_or_load(
         self, key: Hashable, loader: Callable[[], Awaitable[V]], prefetch: bool = False

@@ -3,8 +3,9 @@
 Plans arrive as stream messages on the worker's event loop; the handler only queues them, and one
 background thread does the fetching and decoding, so the event loop never waits on I/O or a decode. Each
 plan belongs to one position — (session, dataset, variable, tol) — and carries an epoch: a newer plan for
-the same position drops the queued remainder of the older one (counted as cancelled). Before each block
-the thread waits until no user load is running on this worker, so user loads always go first.
+the same position drops the queued remainder of the older one (counted as cancelled). Before each batch
+the thread waits until no user load is running on this worker, so user loads always go first; a batch
+of small blocks crosses the network in one round trip.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ logger = logging.getLogger(__name__)
 PLAN_OP = "tierscope-prefetch"  # the stream message op that carries a Plan to a worker
 # How long the prefetch thread waits for user loads to finish before it looks again (and at shutdown).
 USER_WAIT_S = 0.5
+# A prefetch batch: at most this many blocks, and this many bytes once decoded.
+MAX_BATCH_BLOCKS = 8
+BATCH_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -80,39 +84,50 @@ class Prefetcher:
             self._cond.notify()
         self._thread.join(timeout=5)
 
-    def _next(self) -> tuple[Plan, BlockIndex, bool] | None:
-        """The next block, round robin over positions; None once closed."""
-        with self._cond:
-            while not self._closed and not self._queues:
-                self._cond.wait()
-            if self._closed:
-                return None
-            key = next(iter(self._queues))
-            queue = self._queues.pop(key)
-            item = queue.popleft()
-            if queue:
-                self._queues[key] = queue  # to the back: positions take turns
-            return item
+    def _next(self) -> tuple[Plan, list[tuple[BlockIndex, bool]]] | None:
+        """The next batch, taken once no user load runs, round robin over positions; None once closed.
+
+        A batch is the head of one position's queue, up to ``MAX_BATCH_BLOCKS`` and ``BATCH_BYTES`` of
+        decoded blocks, all bound for L1 or all for L2 only: one round trip to the server for many small
+        blocks, one at a time for big ones, and the next view's blocks never wait on L2-only ones.
+        """
+        while True:
+            with self._cond:
+                while not self._closed and not self._queues:
+                    self._cond.wait()
+            while not self.tiers.user_idle.wait(USER_WAIT_S):
+                if self._closed:
+                    return None
+            with self._cond:
+                if self._closed:
+                    return None
+                if not self._queues:  # a newer, empty share cancelled it all while users ran
+                    continue
+                key = next(iter(self._queues))
+                queue = self._queues.pop(key)
+                plan = queue[0][0]
+                size = max(1, min(MAX_BATCH_BLOCKS, BATCH_BYTES // max(plan.spec.block_nbytes, 1)))
+                decode = queue[0][2]
+                batch = []
+                while queue and len(batch) < size and queue[0][2] == decode:
+                    batch.append(queue.popleft()[1:])
+                if queue:
+                    self._queues[key] = queue  # to the back: positions take turns
+                return plan, batch
 
     def _run(self) -> None:
         while (item := self._next()) is not None:
-            while not self.tiers.user_idle.wait(USER_WAIT_S):
-                if self._closed:
-                    return
-            plan, index, decode = item
-            with self._cond:  # a newer plan may have arrived while this one waited
-                if plan.epoch < self._epochs.get(plan.position, -1):
-                    self.counts["cancelled"] += 1
-                    continue
+            plan, batch = item
             try:
-                loaded = self.tiers.prefetch(plan.spec, index, decode)
+                loaded = self.tiers.prefetch(plan.spec, batch)
             except Exception as exc:  # a prefetch failure must never reach the user; the load retries
-                logger.warning("prefetch of block %s of %r failed: %s", index, plan.spec.variable, exc)
+                logger.warning("prefetch of %d blocks of %r failed: %s", len(batch), plan.spec.variable, exc)
                 with self._cond:
-                    self.counts["failed"] += 1
+                    self.counts["failed"] += len(batch)
                 continue
             with self._cond:
-                self.counts["issued" if loaded else "skipped"] += 1
+                self.counts["issued"] += loaded
+                self.counts["skipped"] += len(batch) - loaded
 
     def stats(self) -> dict[str, int]:
         """Plans received; blocks loaded (issued), already held (skipped), dropped by newer plans

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.serialize import ToPickle
 
@@ -165,7 +163,7 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
 
     def _block_nbytes(self, scheduler: Scheduler, spec: BlockSpec) -> tuple[float, float]:
         """Decoded block size (exact) and the workers' measured average encoded (L2) block size."""
-        decoded = math.prod(spec.grid.block) * np.dtype(spec.dtype).itemsize
+        decoded = spec.block_nbytes
         blocks = nbytes = 0
         for ws in scheduler.workers.values():
             l2 = ws.metrics.get("tierscope", {}).get("l2", {})

@@ -6,10 +6,11 @@ elsewhere (dask's local schedulers, or no dask at all). Loads are single-flight 
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,11 @@ class BlockSpec:
     grid: BlockGrid
     dtype: str  # numpy dtype string of the raw values (sizes a decoded block)
     time_axis: int | None = 0
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes of one decoded (full) block."""
+        return math.prod(self.grid.block) * np.dtype(self.dtype).itemsize
 
     def block_key(self, index: BlockIndex) -> Hashable:
         """The brief's block key (dataset, variable, tol, block index), the dataset named by its URL."""
@@ -93,16 +99,22 @@ class WorkerTiers:
                 if not self._user_loads:
                     self.user_idle.set()
 
-    def prefetch(self, spec: BlockSpec, index: BlockIndex, decode: bool) -> bool:
-        """Bring a block into L2 (and L1 when ``decode``); False when it was already there."""
-        key = spec.block_key(index)
-        if key in self.l1 or (not decode and key in self.l2):
-            return False
-        if decode:
-            self.l1.get_or_load(key, lambda: self._decode(spec, index, key, "prefetch"), prefetch=True)
-        else:
-            self.l2.get_or_load(key, lambda: self._fetch(spec, index, "prefetch"), prefetch=True)
-        return True
+    def prefetch(self, spec: BlockSpec, blocks: Sequence[tuple[BlockIndex, bool]]) -> int:
+        """Bring blocks into L2, and into L1 those marked ``decode``; returns how many were not there.
+
+        The missing frames cross the transport in one batch request; blocks already cached or being
+        loaded (by a user load, say) are left to that load.
+        """
+        wanted = [(spec.block_key(index), index, decode) for index, decode in blocks]
+        wanted = [w for w in wanted if w[0] not in self.l1 and (w[2] or w[0] not in self.l2)]
+        indices = {key: index for key, index, _ in wanted}
+        frames = self.l2.load_many(list(indices), lambda keys: self._fetch_many(
+            spec, [indices[k] for k in keys], "prefetch"))
+        for key, index, decode in wanted:
+            if decode:  # from the batch's own frame: L2 may be too small to have kept it
+                load = functools.partial(self._decode, spec, index, key, "prefetch", frames.get(key))
+                self.l1.get_or_load(key, load, prefetch=True)
+        return len(wanted)
 
     def set_view(self, session: str, spec: BlockSpec, view: tuple[BlockIndex, ...]) -> None:
         """The session's current view of ``spec``'s variable (from the scheduler plugin's plan)."""
@@ -117,9 +129,12 @@ class WorkerTiers:
         entry = self._views.get((url, variable, tol))
         return math.inf if entry is None else entry[2].distance(index, entry[3])
 
-    def _decode(self, spec: BlockSpec, index: BlockIndex, key: Hashable, purpose: str) -> Any:
-        prefetch = purpose == "prefetch"
-        frame = self.l2.get_or_load(key, lambda: self._fetch(spec, index, purpose), prefetch=prefetch)
+    def _decode(
+        self, spec: BlockSpec, index: BlockIndex, key: Hashable, purpose: str, frame: bytes | None = None
+    ) -> Any:
+        if frame is None:
+            frame = self.l2.get_or_load(key, lambda: self._fetch(spec, index, purpose),
+                                        prefetch=purpose == "prefetch")
         t0 = time.perf_counter()
         block = codec.decode(frame, device=self.device)
         if self._xp is np:
@@ -137,13 +152,28 @@ class WorkerTiers:
             spec.source.dataset, spec.variable, index, spec.tol, purpose=purpose,
             session=session, position=view,
         )
-        elapsed = time.perf_counter() - t0
-        with self._lock:
-            self.fetches += 1
-            stages = self._stages(purpose)
-            stages["server"] += fetched.server_s
-            stages["network"] += max(elapsed - fetched.server_s, 0.0)
+        self._count_fetch(purpose, 1, time.perf_counter() - t0, fetched.server_s)
         return fetched.frame
+
+    def _fetch_many(self, spec: BlockSpec, indices: list[BlockIndex], purpose: str) -> list[bytes]:
+        """One batch round trip. The server serves a batch's blocks concurrently, so its wall time is
+        the slowest block's, and the rest of the round trip is network."""
+        session, view = self._position(spec)
+        t0 = time.perf_counter()
+        fetched = spec.source.transport().fetch_many(
+            spec.source.dataset, spec.variable, indices, spec.tol, purpose=purpose,
+            session=session, position=view,
+        )
+        self._count_fetch(purpose, len(fetched), time.perf_counter() - t0, max(f.server_s for f in fetched))
+        return [f.frame for f in fetched]
+
+    def _count_fetch(self, purpose: str, blocks: int, elapsed: float, server_s: float) -> None:
+        """A round trip's blocks, and its time split into the server's and the network's share."""
+        with self._lock:
+            self.fetches += blocks
+            stages = self._stages(purpose)
+            stages["server"] += server_s
+            stages["network"] += max(elapsed - server_s, 0.0)
 
     def _stages(self, purpose: str) -> dict[str, float]:
         return self.stage_s if purpose == "user" else self.prefetch_stage_s
