@@ -210,6 +210,24 @@ def test_replay_end_to_end(data, cluster, tmp_path):
     assert "| tierscope-0111 |" in table and "**wandering**, link 1000mbit,0.1ms" in table
 
 
+def test_a_failing_system_is_noted_and_the_others_still_run(data, cluster, tmp_path):
+    from distributed import Client
+
+    from tierscope.bench.systems import DataPaths
+
+    broken = DataPaths(data.zarr, data.tiledb, tmp_path / "gone.h5", "u")  # the HDF5 copy went missing
+    seqs = [generate("playback", BlockGrid(SHAPE, BLOCK), 2, seed=3)]
+    cond = Condition(None, think_ms=0.0, tol_rel=0.0, tol=0.0, sizes=TierSizes())
+    failures = []
+    with Client(cluster) as client:
+        records = replay(seqs, ["hdf5", "zarr-local"], broken, client, [cond], failures=failures)
+        assert [r["system"] for r in records] == ["zarr-local"] and records[0]["mismatches"] == 0
+        assert [(f["system"], f["sequence"]) for f in failures] == [("hdf5", seqs[0].name)]
+        assert "gone.h5" in failures[0]["error"]
+        with pytest.raises(OSError, match="gone.h5"):  # without a failures list the error propagates
+            replay(seqs, ["hdf5"], broken, client, [cond])
+
+
 def test_plots_with_a_sweep_from_hand_made_records(tmp_path):
     from tierscope.bench.plots import plot_results
 

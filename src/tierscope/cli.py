@@ -98,6 +98,9 @@ def _cmd_bench_replay(args: argparse.Namespace) -> None:
     print(format_table(results["records"]))
     bad = [r for r in results["records"] if r["mismatches"] and r["bounded"]]
     print(f"wrote {args.bench_out}/results.json and {len(results.get('plots', []))} plots")
+    if results["failures"]:
+        raise ValueError(f"{len(results['failures'])} runs failed: " + "; ".join(
+            f"{f['system']} {f['sequence']}: {f['error']}" for f in results["failures"][:3]))
     if bad:
         raise ValueError(f"{len(bad)} runs returned values outside tol: "
                          + "; ".join(f"{r['system']} {r['sequence']}: {r['errors'][0]}" for r in bad[:3]))

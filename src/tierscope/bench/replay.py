@@ -305,11 +305,15 @@ def replay(
     conditions: SequenceABC[Condition],
     repeat: int = 1,
     progress: Callable[[str], Callable[[], None]] | None = None,
+    failures: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Replay every sequence against every system under every condition; one record per combination.
 
     Conditions sharing a link share one ``Testbed`` (servers and link proxies). ``progress(label)``
-    returns the per-view callback (and is told what runs next).
+    returns the per-view callback (and is told what runs next). With a ``failures`` list, a system that
+    raises is noted there (system, pattern, sequence, condition, error) and the run goes on with the
+    others, so one broken baseline does not lose an hour of measurements; without one, the error
+    propagates.
     """
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
@@ -332,12 +336,19 @@ def replay(
                         run = _Run()
                         tick = progress(f"{name} {seq.name} {cond.describe()['link']}") if progress \
                             else (lambda: None)
-                        for _ in range(repeat):
-                            run.setup_s.append(system.setup(bed, cond.tol))
-                            try:
-                                _replay_once(system, seq, cond, ref, run, tick)
-                            finally:
-                                system.teardown()
+                        try:
+                            for _ in range(repeat):
+                                run.setup_s.append(system.setup(bed, cond.tol))
+                                try:
+                                    _replay_once(system, seq, cond, ref, run, tick)
+                                finally:
+                                    system.teardown()
+                        except Exception as exc:
+                            if failures is None:
+                                raise
+                            failures.append({"system": name, "pattern": seq.pattern, "sequence": seq.name,
+                                             **cond.describe(), "error": f"{type(exc).__name__}: {exc}"})
+                            continue
                         records.append(_record(name, system, seq, cond, run, repeat))
     add_ratios(records)
     return records
@@ -493,15 +504,19 @@ def run_bench(
     start, close = _progress(total, log)
     logging.getLogger("distributed").setLevel(logging.ERROR)
     t0, machine = time.perf_counter(), _machine()
+    failures: list[dict[str, Any]] = []
     try:
         with (
             LocalCluster(n_workers=spec.workers, threads_per_worker=spec.threads, processes=True,
                          dashboard_address=None, silence_logs=logging.ERROR) as cluster,
             Client(cluster) as client,
         ):
-            records = replay(seqs, names, data, client, conditions, repeat=repeat, progress=start)
+            records = replay(seqs, names, data, client, conditions, repeat=repeat, progress=start,
+                             failures=failures)
     finally:
         close()
+    for failure in failures:
+        log(f"{failure['system']} failed on {failure['sequence']} ({failure['link']}): {failure['error']}")
     results = {
         "machine": {**machine, "load_average_after": os.getloadavg()},
         "preset": {**asdict(spec), "sizes": asdict(spec.sizes)},
@@ -509,6 +524,7 @@ def run_bench(
                 "value_range": span, "links": list(links), "systems": names, "sequences": sequences,
                 "repeat": repeat, "sweep": sweep, "seed": seed, "wall_s": time.perf_counter() - t0},
         "records": records,
+        "failures": failures,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     if plots:

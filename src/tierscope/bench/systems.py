@@ -195,13 +195,19 @@ class System(abc.ABC):
 class _XarraySystem(System):
     """Views as ``DataArray.isel(...).values``."""
 
+    dataset: Any = None
     array: Any = None
+
+    def _open(self, dataset: Any, variable: str) -> None:
+        self.dataset, self.array = dataset, dataset[variable]
 
     def read(self, view: View) -> np.ndarray:
         return np.asarray(self.array.isel(view.isel(self.array.dims)).values)
 
     def teardown(self) -> None:
-        self.array = None
+        if self.dataset is not None:
+            self.dataset.close()
+        self.dataset = self.array = None
 
 
 class TierscopeSystem(_XarraySystem):
@@ -238,8 +244,8 @@ class TierscopeSystem(_XarraySystem):
             warnings.filterwarnings("ignore", "Scheduler already contains a plugin", UserWarning)
             tierscope.connect(bed.client, l1=self._size("l1"), l2=self._size("l2"),
                               policy=self.sizes.policy, prefetch=self.sizes.prefetch)
-        ds = xr.open_dataset(f"{url}/datasets/{bed.data.name}", engine="tierscope", tol=tol)
-        self.array = ds[bed.data.variable]
+        self._open(xr.open_dataset(f"{url}/datasets/{bed.data.name}", engine="tierscope", tol=tol),
+                   bed.data.variable)
         return time.perf_counter() - t0
 
     def snapshot(self) -> dict[str, Any]:
@@ -317,8 +323,7 @@ class ZarrHttpSystem(_XarraySystem):
 
         url = bed.static_url()
         t0 = time.perf_counter()
-        ds = xr.open_zarr(url, consolidated=False, chunks={})
-        self.array = ds[bed.data.variable]
+        self._open(xr.open_zarr(url, consolidated=False, chunks={}), bed.data.variable)
         return time.perf_counter() - t0
 
 
@@ -331,7 +336,7 @@ class ZarrLocalSystem(_XarraySystem):
         import xarray as xr
 
         t0 = time.perf_counter()
-        self.array = xr.open_zarr(bed.data.zarr, consolidated=False, chunks={})[bed.data.variable]
+        self._open(xr.open_zarr(bed.data.zarr, consolidated=False, chunks={}), bed.data.variable)
         return time.perf_counter() - t0
 
 
