@@ -314,3 +314,15 @@ def test_load_many_returns_values_too_big_to_keep_and_checks_the_loader():
     with pytest.raises(ValueError, match="returned 1 values for 2 keys"):
         cache.load_many(["p", "q"], lambda keys: [b"p"])
     assert cache.load_many(["p", "q"], lambda keys: [b"p", b"q"]) == {"p": b"p", "q": b"q"}
+
+
+def test_get_all_counts_hits_only_when_every_key_is_held():
+    cache = TierCache(1000)
+    cache.get_or_load("a", lambda: b"A", prefetch=True)
+    cache.get_or_load("b", lambda: b"B")
+    assert cache.get_all(["a", "c"]) is None
+    s = cache.stats
+    assert (s.hits, s.misses, s.prefetch_used) == (0, 1, 0)  # the partial answer counted nothing
+    assert cache.get_all(["a", "b"]) == [b"A", b"B"]
+    assert (s.hits, s.misses, s.prefetch_used) == (2, 1, 1)
+    assert cache.get_all([]) == []

@@ -4,7 +4,9 @@ Variables come back lazily indexed, in xarray's usual way, and CF-decoded by xar
 (``ds.u.isel(time=5, z=10).values`` or ``.plot()``) becomes one small dask graph of block-load tasks
 keyed ``(name, *block_index)``, one per stored block it touches, computed on the active Dask client (the
 scheduler sees which blocks the user is looking at) or on dask's local scheduler without one. Every block
-goes through the worker's L1/L2 tiers. ``chunks={}`` gives dask arrays chunked by the stored blocks.
+goes through the worker's L1/L2 tiers; a view whose blocks all sit in their owners' L1 is read from them
+directly, without a graph (``tierscope.dask.direct``). ``chunks={}`` gives dask arrays chunked by the
+stored blocks.
 
 Why not return dask arrays from the backend: xarray wraps every backend variable (``CopyOnWriteArray``),
 and dask's default optimisation fuses ``from_array`` loads into the slicing after them; see
@@ -45,6 +47,15 @@ def _inside_worker_task() -> bool:
     return True
 
 
+def _direct_read(spec: BlockSpec, dtype: np.dtype, key: tuple) -> np.ndarray | None:
+    """The view straight from its owners' L1 when a connected Dask client allows it (dask/direct.py)."""
+    try:
+        from tierscope.dask import direct
+    except ImportError:  # no distributed installed: dask's local schedulers only
+        return None
+    return direct.read(spec, dtype, key)
+
+
 class BlockArray(BackendArray):
     """One block-served variable; picklable (a source descriptor, never a connection)."""
 
@@ -62,10 +73,12 @@ class BlockArray(BackendArray):
         )
 
     def _getitem(self, key: tuple) -> np.ndarray:
-        selection = block_array(self.spec, self.dtype)[key]
         if _inside_worker_task():  # e.g. a chunks={} load: this worker's tiers, no nested graph
-            return np.asarray(selection.compute(scheduler="sync"))
-        return np.asarray(selection.compute())
+            return np.asarray(block_array(self.spec, self.dtype)[key].compute(scheduler="sync"))
+        direct = _direct_read(self.spec, self.dtype, key)
+        if direct is not None:
+            return direct
+        return np.asarray(block_array(self.spec, self.dtype)[key].compute())
 
 
 class TierscopeDataStore(AbstractDataStore):

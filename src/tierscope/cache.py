@@ -136,6 +136,20 @@ class TierCache(Generic[V]):
             entry = self._data.get(key)
             return None if entry is None else entry.value
 
+    def get_all(self, keys: Sequence[Hashable]) -> list[V] | None:
+        """User lookups of ``keys`` that all hit, or None and nothing counted when any one is missing.
+
+        For a reader that can only use the whole set (a direct view read): a partial answer must not
+        count hits that the reader's fallback will count again.
+        """
+        with self._lock:
+            entries = [self._data.get(key) for key in keys]
+            if any(entry is None for entry in entries):
+                return None
+            for key, entry in zip(keys, entries, strict=True):
+                self._touch(key, entry, prefetch=False)
+            return [entry.value for entry in entries]
+
     def get_or_load(self, key: Hashable, loader: Callable[[], V], prefetch: bool = False) -> V:
         """Return the value for ``key``, running ``loader`` at most once across threads."""
         entry, flight, owner = self._lookup(key, prefetch)
@@ -201,14 +215,7 @@ class TierCache(Generic[V]):
         with self._lock:
             entry = self._data.get(key)
             if entry is not None:
-                if self.policy != "fifo":
-                    self._data.move_to_end(key)
-                if not prefetch:
-                    self.stats.hits += 1
-                    entry.hits += 1
-                    if entry.unused_prefetch:
-                        entry.unused_prefetch = False
-                        self.stats.prefetch_used += 1
+                self._touch(key, entry, prefetch)
                 return entry, None, False  # type: ignore[return-value]
             flight = self._inflight.get(key)
             if flight is not None:
@@ -221,6 +228,17 @@ class TierCache(Generic[V]):
                 self.stats.misses += 1
             flight = self._inflight[key] = _Flight(prefetch)
             return None, flight, True
+
+    def _touch(self, key: Hashable, entry: _Entry, prefetch: bool) -> None:
+        """A lookup found ``entry`` (lock held): recency, and for a user lookup a hit."""
+        if self.policy != "fifo":
+            self._data.move_to_end(key)
+        if not prefetch:
+            self.stats.hits += 1
+            entry.hits += 1
+            if entry.unused_prefetch:
+                entry.unused_prefetch = False
+                self.stats.prefetch_used += 1
 
     def _fail(self, key: Hashable, flight: _Flight, exc: BaseException) -> None:
         with self._lock:

@@ -31,6 +31,7 @@ def connect(
     policy: str = "lru",
     prefetch: str = "auto",
     device: str = "auto",
+    direct: bool = True,
 ) -> Any:
     """Give every worker L1 (decoded) and L2 (encoded) tiers, and the scheduler tierscope's prefetch plugin.
 
@@ -39,6 +40,8 @@ def connect(
     ``policy``: lru, lfu, fifo or distance (evict the blocks farthest from the current view first);
     ``prefetch``: off, neighbourhood, momentum, playback or auto. ``device``: where workers decode and
     keep L1, "auto" (each worker's GPU when CuPy sees one), "cpu" or "gpu". Size 0 switches a tier off.
+    ``direct``: a view whose blocks all sit in their owners' L1 is read from them without a Dask graph
+    (one request per owner instead of a scheduler round trip; the scheduler plugin still hears of it).
     Calling again resets the tiers and the plugin. Returns the client (None without one).
     """
     l1_bytes, l2_bytes = _size(l1, "l1"), _size(l2, "l2")
@@ -50,12 +53,14 @@ def connect(
         return None
     from distributed import Client
 
+    from tierscope.dask.direct import disable, enable
     from tierscope.dask.plugin import TierscopeWorkerPlugin
     from tierscope.dask.scheduler import TierscopeSchedulerPlugin
 
     client = client_or_cluster if isinstance(client_or_cluster, Client) else Client(client_or_cluster)
     client.register_plugin(TierscopeWorkerPlugin(l1_bytes, l2_bytes, policy, device), name=PLUGIN_NAME)
     client.register_plugin(TierscopeSchedulerPlugin(prefetch, l1_bytes, l2_bytes))
+    (enable if direct else disable)(client)
     return client
 
 

@@ -19,7 +19,9 @@ from dask.highlevelgraph import HighLevelGraph, Layer, MaterializedLayer
 from tierscope.dask.tiers import BlockSpec, current_tiers
 from tierscope.grid import BlockIndex
 
-__all__ = ["BlockLayer", "BlockLoadTask", "block_array", "block_array_name", "load_block"]
+__all__ = [
+    "BlockLayer", "BlockLoadTask", "ReportedBlockLoadTask", "block_array", "block_array_name", "load_block",
+]
 
 
 def load_block(spec: BlockSpec, index: BlockIndex) -> np.ndarray:
@@ -37,12 +39,20 @@ class BlockLoadTask(Task):
         return True
 
 
+class ReportedBlockLoadTask(BlockLoadTask):
+    """A block load whose view the client already told the scheduler plugin (a direct read's remainder):
+    placed like any load, but not taken for the view itself."""
+
+    __slots__ = ()
+
+
 class BlockLayer(Layer):
     """All block-load tasks of one variable, materialised only for the keys a graph needs."""
 
-    def __init__(self, name: str, spec: BlockSpec) -> None:
+    def __init__(self, name: str, spec: BlockSpec, reported: bool = False) -> None:
         super().__init__()
         self.name, self.spec, self.grid = name, spec, spec.grid
+        self.task_type = ReportedBlockLoadTask if reported else BlockLoadTask
 
     def is_materialized(self) -> bool:
         return False
@@ -56,7 +66,7 @@ class BlockLayer(Layer):
         return set(self)
 
     def _task(self, key: tuple) -> BlockLoadTask:
-        return BlockLoadTask(key, load_block, self.spec, tuple(key[1:]))
+        return self.task_type(key, load_block, self.spec, tuple(key[1:]))
 
     def _owns(self, key: object) -> bool:
         return isinstance(key, tuple) and len(key) == self.grid.ndim + 1 and key[0] == self.name
@@ -88,11 +98,14 @@ def block_array_name(spec: BlockSpec, dtype: np.dtype) -> str:
     return f"tierscope-{spec.variable}-{tokenize(spec, np.dtype(dtype).str)}"
 
 
-def block_array(spec: BlockSpec, dtype: np.dtype):  # noqa: ANN201 - dask.array.Array
-    """A dask array whose chunks are the stored blocks and whose tasks are block loads."""
+def block_array(spec: BlockSpec, dtype: np.dtype, reported: bool = False):  # noqa: ANN201 - dask.array.Array
+    """A dask array whose chunks are the stored blocks and whose tasks are block loads.
+
+    ``reported``: the view these loads belong to was already told to the scheduler plugin.
+    """
     import dask.array as da
 
     name = block_array_name(spec, dtype)
-    graph = HighLevelGraph({name: BlockLayer(name, spec)}, {name: set()})
+    graph = HighLevelGraph({name: BlockLayer(name, spec, reported)}, {name: set()})
     meta = np.empty((0,) * spec.grid.ndim, dtype=dtype)
     return da.Array(graph, name, spec.grid.chunks, dtype=dtype, meta=meta)

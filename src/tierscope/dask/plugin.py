@@ -15,16 +15,19 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.protocol.serialize import Serialize
 
 from tierscope.dask.prefetcher import PLAN_OP, Plan, Prefetcher
-from tierscope.dask.tiers import PLUGIN_NAME, WorkerTiers
+from tierscope.dask.tiers import PLUGIN_NAME, BlockSpec, WorkerTiers
 
 if TYPE_CHECKING:
     from distributed import Worker
 
-__all__ = ["TierscopeWorkerPlugin", "worker_stats"]
+__all__ = ["READ_OP", "TierscopeWorkerPlugin", "worker_stats"]
 
 logger = logging.getLogger(__name__)
+
+READ_OP = "tierscope_read"  # the worker handler that answers a direct read (``tierscope.dask.direct``)
 
 
 class TierscopeWorkerPlugin(WorkerPlugin):
@@ -48,11 +51,13 @@ class TierscopeWorkerPlugin(WorkerPlugin):
                 "the worker may spill or pause", self.l1, self.l2, worker.address, limit,
             )
         worker.stream_handlers[PLAN_OP] = self._on_plan
+        worker.handlers[READ_OP] = self._on_read
         worker.metrics["tierscope"] = lambda w: self._summary()
         _process_collector().plugins[worker.address] = self
 
     def teardown(self, worker: Worker) -> None:
         worker.stream_handlers.pop(PLAN_OP, None)
+        worker.handlers.pop(READ_OP, None)
         worker.metrics.pop("tierscope", None)
         _process_collector().plugins.pop(worker.address, None)
         if self.prefetcher is not None:
@@ -62,6 +67,14 @@ class TierscopeWorkerPlugin(WorkerPlugin):
     def _on_plan(self, plan: Plan) -> None:
         if self.prefetcher is not None:
             self.prefetcher.submit(plan)
+
+    def _on_read(self, spec: BlockSpec, parts: list) -> list[Serialize] | None:
+        """A direct read (``tierscope.dask.direct``): the parts if all their blocks are in L1, else None."""
+        if self.tiers is None:
+            return None
+        pieces = [(tuple(index), tuple(slice(a, b) for a, b in part)) for index, part in parts]
+        got = self.tiers.read_cached(spec, pieces)
+        return None if got is None else [Serialize(values) for values in got]
 
     def _summary(self) -> dict[str, Any]:
         """What the scheduler plugin needs each heartbeat: tier occupancy."""

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.serialize import ToPickle
 
-from tierscope.dask.graph import BlockLoadTask
+from tierscope.dask.graph import BlockLoadTask, ReportedBlockLoadTask
 from tierscope.dask.prefetcher import PLAN_OP, Plan
 from tierscope.dask.tiers import DEFAULT_L1, DEFAULT_L2, BlockSpec
 from tierscope.grid import BlockIndex
@@ -34,11 +34,12 @@ from tierscope.server.stats import Distribution
 if TYPE_CHECKING:
     from distributed import Scheduler
 
-__all__ = ["SCHEDULER_PLUGIN_NAME", "TierscopeSchedulerPlugin", "owner_of"]
+__all__ = ["SCHEDULER_PLUGIN_NAME", "VIEW_OP", "TierscopeSchedulerPlugin", "owner_of"]
 
 logger = logging.getLogger(__name__)
 
 SCHEDULER_PLUGIN_NAME = "tierscope-prefetch"
+VIEW_OP = "tierscope-view"  # the client stream message that reports a view read directly from L1
 
 
 def owner_of(spec: BlockSpec, index: BlockIndex, workers: Sequence[str]) -> str:
@@ -77,6 +78,12 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
 
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
+        scheduler.stream_handlers[VIEW_OP] = self._on_reported_view
+
+    async def close(self) -> None:
+        handlers = self.scheduler.stream_handlers if self.scheduler is not None else {}
+        if handlers.get(VIEW_OP) == self._on_reported_view:
+            del handlers[VIEW_OP]
 
     def update_graph(self, scheduler: Scheduler, *, client: str, tasks: list, **kwargs: Any) -> None:
         now = time.time()
@@ -96,7 +103,19 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
                     ts.loose_restrictions = True
                 self._submitted[ts.key] = now
             self.counts["loads"] += len(loads)
-            self._on_view(scheduler, client, spec, [index for _, index in loads], workers)
+            if not all(isinstance(ts.run_spec, ReportedBlockLoadTask) for ts, _ in loads):
+                self._on_view(scheduler, client, spec, [index for _, index in loads], workers)
+
+    def _on_reported_view(self, client: str, spec: ToPickle | BlockSpec, blocks: list, **kwargs: Any) -> None:
+        """A view a client read directly from its owners' L1 (``tierscope.dask.direct``): no graph came."""
+        spec = spec.data if isinstance(spec, ToPickle) else spec
+        if self.scheduler is None or not isinstance(spec, BlockSpec):
+            return
+        try:
+            view = [tuple(int(i) for i in index) for index in blocks]
+            self._on_view(self.scheduler, client, spec, view, sorted(self.scheduler.workers))
+        except (TypeError, ValueError) as exc:  # a malformed message must not break the client's stream
+            logger.warning("ignored a malformed %s message from %s: %s", VIEW_OP, client, exc)
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         """Queue time of user loads: from the graph's arrival to the start of the load on a worker."""

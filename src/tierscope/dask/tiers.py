@@ -99,6 +99,21 @@ class WorkerTiers:
                 if not self._user_loads:
                     self.user_idle.set()
 
+    def read_cached(
+        self, spec: BlockSpec, pieces: Sequence[tuple[BlockIndex, tuple[slice, ...]]]
+    ) -> list[np.ndarray] | None:
+        """Host copies of parts of blocks all held decoded in L1 (hits counted), else None.
+
+        Cheap enough for the worker's event loop: lookups and copies of cached arrays, no fetch or decode.
+        """
+        blocks = self.l1.get_all([spec.block_key(index) for index, _ in pieces])
+        if blocks is None:
+            return None
+        parts = [block[part] for block, (_, part) in zip(blocks, pieces, strict=True)]
+        if self._xp is np:
+            return [np.array(p) for p in parts]  # copies: a cached array is never handed out
+        return [_host_copy(self._xp, p, spec.dtype) for p in parts]
+
     def prefetch(self, spec: BlockSpec, blocks: Sequence[tuple[BlockIndex, bool]]) -> int:
         """Bring blocks into L2, and into L1 those marked ``decode``; returns how many were not there.
 

@@ -1,0 +1,183 @@
+"""Direct reads: a view whose blocks all sit decoded in their owners' L1 skips the Dask graph.
+
+A graph is a scheduler round trip — submitted, placed, dispatched to the owners, gathered back — which
+took 30-80 ms per view on a busy 2-core machine even when every block was an L1 hit
+(docs/benchmarks-harness.md). For such a view the client asks each owner worker once, over Dask's own
+connection pool (worker handler ``tierscope_read``), for its blocks' parts. An owner answers only when it
+holds all of its share in L1, and only then counts those hits; otherwise it answers None and counts
+nothing. Before the reads the client tells the scheduler plugin the view (stream message
+``tierscope-view``), so prefetch moves on exactly as after a graph. Blocks whose owner did not answer load
+through the usual graph, as ``ReportedBlockLoadTask``s: placed on their owners, not taken for a new view.
+
+Only for clients that ``tierscope.connect`` set up (their workers have the handler) and for basic
+selections with unit steps; every other read takes the graph. The view message rides the client's
+batched stream to the scheduler (``Client._send_to_scheduler``, private: the stream every graph takes;
+tests/test_direct.py covers it), so it costs no round trip and arrives in order with the graphs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+from distributed.protocol.serialize import ToPickle
+
+from tierscope.dask.graph import block_array
+from tierscope.dask.plugin import READ_OP
+from tierscope.dask.scheduler import VIEW_OP, owner_of
+from tierscope.dask.tiers import BlockSpec
+from tierscope.grid import BlockGrid, BlockIndex
+
+__all__ = ["Piece", "disable", "enable", "pieces", "read"]
+
+logger = logging.getLogger(__name__)
+
+WORKERS_TTL_S = 2.0  # how long a client's list of workers (for owner hashing) is reused
+
+
+class Piece(NamedTuple):
+    """The part of one block a selection takes, and where that part goes in the result."""
+
+    index: BlockIndex
+    part: tuple[slice, ...]  # within the block
+    dest: tuple[slice, ...]  # within the result (integer keys kept as length-1 axes)
+    source: tuple[slice, ...]  # within the whole array
+
+
+def pieces(grid: BlockGrid, key: Sequence[int | slice]) -> tuple[list[Piece], tuple[int, ...]] | None:
+    """The pieces of a basic selection and the result's shape (integer keys as length 1), or None when
+    the selection is empty or steps by anything but 1."""
+    if len(key) != grid.ndim:
+        return None
+    ranges = []
+    for k, n in zip(key, grid.shape, strict=True):
+        if isinstance(k, slice):
+            start, stop, step = k.indices(n)
+            if step != 1 or start >= stop:
+                return None
+        else:
+            start = int(k) + n if int(k) < 0 else int(k)
+            if not 0 <= start < n:
+                return None
+            stop = start + 1
+        ranges.append((start, stop))
+    per_axis = []
+    for (start, stop), b in zip(ranges, grid.block, strict=True):
+        axis = []
+        for i in range(start // b, (stop - 1) // b + 1):
+            lo, hi = max(start, i * b), min(stop, (i + 1) * b)
+            axis.append((i, slice(lo - i * b, hi - i * b), slice(lo - start, hi - start), slice(lo, hi)))
+        per_axis.append(axis)
+    out = [
+        Piece(*(tuple(a[j] for a in combo) for j in range(4)))
+        for combo in itertools.product(*per_axis)
+    ]
+    return out, tuple(stop - start for start, stop in ranges)
+
+
+class _Workers:
+    """One client's sorted worker addresses, refreshed every ``WORKERS_TTL_S`` or after a failed read."""
+
+    def __init__(self) -> None:
+        self.addresses: list[str] = []
+        self.fetched = -float("inf")
+
+
+_lock = threading.Lock()
+_enabled: dict[str, _Workers] = {}  # client id -> its workers
+
+
+def enable(client: Any) -> None:
+    """Let this client's views read directly (``connect`` gave its workers the handler)."""
+    with _lock:
+        _enabled.setdefault(client.id, _Workers())
+
+
+def disable(client: Any) -> None:
+    with _lock:
+        _enabled.pop(client.id, None)
+
+
+def _client() -> Any:
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except (ImportError, ValueError):
+        return None
+    if client.asynchronous or client.status != "running" or client.id not in _enabled:
+        return None
+    return client
+
+
+def _workers(client: Any, refresh: bool = False) -> list[str]:
+    with _lock:
+        entry = _enabled.get(client.id)
+        if entry is None:
+            return []
+        stale = refresh or time.monotonic() - entry.fetched > WORKERS_TTL_S
+    if stale:
+        addresses = sorted(client.scheduler_info(n_workers=-1)["workers"])
+        with _lock:
+            entry.addresses, entry.fetched = addresses, time.monotonic()
+    return entry.addresses
+
+
+async def _ask_owners(client: Any, spec: BlockSpec, shares: dict[str, list[Piece]]) -> dict[str, Any]:
+    """Each owner's parts (a sequence), None where it lacks some in L1, False where asking failed."""
+
+    async def ask(worker: str, share: list[Piece]) -> Sequence[np.ndarray] | None | bool:
+        wire = [[list(p.index), [[s.start, s.stop] for s in p.part]] for p in share]
+        try:
+            return await getattr(client.rpc(worker), READ_OP)(spec=ToPickle(spec), parts=wire)
+        except Exception as exc:  # a worker gone or without the handler: its blocks take the graph
+            logger.debug("direct read from %s failed: %s", worker, exc)
+            return False
+
+    answers = await asyncio.gather(*(ask(w, s) for w, s in shares.items()))
+    return dict(zip(shares, answers, strict=True))
+
+
+def read(spec: BlockSpec, dtype: np.dtype, key: Sequence[int | slice]) -> np.ndarray | None:
+    """The selection ``key`` of ``spec``'s variable, read directly where the owners hold it in L1 and
+    through the graph elsewhere; None when direct reads do not apply (no connected client, a stepped
+    or empty selection)."""
+    client = _client()
+    planned = pieces(spec.grid, key) if client is not None else None
+    if planned is None:
+        return None
+    parts, shape = planned
+    workers = _workers(client)
+    if not workers:
+        return None
+    shares: defaultdict[str, list[Piece]] = defaultdict(list)
+    for piece in parts:
+        shares[owner_of(spec, piece.index, workers)].append(piece)
+    view = [list(p.index) for p in parts]
+    client._send_to_scheduler({"op": VIEW_OP, "spec": ToPickle(spec), "blocks": view})
+    answers = client.sync(_ask_owners, client, spec, dict(shares))
+    out = np.empty(shape, dtype=dtype)
+    missing = []
+    for worker, share in shares.items():
+        got = answers[worker]
+        if not isinstance(got, list | tuple) or len(got) != len(share):  # None: not all in L1; False: failed
+            missing.extend(share)
+            continue
+        for piece, values in zip(share, got, strict=True):
+            out[piece.dest] = values
+    if missing:
+        import dask
+
+        loads = block_array(spec, dtype, reported=True)
+        for piece, values in zip(missing, dask.compute(*(loads[p.source] for p in missing)), strict=True):
+            out[piece.dest] = values
+        if any(answer is False for answer in answers.values()):
+            _workers(client, refresh=True)  # maybe a worker left: hash over the current ones next time
+    return out[tuple(0 if isinstance(k, int | np.integer) else slice(None) for k in key)]
