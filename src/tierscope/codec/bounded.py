@@ -18,10 +18,13 @@ Modes (``params["mode"]``) and their payload (one zstd frame, content size recor
               params: level, mode, step, rdtype, n_outliers
     interp    codes k on a lattice 2**frac_bits finer than step, rebuilt level by level by
               multilevel cubic/linear interpolation of already-decoded codes plus a residual
-              in whole steps (:func:`predictors.interp_encode`); residuals of every point but
-              the origin (whose code is ``anchor``) in step order, bit planes;
-              unit = step * 2**-frac_bits.
-              params: level, mode, step, frac_bits, order, anchor, rdtype, shuffle, n_outliers
+              (:func:`predictors.interp_encode`); residuals of every point but the origin
+              (whose code is ``anchor``) in step order, bit or crumb planes (``shuffle``);
+              unit = step * 2**-frac_bits.  ``axes``: the axis order within a level (absent:
+              0, 1, ...); ``units``: per level, finest first, the lattice units one residual
+              counts (absent: 2**frac_bits, one step, at every level).
+              params: level, mode, step, frac_bits, order, axes, [units], anchor, rdtype,
+              shuffle, n_outliers
     lossless  exactly a ``zstd`` codec payload.  params: level, mode
 
 A lossy payload decompresses to exactly ``R + k * 8 + k * itemsize`` bytes: the ``R`` residual
@@ -29,7 +32,13 @@ bytes, then the ``k`` outliers' flat C-order indices as little-endian int64 delt
 index, then differences >= 1), then their raw values as little-endian floats of the frame dtype.
 
 ``lorenzo`` decodes with prefix sums, ``interp`` compresses far better at loose bounds (its
-prediction absorbs the quantisation noise), ``bounded`` encodes both and keeps the smaller frame.
+prediction absorbs the quantisation noise), ``bounded`` encodes both and keeps the smaller frame
+(interp only when at least 1% smaller: lorenzo decodes 2-3x faster).  ``interp`` itself keeps the smallest of up to four candidates: bit and crumb planes of the
+one-step residuals and, when at least 4/5 of those are zero (smooth data, loose bounds), of
+SZ3's level-wise bound (level j's unit is one step / min(1.75**j, 4)): more precise coarse
+levels improve every finer prediction on such data, and cost more than they save elsewhere.
+Its planes go through zstd with lazy2 matching and >= 6-byte matches (:func:`_compressor`).
+
 Every mode's decode is one function of an array namespace ``xp`` (``decode_device``): NumPy on
 the CPU, CuPy on a GPU, bit-identical results; so is the encode up to the zstd stage
 (``encode_device``), which gives byte-identical frames.  The lossless path is also used for empty
@@ -57,8 +66,10 @@ from .lossless import (
 )
 from .predictors import (
     INTERP_ORDERS,
+    interp_axes,
     interp_decode,
     interp_encode,
+    interp_levels,
     lorenzo_integrate,
     lorenzo_residuals,
 )
@@ -74,6 +85,15 @@ __all__ = ["BoundedCodec", "InterpCodec", "LorenzoCodec"]
 
 MAX_FRAC_BITS = 8
 _LOSSY_MODES = ("lorenzo", "interp")
+# candidates compete on payload size x weight: lorenzo decodes 2-3x faster than interp on a CPU,
+# so interp must be at least 1% smaller to be kept
+_SIZE_WEIGHT = {"lorenzo": 99, "interp": 100}
+_INTERP_SHUFFLES = ("bit", "crumb")  # both are tried; byte planes never win on interp residuals
+# SZ3's level-wise error bound: level j (0 = finest) gets eb / min(ALPHA**j, BETA) ...
+_TIGHT_ALPHA, _TIGHT_BETA = 1.75, 4.0
+# ... tried only when at least 4/5 of the one-step residuals are zero (smooth data or loose
+# bounds: there better coarse values pay off at every finer level; elsewhere they cost more)
+_TIGHT_MIN_ZEROS = (4, 5)
 
 
 @dataclass(frozen=True)
@@ -113,7 +133,38 @@ def _encode_lorenzo(xp: Any, x: Any, step: np.floating, tol: float, level: int) 
     return _Lossy(body + _outlier_bytes(xp, quant.indices, quant.values, x.dtype), params)
 
 
-def _encode_interp(xp: Any, x: Any, step: np.floating, tol: float, level: int, order: int) -> _Lossy:
+def _tight_units(frac_bits: int, levels: int) -> list[int] | None:
+    """Per-level residual units of the level-wise bound, or None where they equal one step."""
+    units = [max(1, round((1 << frac_bits) / min(_TIGHT_ALPHA**j, _TIGHT_BETA))) for j in range(levels)]
+    return None if all(u == 1 << frac_bits for u in units) else units
+
+
+def _interp_candidates(
+    xp: Any, x: Any, y: Any, regular: Any, step: np.floating, tol: float, params: dict[str, Any],
+    units: list[int] | None,
+) -> tuple[list[_Lossy], Any]:
+    """One interpolation encode, serialised as bit and as crumb planes; also its residuals."""
+    limit = Q_LIMIT[x.dtype.itemsize]
+    anchor, res, k = interp_encode(
+        y, regular, params["frac_bits"], params["order"], int(limit) // 2, xp, params["axes"], units
+    )
+    unit = _fine_unit(x.dtype, float(step), params["frac_bits"])
+    ok = regular & verify(x, reconstruct(xp, k, x.dtype, unit), tol, xp)
+    del k
+    bad = xp.flatnonzero(~ok.reshape(-1)).astype(np.int64)
+    outliers = _outlier_bytes(xp, bad, x.reshape(-1)[bad], x.dtype)
+    rdtype = narrowest(res)
+    params = {**params, "anchor": anchor, "rdtype": rdtype, "n_outliers": int(bad.size)}
+    if units is not None:
+        params["units"] = units
+    return [
+        _Lossy(shuffle(res, np.dtype(rdtype).itemsize, kind, xp) + outliers, {**params, "shuffle": kind})
+        for kind in _INTERP_SHUFFLES
+    ], res
+
+
+def _encode_interp(xp: Any, x: Any, step: np.floating, tol: float, level: int, order: int) -> list[_Lossy]:
+    """Interpolation candidates: one-step residuals, plus the level-wise bound where it may pay."""
     limit = Q_LIMIT[x.dtype.itemsize]
     with np.errstate(all="ignore"):
         y = x.astype(np.float64)
@@ -121,17 +172,15 @@ def _encode_interp(xp: Any, x: Any, step: np.floating, tol: float, level: int, o
         frac_bits = _frac_bits(xp, y, limit)
         y *= 2.0**frac_bits
         regular = xp.abs(y) < limit / 2  # False for NaN/Inf too
-    anchor, res, k = interp_encode(y, regular, frac_bits, order, int(limit) // 2, xp)
-    del y
-    unit = _fine_unit(x.dtype, float(step), frac_bits)
-    ok = regular & verify(x, reconstruct(xp, k, x.dtype, unit), tol, xp)
-    bad = xp.flatnonzero(~ok.reshape(-1)).astype(np.int64)
-    rdtype = narrowest(res)
-    body = shuffle(res, np.dtype(rdtype).itemsize, "bit", xp)
     params = {"level": level, "mode": "interp", "step": float(step), "frac_bits": frac_bits,
-              "order": order, "anchor": anchor, "rdtype": rdtype, "shuffle": "bit",
-              "n_outliers": int(bad.size)}
-    return _Lossy(body + _outlier_bytes(xp, bad, x.reshape(-1)[bad], x.dtype), params)
+              "order": order, "axes": interp_axes(y, regular, frac_bits, xp)}
+    candidates, res = _interp_candidates(xp, x, y, regular, step, tol, params, None)
+    zeros_num, zeros_den = _TIGHT_MIN_ZEROS
+    units = _tight_units(frac_bits, interp_levels(x.shape))
+    if units is not None and res.size and int((res == 0).sum()) * zeros_den >= zeros_num * res.size:
+        del res
+        candidates += _interp_candidates(xp, x, y, regular, step, tol, params, units)[0]
+    return candidates
 
 
 # ------------------------------------------------------------------------------- decoding
@@ -148,6 +197,31 @@ def _param_choice(params: dict[str, Any], key: str, choices: tuple[Any, ...]) ->
     value = params.get(key)
     if value not in choices or isinstance(value, bool):
         raise FrameError(f"params {key!r} must be one of {choices}, got {value!r:.40}")
+    return value
+
+
+def _param_axes(params: dict[str, Any], ndim: int) -> list[int] | None:
+    """Interpolation axis order; absent (frames before it existed): ``0, 1, ...``."""
+    if "axes" not in params:
+        return None
+    value = params["axes"]
+    if (not isinstance(value, list) or any(isinstance(a, bool) or not isinstance(a, int) for a in value)
+            or sorted(value) != list(range(ndim))):
+        raise FrameError(f"params 'axes' must be a permutation of range({ndim}), got {value!r:.60}")
+    return value
+
+
+def _param_units(params: dict[str, Any], frac_bits: int, levels: int) -> list[int] | None:
+    """Per-level residual units; absent (the default, and older frames): one step everywhere."""
+    if "units" not in params:
+        return None
+    value = params["units"]
+    top = 1 << frac_bits
+    if (not isinstance(value, list) or len(value) != levels
+            or any(isinstance(u, bool) or not isinstance(u, int) or not 1 <= u <= top for u in value)):
+        raise FrameError(
+            f"params 'units' must be {levels} ints in [1, {top}] (one per level), got {value!r:.60}"
+        )
     return value
 
 
@@ -199,6 +273,8 @@ def _decode_lossy(payload: memoryview, header: FrameHeader, xp: Any) -> Any:
         frac_bits = _param_int(params, "frac_bits", 0, MAX_FRAC_BITS)
         order = _param_choice(params, "order", INTERP_ORDERS)
         anchor = _param_int(params, "anchor", -int(limit) + 1, int(limit) - 1)
+        axes = _param_axes(params, len(header.shape))
+        units = _param_units(params, frac_bits, interp_levels(header.shape))
         n_res = max(n - 1, 0)
     res_nbytes = shuffled_nbytes(n_res, width, kind)
     expected = res_nbytes + k * (8 + native.itemsize)
@@ -212,7 +288,7 @@ def _decode_lossy(payload: memoryview, header: FrameHeader, xp: Any) -> Any:
     if mode == "lorenzo":
         codes = lorenzo_integrate(xp, res.reshape(header.shape))
     else:
-        codes = interp_decode(xp, res, header.shape, anchor, frac_bits, order)
+        codes = interp_decode(xp, res, header.shape, anchor, frac_bits, order, axes, units)
     _check_codes(xp, codes, limit)
     out = reconstruct(xp, codes, native, _fine_unit(native, step, frac_bits))
     if k:
@@ -221,6 +297,25 @@ def _decode_lossy(payload: memoryview, header: FrameHeader, xp: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------- codecs
+
+
+def _compressor(level: int, mode: str) -> zstandard.ZstdCompressor:
+    """zstd at ``level``; for ``interp`` planes with at least lazy2 matching and 6-byte matches.
+
+    Interpolation residual planes are noise-like: the short matches that fast strategies take
+    there cost more than the literals they replace (frames 0.5-12% smaller on the benchmark's
+    fields, most at loose bounds, for ~2x the time of level-3 zstd, still small next to the
+    prediction).  Lorenzo byte planes keep plain ``level`` (the same trade would cost ~45% of
+    its encode time for 0-8%), as do fast (negative) levels.
+    """
+    if level < 0 or mode != "interp":
+        return zstandard.ZstdCompressor(level=level, write_checksum=False, write_content_size=True)
+    base = zstandard.ZstdCompressionParameters.from_level(level)
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, strategy=max(base.strategy, zstandard.STRATEGY_LAZY2),
+        min_match=max(base.min_match, 6), write_checksum=False, write_content_size=True,
+    )
+    return zstandard.ZstdCompressor(compression_params=params)
 
 
 @dataclass(frozen=True)
@@ -255,7 +350,9 @@ class _BoundedBase(Codec):
         return self.encode_device(array, tol, np)
 
     def encode_device(self, array: Any, tol: float, xp: Any) -> tuple[bytes, dict[str, Any]]:
-        """Smallest lossy candidate for non-empty float32/float64 with ``tol > 0``, else lossless.
+        """Smallest lossy candidate (``_SIZE_WEIGHT``) for non-empty float32/float64 with ``tol > 0``.
+
+        Lossless instead for other input, or when no candidate is smaller than the raw array.
 
         One code path for CPU and GPU: quantisation, prediction, verification, outlier detection
         and plane shuffling run in ``xp`` (NumPy or CuPy; ``array`` may live in either), zstd on
@@ -269,18 +366,19 @@ class _BoundedBase(Codec):
         if not step > 0:  # 2 tol underflows the dtype: only exact storage meets the bound
             return self._encode_lossless(to_host(xp, array))
         x = xp.asarray(array.astype(native, copy=False))
-        compressor = zstandard.ZstdCompressor(
-            level=self.level, write_checksum=False, write_content_size=True
-        )
-        best: tuple[bytes, dict[str, Any]] | None = None
+        compressors = {mode: _compressor(self.level, mode) for mode in _LOSSY_MODES}
+        best: tuple[int, bytes, dict[str, Any]] | None = None
         for candidate in self._candidates(xp, x, step, tol):
-            payload = compressor.compress(candidate.body)
-            if best is None or len(payload) < len(best[0]):
-                best = payload, candidate.params
+            mode = candidate.params["mode"]
+            payload = compressors[mode].compress(candidate.body)
+            cost = len(payload) * _SIZE_WEIGHT[mode]
+            if best is None or cost < best[0]:
+                best = cost, payload, candidate.params
         assert best is not None
-        if len(best[0]) >= array.nbytes:
+        _, payload, params = best
+        if len(payload) >= array.nbytes:
             return self._encode_lossless(to_host(xp, array))
-        return best
+        return payload, params
 
     def decode_payload(self, payload: memoryview, header: FrameHeader) -> np.ndarray:
         """Rebuild the array on the CPU; FrameError for params or payload that do not fit."""
@@ -329,7 +427,7 @@ class InterpCodec(_BoundedBase):
         _check_order(self, self.order)
 
     def _candidates(self, xp: Any, x: Any, step: np.floating, tol: float) -> list[_Lossy]:
-        return [_encode_interp(xp, x, step, tol, self.level, self.order)]
+        return _encode_interp(xp, x, step, tol, self.level, self.order)
 
 
 @register_codec
@@ -350,5 +448,5 @@ class BoundedCodec(_BoundedBase):
     def _candidates(self, xp: Any, x: Any, step: np.floating, tol: float) -> list[_Lossy]:
         return [
             _encode_lorenzo(xp, x, step, tol, self.level),
-            _encode_interp(xp, x, step, tol, self.level, self.order),
+            *_encode_interp(xp, x, step, tol, self.level, self.order),
         ]
