@@ -14,6 +14,7 @@ registers the codec with zarr under the name ``"tierscope"``; the numcodecs flav
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -78,10 +79,11 @@ class TierscopeZarrCodec(ArrayBytesCodec):
         raise NotImplementedError
 
     async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
-        return self._decode_sync(chunk_bytes, chunk_spec)
+        # in a thread, as zarr's own compressors do: a decode must not stall zarr's event loop
+        return await asyncio.to_thread(self._decode_sync, chunk_bytes, chunk_spec)
 
     async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
-        return self._encode_sync(chunk_array, chunk_spec)
+        return await asyncio.to_thread(self._encode_sync, chunk_array, chunk_spec)
 
     def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
         array = decode(chunk_bytes.as_numpy_array().tobytes())
