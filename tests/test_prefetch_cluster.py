@@ -138,7 +138,7 @@ def test_prefetched_blocks_sit_on_the_worker_that_runs_the_load(client, url, ref
     per_worker = tierscope.stats(client)["workers"]
     for worker, indices in held.items():
         assert indices, f"worker {worker} holds nothing: placement sent every block elsewhere"
-        assert all(owner_of(spec, index, workers) == worker for index in indices)
+        assert all(owner_of(spec, index, workers) == worker for index in indices), (worker, indices)
         assert per_worker[worker]["prefetch"]["used"] > 0  # prefetched here, then loaded here
         # The same figures on the worker's Prometheus endpoint.
         port = client.scheduler_info()["workers"][worker]["services"]["dashboard"]
@@ -168,6 +168,29 @@ def test_without_prefetch_only_repeats_hit(client, url, reference, views):
         assert hits <= (looks if repeat else 0)
     stats = tierscope.stats(client)
     assert stats["total"]["prefetch"]["issued"] == 0 and stats["scheduler"]["plans"] == 0
+
+
+def _stealable_loads(dask_scheduler):
+    steal = dask_scheduler.extensions["stealing"]
+    processing = [ts for ts in dask_scheduler.tasks.values() if ts.state == "processing"]
+    return len(processing), sum(ts in steal.key_stealable for ts in processing)
+
+
+def test_block_loads_are_never_offered_to_work_stealing(client, url, reference):
+    """Stealing would move a load off its owner, into the wrong worker's L1 (a flaky placement test)."""
+    from tierscope.bench.link import LinkProxy
+    from tierscope.dask.graph import block_array
+
+    tierscope.connect(client, l1=L1, l2=L2, prefetch="off")
+    host, port = url.split("://")[1].split("/")[0].rsplit(":", 1)
+    with LinkProxy(host, int(port), 1e9, 0.3) as slow:  # loads wait on the link: long in "processing"
+        spec = spec_of_u(f"{slow.url}/datasets/walk")
+        future = client.compute(block_array(spec, np.float32)[3, :16])
+        deadline = time.monotonic() + 10
+        while (seen := client.run_on_scheduler(_stealable_loads))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert seen[0] > 0 and seen[1] == 0, seen
+        np.testing.assert_array_equal(future.result(), reference.isel(time=3, z=slice(0, 16)).values)
 
 
 def test_a_jump_cancels_the_stale_plan(client, url, reference):

@@ -118,7 +118,9 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
             logger.warning("ignored a malformed %s message from %s: %s", VIEW_OP, client, exc)
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        """Queue time of user loads: from the graph's arrival to the start of the load on a worker."""
+        """Keeps user loads on their owners; measures their queue time (graph arrival to load start)."""
+        if finish == "processing" and key in self._submitted:
+            self._unstealable(key)
         if finish in ("waiting", "queued", "processing", "no-worker"):
             return
         submitted = self._submitted.pop(key, None)
@@ -128,6 +130,15 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
             if ss.get("action") == "compute":
                 self._queue.add(max(ss["start"] - submitted, 0.0))
                 break
+
+    def _unstealable(self, key: Any) -> None:
+        """Work stealing may move a loosely restricted task to any idle worker; a block load moved off its
+        owner fills the wrong worker's L1. Runs after the stealing plugin's own transition hook (it was
+        added first), which has just offered the task for stealing."""
+        steal = self.scheduler.extensions.get("stealing") if self.scheduler is not None else None
+        ts = self.scheduler.tasks.get(key) if steal is not None else None
+        if ts is not None:
+            steal.remove_key_from_stealable(ts)
 
     def remove_client(self, scheduler: Scheduler, client: str) -> None:
         """A closed notebook's positions go with it."""
