@@ -87,3 +87,14 @@ def test_without_direct_reads_or_the_handler_every_view_takes_the_graph(client, 
     client.run(lambda dask_worker: dask_worker.handlers.pop("tierscope_read") and None)  # an older worker
     views(time=3, z=slice(8, 16))  # asking fails: the graph serves it, values still exact
     assert counts(client) == (4, 4, 8)
+
+
+def test_a_view_held_in_l2_is_decoded_on_its_owners_without_a_graph(client, views):
+    block_nbytes = 8 * 16 * 16 * 4
+    tierscope.connect(client, l1=block_nbytes, l2="128MiB", prefetch="off")  # L1: one block per worker
+    views(time=0, z=slice(0, 16))  # 8 blocks: all reach L2, at most one per worker stays in L1
+    assert counts(client) == (0, 8, 8)
+    views(time=0, z=slice(0, 16))
+    stats = tierscope.stats(client)["total"]
+    assert stats["l2"]["hits"] >= 6 and stats["l1"]["hits"] + stats["l1"]["misses"] == 16
+    assert counts(client)[2] == 8 and stats["fetches"] == 8  # no new graph, nothing fetched again

@@ -40,7 +40,7 @@ def connect(
     ``policy``: lru, lfu, fifo or distance (evict the blocks farthest from the current view first);
     ``prefetch``: off, neighbourhood, momentum, playback or auto. ``device``: where workers decode and
     keep L1, "auto" (each worker's GPU when CuPy sees one), "cpu" or "gpu". Size 0 switches a tier off.
-    ``direct``: a view whose blocks all sit in their owners' L1 is read from them without a Dask graph
+    ``direct``: a view whose blocks all sit in their owners' L1 or L2 is read from them without a Dask graph
     (one request per owner instead of a scheduler round trip; the scheduler plugin still hears of it).
     Calling again resets the tiers and the plugin. Returns the client (None without one).
     """

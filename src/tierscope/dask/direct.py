@@ -1,11 +1,11 @@
-"""Direct reads: a view whose blocks all sit decoded in their owners' L1 skips the Dask graph.
+"""Direct reads: a view whose blocks all sit in their owners' L1 or L2 skips the Dask graph.
 
 A graph is a scheduler round trip — submitted, placed, dispatched to the owners, gathered back — which
 took 30-80 ms per view on a busy 2-core machine even when every block was an L1 hit
 (docs/benchmarks-harness.md). For such a view the client asks each owner worker once, over Dask's own
 connection pool (worker handler ``tierscope_read``), for its blocks' parts. An owner answers only when it
-holds all of its share in L1, and only then counts those hits; otherwise it answers None and counts
-nothing. Before the reads the client tells the scheduler plugin the view (stream message
+holds all of its share in its tiers — L1 parts copied at once, L2 frames decoded in a thread — and only
+then counts those lookups; otherwise it answers None and counts nothing. Before the reads the client tells the scheduler plugin the view (stream message
 ``tierscope-view``), so prefetch moves on exactly as after a graph. Blocks whose owner did not answer load
 through the usual graph, as ``ReportedBlockLoadTask``s: placed on their owners, not taken for a new view.
 
@@ -131,7 +131,7 @@ def _workers(client: Any, refresh: bool = False) -> list[str]:
 
 
 async def _ask_owners(client: Any, spec: BlockSpec, shares: dict[str, list[Piece]]) -> dict[str, Any]:
-    """Each owner's parts (a sequence), None where it lacks some in L1, False where asking failed."""
+    """Each owner's parts (a sequence), None where it lacks some block, False where asking failed."""
 
     async def ask(worker: str, share: list[Piece]) -> Sequence[np.ndarray] | None | bool:
         wire = [[list(p.index), [[s.start, s.stop] for s in p.part]] for p in share]
@@ -146,7 +146,7 @@ async def _ask_owners(client: Any, spec: BlockSpec, shares: dict[str, list[Piece
 
 
 def read(spec: BlockSpec, dtype: np.dtype, key: Sequence[int | slice]) -> np.ndarray | None:
-    """The selection ``key`` of ``spec``'s variable, read directly where the owners hold it in L1 and
+    """The selection ``key`` of ``spec``'s variable, read directly where the owners hold it and
     through the graph elsewhere; None when direct reads do not apply (no connected client, a stepped
     or empty selection)."""
     client = _client()
@@ -167,7 +167,7 @@ def read(spec: BlockSpec, dtype: np.dtype, key: Sequence[int | slice]) -> np.nda
     missing = []
     for worker, share in shares.items():
         got = answers[worker]
-        if not isinstance(got, list | tuple) or len(got) != len(share):  # None: not all in L1; False: failed
+        if not isinstance(got, list | tuple) or len(got) != len(share):  # None: not all held; False: failed
             missing.extend(share)
             continue
         for piece, values in zip(share, got, strict=True):

@@ -9,6 +9,7 @@ worker's Prometheus ``/metrics`` as ``tierscope_*``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Iterator
@@ -68,13 +69,22 @@ class TierscopeWorkerPlugin(WorkerPlugin):
         if self.prefetcher is not None:
             self.prefetcher.submit(plan)
 
-    def _on_read(self, spec: BlockSpec, parts: list) -> list[Serialize] | None:
-        """A direct read (``tierscope.dask.direct``): the parts if all their blocks are in L1, else None."""
-        if self.tiers is None:
+    async def _on_read(self, spec: BlockSpec, parts: list) -> list[Serialize] | None:
+        """A direct read (``tierscope.dask.direct``): the parts if every block is in L1 or L2, else None.
+
+        L1 parts are copied on the event loop (microseconds); frames held only in L2 are decoded in a
+        thread, through the user load path, so the loop never decodes and the counts are a load's.
+        """
+        tiers = self.tiers
+        if tiers is None:
             return None
         pieces = [(tuple(index), tuple(slice(a, b) for a, b in part)) for index, part in parts]
-        got = self.tiers.read_cached(spec, pieces)
-        return None if got is None else [Serialize(values) for values in got]
+        got = tiers.read_cached(spec, pieces)
+        if got is None:
+            if not tiers.held(spec, [index for index, _ in pieces]):
+                return None
+            got = await asyncio.to_thread(tiers.read_loaded, spec, pieces)
+        return [Serialize(values) for values in got]
 
     def _summary(self) -> dict[str, Any]:
         """What the scheduler plugin needs each heartbeat: tier occupancy."""

@@ -114,6 +114,17 @@ class WorkerTiers:
             return [np.array(p) for p in parts]  # copies: a cached array is never handed out
         return [_host_copy(self._xp, p, spec.dtype) for p in parts]
 
+    def held(self, spec: BlockSpec, indices: Sequence[BlockIndex]) -> bool:
+        """Whether every block is in L1 or L2 (a load of them needs no fetch, unless one is evicted first)."""
+        keys = [spec.block_key(index) for index in indices]
+        return all(key in self.l1 or key in self.l2 for key in keys)
+
+    def read_loaded(
+        self, spec: BlockSpec, pieces: Sequence[tuple[BlockIndex, tuple[slice, ...]]]
+    ) -> list[np.ndarray]:
+        """Parts of blocks through user loads (L2 frames decoded into L1 as needed): off the event loop."""
+        return [np.ascontiguousarray(self.load(spec, index)[part]) for index, part in pieces]
+
     def prefetch(self, spec: BlockSpec, blocks: Sequence[tuple[BlockIndex, bool]]) -> int:
         """Bring blocks into L2, and into L1 those marked ``decode``; returns how many were not there.
 
