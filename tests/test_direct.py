@@ -7,6 +7,7 @@ import pytest
 import xarray as xr
 
 import tierscope
+from tierscope.dask import direct
 from tierscope.dask.direct import pieces
 from tierscope.grid import BlockGrid
 
@@ -85,8 +86,21 @@ def test_without_direct_reads_or_the_handler_every_view_takes_the_graph(client, 
     tierscope.connect(client, l1="64MiB", l2="128MiB", prefetch="off")
     views(time=3, z=slice(8, 16))
     client.run(lambda dask_worker: dask_worker.handlers.pop("tierscope_read") and None)  # an older worker
-    views(time=3, z=slice(8, 16))  # asking fails: the graph serves it, values still exact
+    views(time=3, z=slice(8, 16))  # no handler answers: the graph serves it, values still exact
     assert counts(client) == (4, 4, 8)
+    assert set(direct._enabled[client.id].failed) == set(client.scheduler_info()["workers"])
+    views(time=3, z=slice(8, 16))  # failed workers are not asked again for a while: straight to the graph
+    assert counts(client) == (8, 4, 12)
+
+
+def test_a_malformed_view_message_leaves_the_client_connected(client, views):
+    from distributed.protocol.serialize import ToPickle
+
+    for msg in ({}, {"spec": ToPickle(3), "blocks": [[0, 0, 0, 0]]}, {"spec": 3, "blocks": "x"}):
+        client._send_to_scheduler({"op": "tierscope-view", **msg})
+    views(time=1, z=slice(0, 8))
+    views(time=1, z=slice(0, 8))
+    assert client.status == "running" and counts(client) == (4, 4, 4)
 
 
 def test_a_view_held_in_l2_is_decoded_on_its_owners_without_a_graph(client, views):

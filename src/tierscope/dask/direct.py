@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import defaultdict
@@ -40,6 +41,10 @@ __all__ = ["Piece", "disable", "enable", "pieces", "read"]
 logger = logging.getLogger(__name__)
 
 WORKERS_TTL_S = 2.0  # how long a client's list of workers (for owner hashing) is reused
+FAILED_BACKOFF_S = 30.0  # a worker whose ask failed is not asked again for this long
+MAX_DIRECT_BYTES = 256 << 20  # larger selections take the graph: one message per owner is enough
+ASK_TIMEOUT_S = 1.0  # an owner's answer may take this, plus its bytes at ASK_BYTES_PER_S
+ASK_BYTES_PER_S = 50e6
 
 
 class Piece(NamedTuple):
@@ -83,11 +88,14 @@ def pieces(grid: BlockGrid, key: Sequence[int | slice]) -> tuple[list[Piece], tu
 
 
 class _Workers:
-    """One client's sorted worker addresses, refreshed every ``WORKERS_TTL_S`` or after a failed read."""
+    """One client's sorted worker addresses, refreshed every ``WORKERS_TTL_S`` or after a failed ask, and
+    the workers whose last ask failed (not asked again for ``FAILED_BACKOFF_S``: their blocks take the
+    graph, so a departed worker costs one timeout, not one per view)."""
 
     def __init__(self) -> None:
         self.addresses: list[str] = []
         self.fetched = -float("inf")
+        self.failed: dict[str, float] = {}
 
 
 _lock = threading.Lock()
@@ -117,29 +125,35 @@ def _client() -> Any:
     return client
 
 
-def _workers(client: Any, refresh: bool = False) -> list[str]:
+def _workers(client: Any, refresh: bool = False) -> _Workers | None:
     with _lock:
         entry = _enabled.get(client.id)
         if entry is None:
-            return []
+            return None
         stale = refresh or time.monotonic() - entry.fetched > WORKERS_TTL_S
     if stale:
         addresses = sorted(client.scheduler_info(n_workers=-1)["workers"])
         with _lock:
             entry.addresses, entry.fetched = addresses, time.monotonic()
-    return entry.addresses
+    return entry
 
 
-async def _ask_owners(client: Any, spec: BlockSpec, shares: dict[str, list[Piece]]) -> dict[str, Any]:
+async def _ask_owners(
+    client: Any, spec: BlockSpec, shares: dict[str, list[Piece]], timeout: float
+) -> dict[str, Any]:
     """Each owner's parts (a sequence), None where it lacks some block, False where asking failed."""
 
     async def ask(worker: str, share: list[Piece]) -> Sequence[np.ndarray] | None | bool:
         wire = [[list(p.index), [[s.start, s.stop] for s in p.part]] for p in share]
-        try:
-            return await getattr(client.rpc(worker), READ_OP)(spec=ToPickle(spec), parts=wire)
-        except Exception as exc:  # a worker gone or without the handler: its blocks take the graph
-            logger.debug("direct read from %s failed: %s", worker, exc)
+        try:  # the pool's connect retries a gone worker for 30 s: bounded here
+            reply = await asyncio.wait_for(
+                getattr(client.rpc(worker), READ_OP)(spec=ToPickle(spec), parts=wire), timeout)
+        except Exception as exc:  # gone, closing, too slow: its blocks take the graph
+            logger.debug("direct read from %s failed: %r", worker, exc)
             return False
+        if not isinstance(reply, dict):  # None: the worker has no such handler
+            return False
+        return reply.get("parts")
 
     answers = await asyncio.gather(*(ask(w, s) for w, s in shares.items()))
     return dict(zip(shares, answers, strict=True))
@@ -148,36 +162,44 @@ async def _ask_owners(client: Any, spec: BlockSpec, shares: dict[str, list[Piece
 def read(spec: BlockSpec, dtype: np.dtype, key: Sequence[int | slice]) -> np.ndarray | None:
     """The selection ``key`` of ``spec``'s variable, read directly where the owners hold it and
     through the graph elsewhere; None when direct reads do not apply (no connected client, a stepped
-    or empty selection)."""
+    or empty selection, or one larger than ``MAX_DIRECT_BYTES``)."""
     client = _client()
     planned = pieces(spec.grid, key) if client is not None else None
     if planned is None:
         return None
     parts, shape = planned
-    workers = _workers(client)
-    if not workers:
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    workers = _workers(client) if nbytes <= MAX_DIRECT_BYTES else None
+    if workers is None or not workers.addresses:
         return None
     shares: defaultdict[str, list[Piece]] = defaultdict(list)
     for piece in parts:
-        shares[owner_of(spec, piece.index, workers)].append(piece)
+        shares[owner_of(spec, piece.index, workers.addresses)].append(piece)
+    now = time.monotonic()
+    with _lock:
+        skipped = {w for w in shares if now - workers.failed.get(w, -math.inf) < FAILED_BACKOFF_S}
     view = [list(p.index) for p in parts]
     client._send_to_scheduler({"op": VIEW_OP, "spec": ToPickle(spec), "blocks": view})
-    answers = client.sync(_ask_owners, client, spec, dict(shares))
+    asked = {w: share for w, share in shares.items() if w not in skipped}
+    answers = client.sync(_ask_owners, client, spec, asked, ASK_TIMEOUT_S + nbytes / ASK_BYTES_PER_S)
     out = np.empty(shape, dtype=dtype)
-    missing = []
-    for worker, share in shares.items():
+    missing = [piece for w in skipped for piece in shares[w]]
+    for worker, share in asked.items():
         got = answers[worker]
         if not isinstance(got, list | tuple) or len(got) != len(share):  # None: not all held; False: failed
             missing.extend(share)
             continue
         for piece, values in zip(share, got, strict=True):
             out[piece.dest] = values
+    failed = [w for w, answer in answers.items() if answer is False]
+    if failed:
+        with _lock:
+            workers.failed.update(dict.fromkeys(failed, time.monotonic()))
+        _workers(client, refresh=True)  # maybe a worker left: hash over the current ones next time
     if missing:
         import dask
 
         loads = block_array(spec, dtype, reported=True)
         for piece, values in zip(missing, dask.compute(*(loads[p.source] for p in missing)), strict=True):
             out[piece.dest] = values
-        if any(answer is False for answer in answers.values()):
-            _workers(client, refresh=True)  # maybe a worker left: hash over the current ones next time
     return out[tuple(0 if isinstance(k, int | np.integer) else slice(None) for k in key)]

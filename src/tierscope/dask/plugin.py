@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ __all__ = ["READ_OP", "TierscopeWorkerPlugin", "worker_stats"]
 logger = logging.getLogger(__name__)
 
 READ_OP = "tierscope_read"  # the worker handler that answers a direct read (``tierscope.dask.direct``)
+LOOP_COPY_BYTES = 1 << 20  # direct-read answers up to this size are copied on the worker's event loop
 
 
 class TierscopeWorkerPlugin(WorkerPlugin):
@@ -69,22 +71,28 @@ class TierscopeWorkerPlugin(WorkerPlugin):
         if self.prefetcher is not None:
             self.prefetcher.submit(plan)
 
-    async def _on_read(self, spec: BlockSpec, parts: list) -> list[Serialize] | None:
-        """A direct read (``tierscope.dask.direct``): the parts if every block is in L1 or L2, else None.
+    async def _on_read(self, spec: BlockSpec, parts: list) -> dict[str, list[Serialize] | None]:
+        """A direct read (``tierscope.dask.direct``): ``{"parts": [...]}`` if every block is in L1 or L2,
+        else ``{"parts": None}`` (and nothing counted).
 
-        L1 parts are copied on the event loop (microseconds); frames held only in L2 are decoded in a
-        thread, through the user load path, so the loop never decodes and the counts are a load's.
+        Small L1 answers are copied on the event loop (microseconds); bigger ones, GPU copies and frames
+        held only in L2 (decoded through the user load path, which counts them) go to a thread, so the
+        loop keeps answering heartbeats and plans.
         """
         tiers = self.tiers
         if tiers is None:
-            return None
+            return {"parts": None}
         pieces = [(tuple(index), tuple(slice(a, b) for a, b in part)) for index, part in parts]
-        got = tiers.read_cached(spec, pieces)
+        nbytes = sum(math.prod(s.stop - s.start for s in part) for _, part in pieces) * spec.itemsize
+        if nbytes <= LOOP_COPY_BYTES and tiers.device == "cpu":
+            got = tiers.read_cached(spec, pieces)
+        else:
+            got = await asyncio.to_thread(tiers.read_cached, spec, pieces)
         if got is None:
             if not tiers.held(spec, [index for index, _ in pieces]):
-                return None
+                return {"parts": None}
             got = await asyncio.to_thread(tiers.read_loaded, spec, pieces)
-        return [Serialize(values) for values in got]
+        return {"parts": [Serialize(values) for values in got]}
 
     def _summary(self) -> dict[str, Any]:
         """What the scheduler plugin needs each heartbeat: tier occupancy."""

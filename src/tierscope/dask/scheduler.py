@@ -14,6 +14,7 @@ Runs on the scheduler's event loop: everything here is bounded (``max_plan`` blo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -53,6 +54,13 @@ def owner_of(spec: BlockSpec, index: BlockIndex, workers: Sequence[str]) -> str:
     return max(workers, key=weight)
 
 
+def _forward_view(scheduler: Scheduler, client: str, **msg: Any) -> None:
+    """The scheduler's ``tierscope-view`` stream handler: to the current plugin, or nowhere."""
+    plugin = scheduler.plugins.get(SCHEDULER_PLUGIN_NAME)
+    if isinstance(plugin, TierscopeSchedulerPlugin):
+        plugin.on_reported_view(client, msg)
+
+
 class TierscopeSchedulerPlugin(SchedulerPlugin):
     """Position tracking, owner placement and prefetch dispatch for tierscope's block loads."""
 
@@ -78,12 +86,9 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
 
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
-        scheduler.stream_handlers[VIEW_OP] = self._on_reported_view
-
-    async def close(self) -> None:
-        handlers = self.scheduler.stream_handlers if self.scheduler is not None else {}
-        if handlers.get(VIEW_OP) == self._on_reported_view:
-            del handlers[VIEW_OP]
+        # Stays when this plugin goes: a client's view message must never meet a missing handler (the
+        # scheduler would close that client's stream); it reaches whichever tierscope plugin is current.
+        scheduler.stream_handlers[VIEW_OP] = functools.partial(_forward_view, scheduler)
 
     def update_graph(self, scheduler: Scheduler, *, client: str, tasks: list, **kwargs: Any) -> None:
         now = time.time()
@@ -101,21 +106,27 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
                 if workers:
                     ts.worker_restrictions = {owner_of(spec, index, workers)}
                     ts.loose_restrictions = True
-                self._submitted[ts.key] = now
+                if ts.state != "memory":  # a held result makes no transition: nothing would pop it
+                    self._submitted[ts.key] = now
             self.counts["loads"] += len(loads)
             if not all(isinstance(ts.run_spec, ReportedBlockLoadTask) for ts, _ in loads):
                 self._on_view(scheduler, client, spec, [index for _, index in loads], workers)
 
-    def _on_reported_view(self, client: str, spec: ToPickle | BlockSpec, blocks: list, **kwargs: Any) -> None:
-        """A view a client read directly from its owners' L1 (``tierscope.dask.direct``): no graph came."""
-        spec = spec.data if isinstance(spec, ToPickle) else spec
-        if self.scheduler is None or not isinstance(spec, BlockSpec):
-            return
+    def on_reported_view(self, client: str, msg: dict[str, Any]) -> None:
+        """A view a client read directly from its owners' tiers (``tierscope.dask.direct``): no graph came.
+
+        Anything raised here would close the client's stream (and drop its futures): a malformed
+        message is logged and ignored.
+        """
         try:
-            view = [tuple(int(i) for i in index) for index in blocks]
+            spec = msg["spec"]
+            spec = spec.data if isinstance(spec, ToPickle) else spec
+            if self.scheduler is None or not isinstance(spec, BlockSpec):
+                raise TypeError(f"spec is a {type(spec).__name__}, not a BlockSpec")
+            view = [tuple(int(i) for i in index) for index in msg["blocks"]]
             self._on_view(self.scheduler, client, spec, view, sorted(self.scheduler.workers))
-        except (TypeError, ValueError) as exc:  # a malformed message must not break the client's stream
-            logger.warning("ignored a malformed %s message from %s: %s", VIEW_OP, client, exc)
+        except Exception as exc:
+            logger.warning("ignored a malformed %s message from %s: %r", VIEW_OP, client, exc)
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         """Keeps user loads on their owners; measures their queue time (graph arrival to load start)."""
@@ -134,11 +145,13 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
     def _unstealable(self, key: Any) -> None:
         """Work stealing may move a loosely restricted task to any idle worker; a block load moved off its
         owner fills the wrong worker's L1. Runs after the stealing plugin's own transition hook (it was
-        added first), which has just offered the task for stealing."""
+        added first), which has just offered the task for stealing; and takes it off the stealing
+        plugin's list of tasks to re-offer once their prefix's duration is known."""
         steal = self.scheduler.extensions.get("stealing") if self.scheduler is not None else None
         ts = self.scheduler.tasks.get(key) if steal is not None else None
         if ts is not None:
             steal.remove_key_from_stealable(ts)
+            getattr(steal, "unknown_durations", {}).get(ts.prefix.name, set()).discard(ts)
 
     def remove_client(self, scheduler: Scheduler, client: str) -> None:
         """A closed notebook's positions go with it."""

@@ -47,9 +47,13 @@ class BlockSpec:
     time_axis: int | None = 0
 
     @property
+    def itemsize(self) -> int:
+        return np.dtype(self.dtype).itemsize
+
+    @property
     def block_nbytes(self) -> int:
         """Bytes of one decoded (full) block."""
-        return math.prod(self.grid.block) * np.dtype(self.dtype).itemsize
+        return math.prod(self.grid.block) * self.itemsize
 
     def block_key(self, index: BlockIndex) -> Hashable:
         """The brief's block key (dataset, variable, tol, block index), the dataset named by its URL."""
