@@ -149,35 +149,44 @@ def interp_axes(y: Any, regular: Any, frac_bits: int, xp: Any = np) -> list[int]
     return sorted(range(y.ndim), key=lambda a: -rough[a] * _ORDER_BIAS**a)
 
 
-def _predict(xp: Any, known: Any, n_targets: int, axis: int, order: int) -> Any:
-    """Predictions for the ``n_targets`` odd points between/after the ``known`` even points."""
+def _predict(xp: Any, known: Any, n_targets: int, axis: int, order: int, out: Any = None) -> Any:
+    """Predictions for the ``n_targets`` odd points between/after the ``known`` even points.
+
+    Written into ``out`` when given (a reused buffer of the right shape: no allocation on the
+    decoder's hot path); the bulk cubic/linear case is computed in place there, no temporaries.
+    """
     nd = known.ndim
     m = known.shape[axis]
 
     def at(start: int, stop: int) -> Any:
         return known[_along(nd, axis, slice(start, stop))]
 
-    shape = list(known.shape)
-    shape[axis] = n_targets
-    pred = xp.empty(tuple(shape), dtype=known.dtype)
+    if out is None:
+        shape = list(known.shape)
+        shape[axis] = n_targets
+        out = xp.empty(tuple(shape), dtype=known.dtype)
+    pred = out
 
     def put(start: int, stop: int, value: Any) -> None:
         pred[_along(nd, axis, slice(start, stop))] = value
 
     if order == 3 and m >= 3:
         if m >= 4:  # cubic: points i-1, i, i+1, i+2 around target i
-            inner = at(1, m - 2) + at(2, m - 1)
-            inner *= 9
+            inner = pred[_along(nd, axis, slice(1, m - 2))]
+            inner[...] = at(1, m - 2)
+            inner += at(2, m - 1)
+            inner *= inner.dtype.type(9)
             inner -= at(0, m - 3)
             inner -= at(3, m)
-            inner += 8
-            put(1, m - 2, inner >> 4)
+            inner += inner.dtype.type(8)
+            inner >>= inner.dtype.type(4)
         put(0, 1, (3 * at(0, 1) + 6 * at(1, 2) - at(2, 3) + 4) >> 3)
         put(m - 2, m - 1, (6 * at(m - 2, m - 1) + 3 * at(m - 1, m) - at(m - 3, m - 2) + 4) >> 3)
     elif m >= 2:
-        mid = at(0, m - 1) + at(1, m)
-        mid >>= 1
-        put(0, m - 1, mid)
+        mid = pred[_along(nd, axis, slice(0, m - 1))]
+        mid[...] = at(0, m - 1)
+        mid += at(1, m)
+        mid >>= mid.dtype.type(1)
     if n_targets == m:  # one target past the last known point
         last = at(m - 1, m)
         if order == 3 and m >= 2:
@@ -196,6 +205,15 @@ def _times_unit(res: Any, unit: int) -> Any:
     if unit & (unit - 1) == 0:
         return res << (unit.bit_length() - 1) if unit > 1 else res
     return res * res.dtype.type(unit)
+
+
+def _scale_in_place(res: Any, unit: int) -> None:
+    """``res *= unit`` (a shift for power-of-two units); the same integers as :func:`_times_unit`."""
+    if unit & (unit - 1) == 0:
+        if unit > 1:
+            res <<= res.dtype.type(unit.bit_length() - 1)
+    else:
+        res *= res.dtype.type(unit)
 
 
 def interp_encode(
@@ -266,22 +284,34 @@ def interp_decode(
     """Inverse of :func:`interp_encode`: the codes ``k`` of ``shape`` from residuals.
 
     Works in ``res.dtype``: int32 is exact for float32 frames (codes below 2**24, cubic sums
-    below 2**29), int64 otherwise.
+    below 2**29), int64 otherwise.  ``res`` is consumed (scaled to lattice units in place), and
+    one prediction buffer serves every step: the decoder allocates nothing but ``k`` and it.
     """
     k = xp.empty(shape, dtype=res.dtype)
     if k.size == 0:
         return k
     unit_of = _level_units(frac_bits, units, interp_levels(shape))
     k.reshape(-1)[0] = anchor
-    offset = 0
     nd = len(shape)
+    steps = []
     for key, axis, level in interp_steps(shape, axes):
         sub = k[key]
-        targets = sub[_along(nd, axis, slice(1, None, 2))]
-        known = sub[_along(nd, axis, slice(0, None, 2))]
-        count = math.prod(targets.shape)
-        pred = _predict(xp, known, targets.shape[axis], axis, order)
-        pred += _times_unit(res[offset : offset + count].reshape(targets.shape), unit_of[level])
-        targets[...] = pred
+        steps.append((sub[_along(nd, axis, slice(1, None, 2))], sub[_along(nd, axis, slice(0, None, 2))],
+                      axis, level))
+    scratch = xp.empty(max((t.size for t, *_ in steps), default=0), dtype=res.dtype)
+    # known points strided along the last axis are first packed: the prediction then reads
+    # contiguous memory four times instead of strided memory four times (2x on a CPU)
+    packed = xp.empty(max((kn.size for _, kn, *_ in steps), default=0), dtype=res.dtype)
+    offset = 0
+    for targets, known, axis, level in steps:
+        count = targets.size
+        if known.strides[-1] != known.itemsize:
+            dense = packed[: known.size].reshape(known.shape)
+            dense[...] = known
+            known = dense
+        pred = _predict(xp, known, targets.shape[axis], axis, order, scratch[:count].reshape(targets.shape))
+        step_res = res[offset : offset + count].reshape(targets.shape)
+        _scale_in_place(step_res, unit_of[level])
+        xp.add(pred, step_res, out=targets)
         offset += count
     return k
