@@ -86,6 +86,21 @@ class _LibCodec(Codec):
         """The library's decoded array (native dtype, any shape of the right size)."""
 
 
+class _BoundedLibCodec(_LibCodec):
+    """A library codec with an absolute error bound, on native data of at most 4 axes; lossless where
+    the library cannot take the block (tol 0, integers, empty)."""
+
+    def encode_payload(self, array: np.ndarray, tol: float) -> tuple[bytes, dict[str, Any]]:
+        if not _lossy_ok(array, tol):
+            return _lossless(array)
+        x = array.astype(array.dtype.newbyteorder("="), copy=False).reshape(_lib_shape(array.shape))
+        return self._compress(x, tol), {"mode": self.mode}
+
+    @abc.abstractmethod
+    def _compress(self, x: np.ndarray, tol: float) -> bytes:
+        """The library's payload for native data ``x`` at absolute bound ``tol``."""
+
+
 @register_codec
 @dataclass(frozen=True)
 class Fp16Codec(_LibCodec):
@@ -116,19 +131,15 @@ else:
 
     @register_codec
     @dataclass(frozen=True)
-    class ZfpCodec(_LibCodec):
+    class ZfpCodec(_BoundedLibCodec):
         """ZFP fixed-accuracy (``zfpy``): |x - x'| <= tol on finite values."""
 
         name: ClassVar[str] = "zfp"
         codec_id: ClassVar[str] = "tierscope.zfp"
         mode: ClassVar[str] = "zfp"
 
-        def encode_payload(self, array: np.ndarray, tol: float) -> tuple[bytes, dict[str, Any]]:
-            """zfpy on native, at most 4-D data; lossless when ZFP cannot take the block."""
-            if not _lossy_ok(array, tol):
-                return _lossless(array)
-            x = array.astype(array.dtype.newbyteorder("="), copy=False).reshape(_lib_shape(array.shape))
-            return zfpy.compress_numpy(x, tolerance=tol), {"mode": "zfp"}
+        def _compress(self, x: np.ndarray, tol: float) -> bytes:
+            return zfpy.compress_numpy(x, tolerance=tol)
 
         def _decode(self, payload: memoryview, native: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
             out = zfpy.decompress_numpy(bytes(payload))
@@ -147,23 +158,19 @@ else:
 
     @register_codec
     @dataclass(frozen=True)
-    class Sz3Codec(_LibCodec):
+    class Sz3Codec(_BoundedLibCodec):
         """SZ3 with an absolute error bound (``pysz``): |x - x'| <= tol on finite values."""
 
         name: ClassVar[str] = "sz3"
         codec_id: ClassVar[str] = "tierscope.sz3"
         mode: ClassVar[str] = "sz3"
 
-        def encode_payload(self, array: np.ndarray, tol: float) -> tuple[bytes, dict[str, Any]]:
-            """pysz ABS mode on native, at most 4-D data; lossless when SZ3 cannot take it."""
-            if not _lossy_ok(array, tol):
-                return _lossless(array)
-            x = array.astype(array.dtype.newbyteorder("="), copy=False).reshape(_lib_shape(array.shape))
-            config = pysz.szConfig(x.shape)
+        def _compress(self, x: np.ndarray, tol: float) -> bytes:
+            config = pysz.szConfig(x.shape)  # ABS mode: the same absolute bound as tierscope's
             config.errorBoundMode = pysz.szErrorBoundMode.ABS
             config.absErrorBound = tol
             compressed, _ = pysz.sz.compress(np.ascontiguousarray(x), config)
-            return compressed.tobytes(), {"mode": "sz3"}
+            return compressed.tobytes()
 
         def _decode(self, payload: memoryview, native: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
             out, _ = pysz.sz.decompress(np.frombuffer(payload, dtype=np.uint8), native, shape)

@@ -29,7 +29,7 @@ from tierscope.errors import StoreError
 from tierscope.grid import BlockIndex
 from tierscope.metadata import DatasetInfo, VariableInfo
 from tierscope.store.attrs import pack, unpack
-from tierscope.store.origin import Origin, dataset_name
+from tierscope.store.origin import Origin
 
 __all__ = ["HDF5Origin", "write_hdf5"]
 
@@ -85,11 +85,7 @@ class HDF5Origin(Origin):
     """An HDF5 file written by ``write_hdf5``."""
 
     def __init__(self, path: str | os.PathLike[str], name: str | None = None) -> None:
-        self.path = Path(path)
-        self.location = str(self.path)
-        self.name = name or dataset_name(path)
-        if not self.path.exists():
-            raise StoreError(f"cannot open store {self.location!r}: no such file or directory")
+        self._locate(Path(path), name, Path(path))
         self._handle: tuple[int, h5py.File, threading.Lock] | None = None
         try:
             file, lock = self._file()

@@ -68,6 +68,13 @@ class Origin(abc.ABC):
     path: Path | None = None
     """The local file or directory holding the store; None for a remote one."""
 
+    def _locate(self, location: str | os.PathLike[str], name: str | None, path: Path | None) -> None:
+        """Where the store is and what it is called; a local store must exist."""
+        self.location, self.path = str(location), path
+        self.name = name or dataset_name(location)
+        if path is not None and not path.exists():
+            raise StoreError(f"cannot open store {self.location!r}: no such file or directory")
+
     @abc.abstractmethod
     def info(self) -> DatasetInfo:
         """The dataset's description (raw variables, dimension coordinates, attributes)."""
@@ -125,11 +132,7 @@ class ZarrOrigin(Origin):
     ) -> None:
         from xarray.backends.zarr import ZarrStore
 
-        self.location = str(location)
-        self.path = _local_path(location)
-        self.name = name or dataset_name(location)
-        if self.path is not None and not self.path.exists():
-            raise StoreError(f"cannot open store {self.location!r}: no such file or directory")
+        self._locate(location, name, _local_path(location))
         if storage_options is not None and not _is_url(location):
             raise ValueError(f"storage_options apply to URLs only, not to the path {self.location!r}")
         options = {"storage_options": dict(storage_options or {})} if _is_url(location) else {}

@@ -35,7 +35,7 @@ from tierscope.errors import StoreError
 from tierscope.grid import BlockIndex
 from tierscope.metadata import DatasetInfo, VariableInfo
 from tierscope.store.attrs import pack, unpack
-from tierscope.store.origin import Origin, dataset_name
+from tierscope.store.origin import Origin
 
 __all__ = ["TileDBOrigin", "context", "is_group", "write_tiledb"]
 
@@ -161,11 +161,7 @@ class TileDBOrigin(Origin):
     """A TileDB group written by ``write_tiledb``; arrays stay open per process after first use."""
 
     def __init__(self, path: str | os.PathLike[str], name: str | None = None) -> None:
-        self.path = Path(path)
-        self.location = str(self.path)
-        self.name = name or dataset_name(path)
-        if not self.path.exists():
-            raise StoreError(f"cannot open store {self.location!r}: no such file or directory")
+        self._locate(Path(path), name, Path(path))
         self._arrays: tuple[int, dict[str, tiledb.Array]] = (os.getpid(), {})
         try:
             if not is_group(self.path):
