@@ -96,7 +96,7 @@ def test_without_direct_reads_or_the_handler_every_view_takes_the_graph(client, 
 def test_a_malformed_view_message_leaves_the_client_connected(client, views):
     from distributed.protocol.serialize import ToPickle
 
-    for msg in ({}, {"spec": ToPickle(3), "blocks": [[0, 0, 0, 0]]}, {"spec": 3, "blocks": "x"}):
+    for msg in ({}, {"spec": ToPickle(3), "box": [[0, 0, 0, 0], [0, 0, 0, 0]]}, {"spec": 3, "box": "x"}):
         client._send_to_scheduler({"op": "tierscope-view", **msg})
     views(time=1, z=slice(0, 8))
     views(time=1, z=slice(0, 8))

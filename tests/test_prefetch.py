@@ -139,3 +139,81 @@ def test_c_order_ties_are_deterministic():
         p.observe(slab(3, 3))
     assert a.plan("neighbourhood", 2) == b.plan("neighbourhood", 2)
     assert list(itertools.islice(a.plan("auto", 2), 3)) == b.plan("auto", 2)[:3]
+
+
+def counting(monkeypatch, name):
+    """Count the rows (block indices) a module function of tierscope.prefetch returns."""
+    from tierscope import prefetch
+
+    rows = []
+    real = getattr(prefetch, name)
+
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        rows.append(len(out) if hasattr(out, "__len__") else 1)
+        return out
+
+    monkeypatch.setattr(prefetch, name, counted)
+    return rows
+
+
+@pytest.mark.parametrize("mode", ["neighbourhood", "playback", "momentum", "auto"])
+def test_plan_work_does_not_grow_with_the_dataset(monkeypatch, mode):
+    """The same view and plan on a 10^3- and a 10^7-block grid enumerate the same blocks."""
+    rings = counting(monkeypatch, "_ring")
+    visited = []
+    for nt in (2, 20_000):  # 2 x 8 x 8 x 8 blocks, then 2e4 x 8 x 8 x 8 = 1.3e7
+        grid = BlockGrid((nt, 512, 512, 512), (1, 64, 64, 64))
+        pos = Position(grid)
+        pos.observe_box(Box((0, 2, 0, 0), (0, 2, 7, 7)))
+        pos.observe_box(Box((1, 2, 0, 0), (1, 2, 7, 7)))
+        rings.clear()
+        plan = pos.plan(mode, radius=radius_for(grid, 64 << 30, 1 << 20, view=(1, 1, 8, 8)), limit=512)
+        assert 0 < len(plan) <= 512
+        visited.append(sum(rings))
+    assert visited[1] <= max(visited[0], 1) * 2 and visited[1] <= 8 * 512
+
+
+def test_radius_bisects_in_log_steps(monkeypatch):
+    from tierscope import prefetch
+
+    counts = counting(monkeypatch, "_ball_count")
+    for nt in (10, 10_000, 10_000_000):
+        prefetch._radius.cache_clear()
+        counts.clear()
+        grid = BlockGrid((nt, 8, 16, 16), (1, 1, 1, 1))
+        r = radius_for(grid, 64 << 30, 1 << 20, view=(1, 1, 8, 8))
+        assert len(counts) <= sum(grid.nblocks).bit_length() + 2
+        fits = (64 << 30) / (1 << 20)
+        assert brute_ball_count(grid, r) <= fits
+        assert r == sum(grid.nblocks) or brute_ball_count(grid, r + 1) > fits  # all fits, or r is the largest
+
+
+def brute_ball_count(grid, r):
+    """Blocks within r hops of a 1 x 1 x 8 x 8 view in the middle of the grid (time clipped only by
+    the grid; a view in the middle is what the formula assumes), counted step by step."""
+    nt = grid.nblocks[0]
+    total = 0
+    for s in range(0, r + 1):
+        steps = 1 if s == 0 else min(2, max(0, nt - 1 - 2 * (s - 1)))  # both sides while they exist
+        q = r - s
+        spatial = min(1 + 2 * q, grid.nblocks[1]) * min(8 + 2 * q, grid.nblocks[2]) * min(8 + 2 * q, grid.nblocks[3])
+        total += steps * spatial
+    return total
+
+
+def test_a_cached_radius_is_reused_for_close_block_sizes():
+    from tierscope import prefetch
+
+    grid = BlockGrid((10_000, 8, 16, 16), (1, 1, 1, 1))
+    prefetch._radius.cache_clear()
+    radii = {radius_for(grid, 64 << 30, 140_000 + k, view=(1, 1, 8, 8)) for k in range(50)}
+    assert prefetch._radius.cache_info().misses <= 2 and len(radii) == 1
+
+
+def test_a_view_given_by_its_corners_is_the_same_position():
+    pos = Position(GRID)
+    assert pos.observe(slab(5, 4))
+    assert not pos.observe([(5, 4, 3, 3), (5, 4, 2, 2)])  # the same box
+    with pytest.raises(ValueError, match="lo <= hi"):
+        pos.observe_box(Box((5, 4, 3, 3), (5, 4, 2, 2)))

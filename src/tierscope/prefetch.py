@@ -16,7 +16,9 @@ eviction never throws out what was just prefetched.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +34,8 @@ MODES = ("off", *PREDICTORS, "auto")
 # How a predictor is scored: the share of the next view's blocks among its first
 # SCORE_BUDGET x (view size) candidates, so a predictor is not rewarded for guessing everything.
 SCORE_BUDGET = 2
+# Views of more blocks score on this many: scoring stays bounded however big a view is.
+SCORE_VIEW_CAP = 256
 
 
 def check_mode(mode: str) -> str:
@@ -101,56 +105,80 @@ def radius_for(
     ``view`` the extents in blocks of a typical view (one block by default). The time axis counts like
     any other: a ball of radius r holds t-r..t+r, each with a spatial box shrunk by the time steps spent.
     0 means only the view itself fits (nothing to prefetch).
+
+    The ball grows with r, so the radius is bisected over 0..(the radius that covers the whole grid):
+    about log2 of the grid's extent in steps, each one vectorised ball count, whatever the dataset's size.
     """
     if block_nbytes <= 0 or capacity <= 0:
         return 0
-    extents = tuple(view) if view is not None else (1,) * grid.ndim
-    max_r = sum(grid.nblocks)  # beyond this the ball is the whole grid
-    best = 0
-    for r in range(1, max_r + 1):
-        if _ball_count(grid, extents, r, time_axis) * block_nbytes > capacity:
-            break
-        best = r
-    return best
+    extents = tuple(int(e) for e in view) if view is not None else (1,) * grid.ndim
+    # Blocks that fit (ball counts are whole), rounded down to 10 significant bits: a measured average
+    # size changes a little with every block and the radius it gives almost never does, so most calls
+    # are cache hits.
+    fits = int(capacity // block_nbytes)
+    drop = max(fits.bit_length() - 10, 0)
+    return _radius(grid.nblocks, extents, time_axis, fits >> drop << drop)
 
 
-def _ball_count(grid: BlockGrid, extents: Sequence[int], r: int, time_axis: int | None) -> int:
-    """Blocks within ``r`` hops of a box with ``extents`` (clipped to the grid's size per axis)."""
+@functools.lru_cache(maxsize=4096)
+def _radius(nblocks: tuple[int, ...], extents: tuple[int, ...], time_axis: int | None, fits: int) -> int:
+    grid = BlockGrid(nblocks, (1,) * len(nblocks))
+    lo, hi = 0, max(1, sum(nblocks))  # ball(lo) fits (or lo == 0); beyond hi nothing changes
+    if _ball_count(grid, extents, hi, time_axis) <= fits:
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _ball_count(grid, extents, mid, time_axis) <= fits:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
-    def span(axis: int, q: int) -> int:
-        return min(extents[axis] + 2 * q, grid.nblocks[axis])
 
+def _ball_count(grid: BlockGrid, extents: Sequence[int], r: int, time_axis: int | None) -> float:
+    """Blocks within ``r`` hops of a box with ``extents`` (clipped to the grid's size per axis).
+
+    A ball is the view's time steps with the spatial box grown by r, plus, s steps before and after,
+    the spatial box grown by r - s. Only the steps where the time span still grows matter, so this is
+    one NumPy expression over at most min(r, time blocks) steps (floats: no overflow on huge grids).
+    """
+    nblocks = np.asarray(grid.nblocks, dtype=np.float64)
+    ext = np.minimum(np.asarray(extents, dtype=np.float64), nblocks)
     spatial = [a for a in range(grid.ndim) if a != time_axis]
 
-    def box_count(q: int) -> int:
-        count = 1
-        for a in spatial:
-            count *= span(a, q)
-        return count
+    def box_count(q: np.ndarray) -> np.ndarray:
+        q = np.asarray(q, dtype=np.float64)[..., None]
+        return np.prod(np.minimum(ext[spatial] + 2 * q, nblocks[spatial]), axis=-1)
 
     if time_axis is None:
-        return box_count(r)
-    total = span(time_axis, 0) * box_count(r)
-    for s in range(1, r + 1):
-        total += (span(time_axis, s) - span(time_axis, s - 1)) * box_count(r - s)
-    return total
+        return float(box_count(np.float64(r)))
+    nt, et = nblocks[time_axis], ext[time_axis]
+    # the time span grows (by 2, then by 1 at one edge) only while et + 2s < nt + 1
+    steps = np.arange(1, min(r, int(np.ceil((nt - et) / 2)) + 1) + 1, dtype=np.float64)
+    steps = steps[steps <= r]
+    grown = np.minimum(et + 2 * steps, nt) - np.minimum(et + 2 * (steps - 1), nt)
+    return float(et * box_count(np.float64(r)) + np.sum(grown * box_count(r - steps)))
 
 
 class Position:
-    """One session's place in one variable's block space: the current view, its history, and plans."""
+    """One session's place in one variable's block space: the current view box, its history, and plans.
+
+    A view is kept as its box of blocks, so observing, scoring and planning cost the same whatever the
+    dataset's size and however many blocks a view lists: only a plan's own blocks are ever enumerated.
+    """
 
     def __init__(self, grid: BlockGrid, time_axis: int | None = 0, history: int = 16) -> None:
         if time_axis is not None and not 0 <= time_axis < grid.ndim:
             raise ValueError(f"time axis {time_axis} is not an axis of a {grid.ndim}-d grid")
         self.grid = grid
         self.time_axis = time_axis
-        self.current: tuple[BlockIndex, ...] = ()
         self._boxes: deque[Box] = deque(maxlen=2)
         self._scores: dict[str, deque[float]] = {p: deque(maxlen=history) for p in PREDICTORS}
         self.views = 0
 
     @property
     def box(self) -> Box | None:
+        """The current view's box (None before the first view)."""
         return self._boxes[-1] if self._boxes else None
 
     @property
@@ -162,16 +190,20 @@ class Position:
         return tuple(c - p for c, p in zip(cur.lo, prev.lo, strict=True))
 
     def observe(self, blocks: Iterable[Sequence[int]]) -> bool:
-        """Record a view's blocks; True when it differs from the current view (a new position)."""
-        view = tuple(sorted({self.grid.check(b) for b in blocks}))
-        if not view:
-            raise ValueError("a view needs at least one block")
-        if view == self.current:
+        """Record a view's blocks (their box); True when it differs from the current view."""
+        return self.observe_box(Box.of(self.grid.check(b) for b in blocks))
+
+    def observe_box(self, box: Box) -> bool:
+        """Record a view given as its box; True when it differs from the current view (a new position)."""
+        self.grid.check(box.lo)
+        self.grid.check(box.hi)
+        if any(lo > hi for lo, hi in zip(box.lo, box.hi, strict=True)):
+            raise ValueError(f"a view box needs lo <= hi on every axis, got {box.lo} .. {box.hi}")
+        if box == self.box:
             return False
-        if self.current:
-            self._score(view)
-        self.current = view
-        self._boxes.append(Box.of(view))
+        if self._boxes:
+            self._score(box)
+        self._boxes.append(box)
         self.views += 1
         return True
 
@@ -196,18 +228,12 @@ class Position:
         if mode == "off" or self.box is None or radius <= 0 or limit == 0:
             return []
         predictor = self.chosen() if mode == "auto" else mode
-        candidates = itertools.chain(self._candidates(predictor, radius), self._neighbourhood(radius))
-        plan, seen = [], set(self.current)
-        for index in candidates:
-            if index in seen:
-                continue
-            seen.add(index)
-            plan.append(index)
-            if limit is not None and len(plan) >= limit:
-                break
-        return plan
+        chunks = itertools.chain(self._candidates(predictor, radius), self._neighbourhood(radius))
+        return [tuple(i) for i in _first_unique(chunks, self.grid, limit).tolist()]
 
-    def _candidates(self, predictor: str, radius: int) -> Iterator[BlockIndex]:
+    def _candidates(self, predictor: str, radius: int) -> Iterator[np.ndarray]:
+        """A predictor's guesses outside the current view, within ``radius``, most likely first, as
+        (n, ndim) chunks of block indices."""
         if predictor == "neighbourhood":
             return self._neighbourhood(radius)
         if predictor == "momentum":
@@ -217,40 +243,100 @@ class Position:
             step[self.time_axis] = 1
         return self._along(tuple(step), radius)
 
-    def _neighbourhood(self, radius: int) -> Iterator[BlockIndex]:
-        """Shell by shell: the grown box's blocks at exactly ``d`` hops, in C order (vectorised)."""
-        box = self.box
+    def _neighbourhood(self, radius: int) -> Iterator[np.ndarray]:
+        """Shell by shell, nearest first; in a shell, time step by time step, each step's spatial ring
+        in C order (vectorised). Work is proportional to the blocks yielded, not to the grid."""
+        box, t = self.box, self.time_axis
         for d in range(1, radius + 1):
-            axes = [
-                np.arange(max(0, lo - d), min(n, hi + d + 1))
-                for lo, hi, n in zip(box.lo, box.hi, self.grid.nblocks, strict=True)
-            ]
-            grown = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, self.grid.ndim)
-            yield from map(tuple, grown[box.distances(grown, self.time_axis) == d].tolist())
+            if t is None:
+                yield _ring(box, self.grid, d, None, 0)
+                continue
+            for step in range(max(box.lo[t] - d, 0), min(box.hi[t] + d + 1, self.grid.nblocks[t])):
+                hops = max(box.lo[t] - step, 0, step - box.hi[t])
+                yield _ring(box, self.grid, d - hops, t, step)
 
-    def _along(self, step: tuple[int, ...], radius: int) -> Iterator[BlockIndex]:
+    def _along(self, step: tuple[int, ...], radius: int) -> Iterator[np.ndarray]:
         """The view repeated at ``step``, ``2 * step``, ... while any of it lies within ``radius``."""
         if not any(step):
             return
         box = self.box
         for k in itertools.count(1):
-            moved = box.shifted(tuple(k * s for s in step))
-            inside = [
-                i for i in moved.blocks(self.grid) if box.distance(i, self.time_axis) <= radius
-            ]
-            if not inside:
+            indices = _box_indices(box.shifted(tuple(k * s for s in step)), self.grid)
+            if indices is None:
                 return
-            yield from inside
+            hops = box.distances(indices, self.time_axis)
+            if hops.min() > radius:
+                return
+            yield indices[(hops > 0) & (hops <= radius)]
 
-    def _score(self, view: tuple[BlockIndex, ...]) -> None:
-        """Before moving on: how much of ``view`` each predictor would have fetched from here."""
-        budget = SCORE_BUDGET * len(view)
-        radius = max(self.box.distance(i, self.time_axis) for i in view)
-        wanted = set(view) - set(self.current)
+    def _score(self, new: Box) -> None:
+        """Before moving on: how much of the ``new`` view each predictor would have fetched from here.
+
+        Each predictor gets a budget of ``SCORE_BUDGET`` x (the new view's blocks, at most
+        ``SCORE_VIEW_CAP``) guesses, and scores the share of the new view's unseen blocks it guessed.
+        """
+        old = self.box
+        wanted = _count(new) - _count(_overlap(new, old))
         if not wanted:
             return
+        budget = SCORE_BUDGET * min(_count(new), SCORE_VIEW_CAP)
+        corners = itertools.product(*zip(new.lo, new.hi, strict=True))
+        radius = max(old.distance(c, self.time_axis) for c in corners)
         for p in PREDICTORS:
-            guessed = {
-                i for i in itertools.islice(self._candidates(p, radius), budget) if i not in self.current
-            }
-            self._scores[p].append(len(wanted & guessed) / len(wanted))
+            guessed = _first_unique(self._candidates(p, radius), self.grid, budget)
+            hit = (new.distances(guessed, None) == 0) & (old.distances(guessed, None) > 0)
+            self._scores[p].append(int(hit.sum()) / min(wanted, budget))
+
+
+def _first_unique(chunks: Iterable[np.ndarray], grid: BlockGrid, limit: int | None) -> np.ndarray:
+    """The first ``limit`` distinct block indices of a stream of (n, ndim) chunks, in stream order."""
+    taken: list[np.ndarray] = []
+    seen = np.empty(0, dtype=np.int64)
+    count = 0
+    for chunk in chunks:
+        if not len(chunk):
+            continue
+        flat = np.ravel_multi_index(chunk.T, grid.nblocks)
+        _, first = np.unique(flat, return_index=True)
+        first.sort()
+        first = first[~np.isin(flat[first], seen)]
+        if limit is not None:
+            first = first[: limit - count]
+        taken.append(chunk[first])
+        seen = np.concatenate([seen, flat[first]])
+        count += len(first)
+        if limit is not None and count >= limit:
+            break
+    return np.concatenate(taken) if taken else np.empty((0, grid.ndim), dtype=np.int64)
+
+
+def _count(box: Box | None) -> int:
+    return 0 if box is None else math.prod(box.extents)
+
+
+def _overlap(a: Box, b: Box) -> Box | None:
+    lo = tuple(map(max, a.lo, b.lo))
+    hi = tuple(map(min, a.hi, b.hi))
+    return Box(lo, hi) if all(x <= y for x, y in zip(lo, hi, strict=True)) else None
+
+
+def _box_indices(box: Box, grid: BlockGrid) -> np.ndarray | None:
+    """The (n, ndim) indices of ``box`` clipped to the grid, in C order; None when none is inside."""
+    axes = [np.arange(max(0, lo), min(n, hi + 1)) for lo, hi, n in zip(box.lo, box.hi, grid.nblocks, strict=True)]
+    if any(len(a) == 0 for a in axes):
+        return None
+    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, grid.ndim)
+
+
+def _ring(box: Box, grid: BlockGrid, q: int, time_axis: int | None, step: int) -> np.ndarray:
+    """Blocks of one time ``step`` (ignored without a time axis) exactly ``q`` spatial hops (Chebyshev)
+    from the box's spatial part, clipped to the grid, in C order, as an (n, ndim) array."""
+    spatial = [a for a in range(grid.ndim) if a != time_axis]
+    axes = [
+        np.arange(max(0, box.lo[a] - q), min(grid.nblocks[a], box.hi[a] + q + 1)) for a in spatial
+    ]
+    grown = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(spatial))
+    lo, hi = np.asarray([box.lo[a] for a in spatial]), np.asarray([box.hi[a] for a in spatial])
+    hops = np.maximum(np.maximum(lo - grown, 0), grown - hi).max(axis=1, initial=0)
+    ring = grown[hops == q]
+    return ring if time_axis is None else np.insert(ring, time_axis, step, axis=1)

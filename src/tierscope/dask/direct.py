@@ -23,6 +23,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -35,6 +36,7 @@ from tierscope.dask.plugin import READ_OP
 from tierscope.dask.scheduler import VIEW_OP, owner_of
 from tierscope.dask.tiers import BlockSpec
 from tierscope.grid import BlockGrid, BlockIndex
+from tierscope.prefetch import Box
 
 __all__ = ["Piece", "disable", "enable", "pieces", "read"]
 
@@ -92,25 +94,35 @@ class _Workers:
     the workers whose last ask failed (not asked again for ``FAILED_BACKOFF_S``: their blocks take the
     graph, so a departed worker costs one timeout, not one per view)."""
 
-    def __init__(self) -> None:
+    def __init__(self, client: Any) -> None:
+        self.client = weakref.ref(client)
         self.addresses: list[str] = []
         self.fetched = -float("inf")
         self.failed: dict[str, float] = {}
 
 
 _lock = threading.Lock()
-_enabled: dict[str, _Workers] = {}  # client id -> its workers
+_enabled: dict[str, _Workers] = {}  # client id -> its workers, for clients still open
 
 
 def enable(client: Any) -> None:
-    """Let this client's views read directly (``connect`` gave its workers the handler)."""
+    """Let this client's views read directly (``connect`` gave its workers the handler).
+
+    Entries of clients since closed or collected are dropped here, so the table holds open clients only.
+    """
     with _lock:
-        _enabled.setdefault(client.id, _Workers())
+        for cid in [cid for cid, w in _enabled.items() if _closed(w.client())]:
+            del _enabled[cid]
+        _enabled.setdefault(client.id, _Workers(client))
 
 
 def disable(client: Any) -> None:
     with _lock:
         _enabled.pop(client.id, None)
+
+
+def _closed(client: Any) -> bool:
+    return client is None or client.status in ("closing", "closed")
 
 
 def _client() -> Any:
@@ -178,8 +190,8 @@ def read(spec: BlockSpec, dtype: np.dtype, key: Sequence[int | slice]) -> np.nda
     now = time.monotonic()
     with _lock:
         skipped = {w for w in shares if now - workers.failed.get(w, -math.inf) < FAILED_BACKOFF_S}
-    view = [list(p.index) for p in parts]
-    client._send_to_scheduler({"op": VIEW_OP, "spec": ToPickle(spec), "blocks": view})
+    box = Box.of(p.index for p in parts)  # a box, not its blocks: the message stays small
+    client._send_to_scheduler({"op": VIEW_OP, "spec": ToPickle(spec), "box": [box.lo, box.hi]})
     asked = {w: share for w, share in shares.items() if w not in skipped}
     answers = client.sync(_ask_owners, client, spec, asked, ASK_TIMEOUT_S + nbytes / ASK_BYTES_PER_S)
     out = np.empty(shape, dtype=dtype)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from tierscope.dask.tiers import BlockSpec, WorkerTiers
@@ -28,6 +28,8 @@ USER_WAIT_S = 0.5
 # A prefetch batch: at most this many blocks, and this many bytes once decoded.
 MAX_BATCH_BLOCKS = 8
 BATCH_BYTES = 8 << 20
+# Positions whose newest epoch is remembered (to refuse a late, older plan); the least recent go first.
+MAX_POSITIONS = 1024
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,8 @@ class Plan:
     epoch: int
     session: str
     spec: BlockSpec
-    view: tuple[BlockIndex, ...]  # the session's current view: the position the plan is made for
+    view: tuple[BlockIndex, BlockIndex]  # the corners of the session's current view box: the position
+    # the plan is made for
     blocks: tuple[BlockIndex, ...]
     decode: tuple[bool, ...]  # per block: into L1 (decoded) too, or L2 (encoded) only
 
@@ -53,7 +56,7 @@ class Prefetcher:
         self.tiers = tiers
         self._cond = threading.Condition()
         self._queues: dict[tuple, deque[tuple[Plan, BlockIndex, bool]]] = {}
-        self._epochs: dict[tuple, int] = {}
+        self._epochs: OrderedDict[tuple, int] = OrderedDict()
         self._closed = False
         self.counts = {"plans": 0, "issued": 0, "skipped": 0, "cancelled": 0, "failed": 0}
         self._thread = threading.Thread(target=self._run, name="tierscope-prefetch", daemon=True)
@@ -67,6 +70,9 @@ class Prefetcher:
                 self.counts["cancelled"] += len(plan.blocks)
                 return
             self._epochs[key] = plan.epoch
+            self._epochs.move_to_end(key)
+            while len(self._epochs) > MAX_POSITIONS:
+                self.counts["cancelled"] += len(self._queues.pop(self._epochs.popitem(last=False)[0], ()))
             self.counts["plans"] += 1
             self.counts["cancelled"] += len(self._queues.pop(key, ()))
             self.tiers.set_view(plan.session, plan.spec, plan.view)

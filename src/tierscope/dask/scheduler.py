@@ -29,7 +29,7 @@ from tierscope.dask.graph import BlockLoadTask, ReportedBlockLoadTask
 from tierscope.dask.prefetcher import PLAN_OP, Plan
 from tierscope.dask.tiers import DEFAULT_L1, DEFAULT_L2, BlockSpec
 from tierscope.grid import BlockIndex
-from tierscope.prefetch import Position, check_mode, radius_for
+from tierscope.prefetch import Box, Position, check_mode, radius_for
 from tierscope.server.stats import Distribution
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
         self._positions: OrderedDict[tuple[str, BlockSpec], Position] = OrderedDict()
         self._submitted: dict[Any, float] = {}
         self._queue = Distribution()
+        self._view_s = Distribution()  # the plugin's own work per new view, on the scheduler's loop
         self.epoch = 0
         self.counts = {"views": 0, "loads": 0, "plans": 0, "planned": 0}
 
@@ -110,7 +111,7 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
                     self._submitted[ts.key] = now
             self.counts["loads"] += len(loads)
             if not all(isinstance(ts.run_spec, ReportedBlockLoadTask) for ts, _ in loads):
-                self._on_view(scheduler, client, spec, [index for _, index in loads], workers)
+                self._on_view(scheduler, client, spec, Box.of(index for _, index in loads), workers)
 
     def on_reported_view(self, client: str, msg: dict[str, Any]) -> None:
         """A view a client read directly from its owners' tiers (``tierscope.dask.direct``): no graph came.
@@ -123,8 +124,8 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
             spec = spec.data if isinstance(spec, ToPickle) else spec
             if self.scheduler is None or not isinstance(spec, BlockSpec):
                 raise TypeError(f"spec is a {type(spec).__name__}, not a BlockSpec")
-            view = [tuple(int(i) for i in index) for index in msg["blocks"]]
-            self._on_view(self.scheduler, client, spec, view, sorted(self.scheduler.workers))
+            lo, hi = (tuple(int(i) for i in corner) for corner in msg["box"])
+            self._on_view(self.scheduler, client, spec, Box(lo, hi), sorted(self.scheduler.workers))
         except Exception as exc:
             logger.warning("ignored a malformed %s message from %s: %r", VIEW_OP, client, exc)
 
@@ -169,10 +170,11 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
         return pos
 
     def _on_view(
-        self, scheduler: Scheduler, client: str, spec: BlockSpec, view: list[BlockIndex], workers: list[str]
+        self, scheduler: Scheduler, client: str, spec: BlockSpec, view: Box, workers: list[str]
     ) -> None:
+        started = time.perf_counter()
         pos = self._position(client, spec)
-        if not pos.observe(view):
+        if not pos.observe_box(view):
             return
         self.counts["views"] += 1
         if not workers:
@@ -184,10 +186,11 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
         self.epoch += 1
         for worker, share in shares.items():
             plan = Plan(
-                epoch=self.epoch, session=client, spec=spec, view=pos.current,
+                epoch=self.epoch, session=client, spec=spec, view=(view.lo, view.hi),
                 blocks=tuple(i for i, _ in share), decode=tuple(d for _, d in share),
             )
             scheduler.worker_send(worker, {"op": PLAN_OP, "plan": ToPickle(plan)})
+        self._view_s.add(time.perf_counter() - started)
 
     def _plan(
         self, scheduler: Scheduler, spec: BlockSpec, pos: Position, nworkers: int
@@ -216,9 +219,11 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
 
     def stats(self) -> dict[str, Any]:
         """Views seen, plans sent, and the queue-time distribution of user loads."""
-        return {**self.counts, "mode": self.mode, "queue": self._queue.summary()}
+        return {**self.counts, "mode": self.mode, "queue": self._queue.summary(),
+                "view_s": self._view_s.summary()}
 
     def reset_stats(self) -> None:
         self._queue = Distribution()
+        self._view_s = Distribution()
         self.counts = dict.fromkeys(self.counts, 0)
 

@@ -32,7 +32,7 @@ class Distribution:
         self._recent.append(seconds)
 
     def summary(self) -> dict[str, float]:
-        """count, mean and max since the last reset; p50/p95 (nearest rank) of the recent window."""
+        """count, mean and max since the last reset; p50/p95/p99 (nearest rank) of the recent window."""
         mean = self.total / self.count if self.count else 0.0
         ordered = sorted(self._recent)
 
@@ -44,6 +44,7 @@ class Distribution:
             "mean_ms": mean * 1e3,
             "p50_ms": quantile(0.5) * 1e3,
             "p95_ms": quantile(0.95) * 1e3,
+            "p99_ms": quantile(0.99) * 1e3,
             "max_ms": self.max * 1e3,
         }
 
