@@ -241,7 +241,7 @@ def test_bad_batches_get_json_errors(tiered, body, status, message):
         ({"X-Tierscope-Position": "9.0.0.0"}, "X-Tierscope-Position: block index (9, 0, 0, 0) is out of"),
         ({"X-Tierscope-Position": "0.0.0"}, "X-Tierscope-Position: block index (0, 0, 0) has 3 axes"),
         ({"X-Tierscope-Position": "0.a.0.0"}, "malformed X-Tierscope-Position block"),
-        ({"X-Tierscope-Position": ";".join(["0.0.0.0"] * 4097)}, "at most 4096"),
+        ({"X-Tierscope-Position": ";".join(["0.0.0.0"] * 65)}, "at most 64"),
     ],
 )
 def test_bad_session_and_position_headers_are_400_naming_the_header(tiered, headers, message):
@@ -249,13 +249,17 @@ def test_bad_session_and_position_headers_are_400_naming_the_header(tiered, head
     assert status == 400 and message in json.loads(out)["error"], out
 
 
-def test_position_header_of_4096_blocks_is_accepted(tiered):
-    configure(tiered, prefetch="off")
-    view = ";".join(f"{t}.{z}.{y}.{x}" for t in range(4) for z in range(2) for y in range(2)
-                    for x in range(2))
-    headers = {"X-Tierscope-Session": "big", "X-Tierscope-Position": ";".join([view] * 128)}
+def test_position_header_is_the_box_of_its_blocks(tiered):
+    configure(tiered, prefetch="on", l3="64MiB", l4="64MiB")
+    view = ";".join(f"{t}.0.{y}.{x}" for t in range(2) for y in range(2) for x in range(2))
+    headers = {"X-Tierscope-Session": "big", "X-Tierscope-Position": ";".join([view] * 8)}  # 64 blocks
     status, _, _ = call(tiered, "GET", "/datasets/turb/blocks/u/0.0.0.0", headers=headers)
     assert status == 200
+    corners = {"X-Tierscope-Session": "big", "X-Tierscope-Position": "1.0.1.1;0.0.0.0"}
+    call(tiered, "GET", "/datasets/turb/blocks/u/0.0.0.0", headers=corners)
+    prefetch = json.loads(call(tiered, "GET", "/stats")[2])["prefetch"]
+    assert prefetch["planned"] > 0  # the first header's view planned once; its corners are the same box
+    assert prefetch["cancelled"] == 0
 
 
 def test_unknown_or_repeated_query_parameters_are_rejected(tiered):

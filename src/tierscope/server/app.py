@@ -42,8 +42,6 @@ TOKEN = web.AppKey("token", str)
 REGISTRY = web.AppKey("registry", object)
 MAX_INDEX_LEN = 32
 MAX_BODY = 64 << 10  # batch and config bodies are small JSON documents
-# Position headers list up to MAX_POSITION_BLOCKS indices: allow header fields of 64 KiB.
-HANDLER_ARGS: dict[str, Any] = {"max_field_size": 64 << 10}
 SHUTDOWN_TIMEOUT = 10.0
 BATCH_CONTENT_TYPE = "application/x-tierscope-batch"
 _STATUS = {
@@ -292,7 +290,7 @@ def create_app(service: BlockService, *, token: str | None = None) -> web.Applic
 def run_server(service: BlockService, host: str, port: int, token: str | None = None) -> None:
     """Serve until SIGINT/SIGTERM; in-flight responses get up to ``SHUTDOWN_TIMEOUT`` s to finish."""
     web.run_app(create_app(service, token=token), host=host, port=port, print=None,
-                shutdown_timeout=SHUTDOWN_TIMEOUT, **HANDLER_ARGS)
+                shutdown_timeout=SHUTDOWN_TIMEOUT)
 
 
 class AppThread(abc.ABC):
@@ -330,7 +328,7 @@ class AppThread(abc.ABC):
 
     async def _start(self, sock: socket.socket) -> None:
         self._runner = web.AppRunner(self.make_app(), handle_signals=False,
-                                     shutdown_timeout=SHUTDOWN_TIMEOUT, **HANDLER_ARGS)
+                                     shutdown_timeout=SHUTDOWN_TIMEOUT)
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
         self.port = sock.getsockname()[1]

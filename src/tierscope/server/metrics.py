@@ -38,7 +38,8 @@ class _ServiceCollector:
                                   value=stats["origin_reads"])
         yield CounterMetricFamily("tierscope_encodes", "Blocks encoded", value=stats["encodes"])
         prefetch = CounterMetricFamily("tierscope_prefetch", "Server prefetch work", labels=["event"])
-        for event in ("planned", "issued", "cancelled", "skipped", "errors", "used", "wasted"):
+        for event in ("planned", "issued", "cancelled", "expired", "skipped", "errors", "used",
+                      "wasted"):
             prefetch.add_metric([event], stats["prefetch"][event])
         yield prefetch
         tier_events = CounterMetricFamily("tierscope_tier_events", "Tier lookups and evictions",

@@ -36,8 +36,8 @@ from tierscope.codec.device import resolve_device
 from tierscope.errors import BlockIndexError, DatasetNotFoundError
 from tierscope.grid import BlockIndex
 from tierscope.metadata import DatasetInfo, VariableInfo, check_tol
-from tierscope.prefetch import MODES, Position, radius_for
-from tierscope.server.sessions import PrefetchItem, PrefetchQueue, Sessions, check_session
+from tierscope.prefetch import MODES, Box, Position, radius_for
+from tierscope.server.sessions import PLAN_TTL_S, PrefetchItem, PrefetchQueue, Sessions, check_session
 from tierscope.server.stats import ServerStats
 from tierscope.store.origin import Origin
 
@@ -49,7 +49,9 @@ T = TypeVar("T")
 
 PURPOSES = ("user", "prefetch")
 MAX_BATCH = 256
-MAX_POSITION_BLOCKS = 4096
+# A position header lists blocks whose box is the view (clients send its two corners): a few suffice,
+# and a short list keeps every request's cost on the loop small.
+MAX_POSITION_BLOCKS = 64
 ANONYMOUS = "-"
 
 
@@ -153,6 +155,7 @@ class BlockService:
         prefetch_workers: int = 2,
         max_positions: int = 1024,
         plan_limit: int = 512,
+        plan_ttl: float = PLAN_TTL_S,
         device: str = "auto",
     ) -> None:
         self.encode_device = resolve_device(device, "device")
@@ -166,6 +169,7 @@ class BlockService:
             raise ValueError(f"workers and prefetch_workers must be >= 1, got {workers}, {prefetch_workers}")
         self.codec_name = codec_name
         self.workers, self.prefetch_workers, self.plan_limit = workers, prefetch_workers, plan_limit
+        self.plan_ttl = plan_ttl
         check_policy(policy)
         self.l3: TierCache[_Encoded] = TierCache(parse_size(l3, "l3"), "l3", policy=policy)
         self.l4: TierCache[_Raw] = TierCache(parse_size(l4, "l4"), "l4", policy=policy)
@@ -174,7 +178,7 @@ class BlockService:
         self.l3.distance = lambda key: self.sessions.distance(key[0], key[1], key[4])
         self.l4.distance = lambda key: self.sessions.distance(*key)
         self._stats = ServerStats()
-        self.queue = PrefetchQueue()
+        self.queue = PrefetchQueue(plan_ttl)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
 
@@ -188,7 +192,7 @@ class BlockService:
         self._prefetch_pool = ThreadPoolExecutor(self.prefetch_workers,
                                                  thread_name_prefix="tierscope-prefetch")
         self._slots = asyncio.Semaphore(self.prefetch_workers)
-        self.queue = PrefetchQueue()
+        self.queue = PrefetchQueue(self.plan_ttl)
         self._tasks = [asyncio.create_task(self._prefetch_worker()) for _ in range(self.prefetch_workers)]
 
     async def aclose(self) -> None:
@@ -344,7 +348,7 @@ class BlockService:
             return
         grid = req.variable.grid
         try:
-            view = [grid.check(b) for b in blocks]
+            view = Box.of(grid.check(b) for b in blocks)
         except BlockIndexError as exc:
             raise ValueError(f"X-Tierscope-Position: {exc}") from None
         if self.prefetch_mode == "off" and self.l3.policy != "distance":
@@ -353,7 +357,7 @@ class BlockService:
         pos, dropped = self.sessions.position(key, grid, req.variable.time_axis)
         if dropped is not None:
             self._stats.prefetch["cancelled"] += self.queue.replace(dropped, ())
-        if pos.observe(view):
+        if pos.observe_box(view):
             self.sessions.moved(req.dataset, req.variable.name)
             if self.prefetch_mode != "off":
                 self._plan(key, pos, req)
@@ -422,6 +426,8 @@ class BlockService:
             tiers = {"l3": self.l3.info(), "l4": self.l4.info()}
             stats["prefetch"]["used"] = sum(t["prefetch_used"] for t in tiers.values())
             stats["prefetch"]["wasted"] = sum(t["prefetch_wasted"] for t in tiers.values())
+            self.queue.expire()
+            stats["prefetch"]["expired"] = self.queue.expired
             stats["prefetch"]["queued"] = len(self.queue)
             stats["tiers"] = tiers
             stats["sessions"] = len(self.sessions)
@@ -433,6 +439,7 @@ class BlockService:
     def reset_stats(self) -> None:
         def reset() -> None:
             self._stats = ServerStats()
+            self.queue.expired = 0
             self.l3.reset_stats()
             self.l4.reset_stats()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import time
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ from tierscope.prefetch import Position
 __all__ = ["PositionKey", "PrefetchItem", "PrefetchQueue", "Sessions", "check_session"]
 
 PositionKey = tuple[str, str, str, float]  # (session, dataset, variable, tol)
+# A plan is for the view after the current one: one older than this has been overtaken or abandoned.
+PLAN_TTL_S = 2.0
+# Blocks queued over all plans (a few full plans): beyond this the oldest plans are dropped.
+MAX_QUEUED = 4096
 _SESSION = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
@@ -119,35 +124,66 @@ class Sessions:
 
 
 class PrefetchQueue:
-    """Plans per position, taken round-robin; replacing a plan drops what was left of the old one."""
+    """Plans per position, taken round-robin; replacing a plan drops what was left of the old one.
 
-    def __init__(self) -> None:
-        self._plans: OrderedDict[Hashable, deque[PrefetchItem]] = OrderedDict()
+    Bounded: a plan older than ``ttl`` seconds is dropped unserved (its session has moved on or gone:
+    prefetch is only worth it for the view after the current one), and past ``max_items`` queued
+    blocks the oldest plans go first. Dropped blocks are counted in ``expired``.
+    """
+
+    def __init__(self, ttl: float = PLAN_TTL_S, max_items: int = MAX_QUEUED) -> None:
+        self.ttl, self.max_items = ttl, max_items
+        self._plans: OrderedDict[Hashable, tuple[float, deque[PrefetchItem]]] = OrderedDict()
+        self._size = 0
         self._ready = asyncio.Event()
+        self.expired = 0
 
     def __len__(self) -> int:
-        return sum(len(plan) for plan in self._plans.values())
+        return self._size
 
     def replace(self, key: Hashable, items: Sequence[PrefetchItem]) -> int:
         """Queue ``items`` as ``key``'s plan; return how many items of its previous plan were dropped."""
-        dropped = len(self._plans.pop(key, ()))
+        dropped = self._drop(key)
         if items:
-            self._plans[key] = deque(items)
+            self._plans[key] = (time.monotonic(), deque(items))
+            self._size += len(items)
             self._ready.set()
+        while self._size > self.max_items:
+            oldest = min(self._plans, key=lambda k: self._plans[k][0])
+            self.expired += self._drop(oldest)
+        return dropped
+
+    def expire(self) -> int:
+        """Drop the plans older than ``ttl``; return how many blocks they still held."""
+        cutoff = time.monotonic() - self.ttl
+        dropped = sum(self._drop(k) for k in [k for k, (made, _) in self._plans.items() if made < cutoff])
+        self.expired += dropped
         return dropped
 
     def clear(self) -> int:
-        dropped = len(self)
+        dropped = self._size
         self._plans.clear()
+        self._size = 0
         return dropped
 
+    def _drop(self, key: Hashable) -> int:
+        _, plan = self._plans.pop(key, (0.0, ()))
+        self._size -= len(plan)
+        return len(plan)
+
     async def get(self) -> PrefetchItem:
-        """The next item, from the plan after the one served last."""
-        while not self._plans:
-            self._ready.clear()
-            await self._ready.wait()
-        key, plan = self._plans.popitem(last=False)
-        item = plan.popleft()
-        if plan:
-            self._plans[key] = plan  # back of the line
-        return item
+        """The next item, from the plan after the one served last (plans past their ``ttl`` skipped)."""
+        while True:
+            while not self._plans:
+                self._ready.clear()
+                await self._ready.wait()
+            key, (made, plan) = self._plans.popitem(last=False)
+            if time.monotonic() - made > self.ttl:
+                self._size -= len(plan)
+                self.expired += len(plan)
+                continue
+            item = plan.popleft()
+            self._size -= 1
+            if plan:
+                self._plans[key] = (made, plan)  # back of the line
+            return item
