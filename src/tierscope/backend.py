@@ -31,6 +31,7 @@ from tierscope.client.source import Source
 from tierscope.dask.graph import block_array
 from tierscope.dask.tiers import BlockSpec
 from tierscope.metadata import VariableInfo, check_tol
+from tierscope.store.origin import is_synthetic
 
 __all__ = ["BlockArray", "TierscopeBackendEntrypoint", "TierscopeDataStore"]
 
@@ -110,7 +111,8 @@ class TierscopeDataStore(AbstractDataStore):
 
 
 class TierscopeBackendEntrypoint(BackendEntrypoint):
-    """Open a tierscope dataset: ``http(s)://host:port/datasets/NAME`` or a local store path."""
+    """Open a tierscope dataset: ``http(s)://host:port/datasets/NAME``, a local store path or a synthetic
+    ``sample://NAME?shape=T,Z,Y,X`` dataset (docs/stores.md)."""
 
     description = "Explore block-served arrays through tiered caches on Dask workers (tierscope)"
     open_dataset_parameters = (
@@ -158,4 +160,6 @@ class TierscopeBackendEntrypoint(BackendEntrypoint):
         )
 
     def guess_can_open(self, filename_or_obj: Any) -> bool:
-        return isinstance(filename_or_obj, str) and bool(_DATASET_URL.match(filename_or_obj))
+        return isinstance(filename_or_obj, str) and (
+            bool(_DATASET_URL.match(filename_or_obj)) or is_synthetic(filename_or_obj)
+        )

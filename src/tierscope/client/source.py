@@ -76,7 +76,8 @@ class Transport(abc.ABC):
 
 @dataclass(frozen=True)
 class Source:
-    """A served dataset (``kind="http"``: base URL) or a local store (``kind="embedded"``: path).
+    """A served dataset (``kind="http"``: base URL) or a local store (``kind="embedded"``: path, or a
+    ``sample://`` URL: a synthetic dataset computed in each process).
 
     ``token`` is the server's bearer token (it travels with the source to the workers; never printed).
     """
@@ -88,7 +89,7 @@ class Source:
 
     @classmethod
     def parse(cls, url_or_path: str | os.PathLike[str], token: str | None = None) -> Source:
-        """``http(s)://host:port/datasets/NAME`` or a path to a local store.
+        """``http(s)://host:port/datasets/NAME``, a path to a local store or a ``sample://NAME?...`` URL.
 
         ``token`` defaults to the ``TIERSCOPE_TOKEN`` environment variable (HTTP sources only).
         """
@@ -102,8 +103,10 @@ class Source:
                 )
             token = token if token is not None else os.environ.get("TIERSCOPE_TOKEN") or None
             return cls("http", f"{parts.scheme}://{parts.netloc}", segments[1], token)
-        from tierscope.store.origin import dataset_name
+        from tierscope.store.origin import dataset_name, is_synthetic
 
+        if is_synthetic(text):  # a URL, not a path: resolving it would mangle it
+            return cls("embedded", text, dataset_name(text))
         path = Path(text).expanduser().resolve()
         return cls("embedded", str(path), dataset_name(path))
 

@@ -4,7 +4,9 @@ An origin reads one stored block of one variable of one dataset. Three formats, 
 ``tierscope ingest`` (and ``tierscope sample`` for zarr) with stored chunks = blocks: zarr v3 (a local
 directory or any fsspec URL), TileDB (a group of dense arrays, ``store/tiledb.py``) and HDF5 (one file
 of chunked datasets, ``store/hdf5.py``). ``open_origin`` tells them apart by what is on disk, so
-``tierscope serve`` and ``xr.open_dataset(path, engine="tierscope")`` take any of them.
+``tierscope serve`` and ``xr.open_dataset(path, engine="tierscope")`` take any of them. A
+``sample://NAME?shape=...`` URL is the synthetic origin (``store/synthetic.py``): blocks computed on
+read, nothing on disk.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from tierscope.errors import StoreError
 from tierscope.grid import BlockIndex
 from tierscope.metadata import DatasetInfo, VariableInfo
 
-__all__ = ["FORMATS", "Origin", "ZarrOrigin", "dataset_name", "detect_format", "open_origin"]
+__all__ = [
+    "FORMATS", "SYNTHETIC_SCHEME", "Origin", "ZarrOrigin", "dataset_name", "detect_format", "is_synthetic",
+    "open_origin",
+]
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +36,17 @@ FORMATS = ("zarr", "tiledb", "hdf5")
 SUFFIXES = (".zarr", ".tiledb", ".tdb", ".hdf5", ".h5")
 """Store suffixes left out of the name a store is served under."""
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+SYNTHETIC_SCHEME = "sample"
+"""The URL scheme of the synthetic origin: ``sample://NAME?shape=T,Z,Y,X&...``."""
 
 
 def _is_url(location: str | os.PathLike[str]) -> bool:
     return isinstance(location, str) and "://" in location
+
+
+def is_synthetic(location: object) -> bool:
+    """Whether ``location`` is a ``sample://`` URL (a synthetic dataset, not a store)."""
+    return isinstance(location, str) and location.startswith(f"{SYNTHETIC_SCHEME}://")
 
 
 def _local_path(location: str | os.PathLike[str]) -> Path | None:
@@ -47,7 +59,10 @@ def _local_path(location: str | os.PathLike[str]) -> Path | None:
 
 def dataset_name(location: str | os.PathLike[str]) -> str:
     """The name a store is served under: its file or directory name without a store suffix
-    (``turb.zarr``, ``turb.tdb``, ``turb.h5`` and ``http://host/data/turb.zarr`` are all ``turb``)."""
+    (``turb.zarr``, ``turb.tdb``, ``turb.h5`` and ``http://host/data/turb.zarr`` are all ``turb``);
+    a ``sample://NAME?...`` URL is ``NAME``."""
+    if is_synthetic(location):
+        return urlsplit(str(location)).netloc
     local = _local_path(location)
     if local is not None:
         name = local.resolve().name
@@ -193,7 +208,10 @@ def _objects(values: np.ndarray) -> np.ndarray:
 
 def detect_format(location: str | os.PathLike[str]) -> str:
     """Which of ``FORMATS`` a store is: a remote URL is zarr; on disk, a directory with
-    ``zarr.json`` is zarr, a TileDB group is tiledb, a file with the HDF5 signature is hdf5."""
+    ``zarr.json`` is zarr, a TileDB group is tiledb, a file with the HDF5 signature is hdf5.
+    A ``sample://`` URL is ``"synthetic"`` (no store: nothing to write, so not one of ``FORMATS``)."""
+    if is_synthetic(location):
+        return "synthetic"
     path = _local_path(location)
     if path is None:
         return "zarr"
@@ -235,6 +253,10 @@ def _has_hdf5_signature(path: Path) -> bool:
 def open_origin(location: str | os.PathLike[str], name: str | None = None) -> Origin:
     """Open a store as an origin, detecting its format (``detect_format``)."""
     fmt = detect_format(location)
+    if fmt == "synthetic":
+        from tierscope.store.synthetic import SyntheticOrigin
+
+        return SyntheticOrigin(str(location), name=name)
     if fmt == "tiledb":
         from tierscope.store.tiledb import TileDBOrigin
 

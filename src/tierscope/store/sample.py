@@ -27,7 +27,7 @@ import xarray as xr
 
 from tierscope.store.ingest import _positive_ints
 
-__all__ = ["sample_field", "write_sample"]
+__all__ = ["SampleVariable", "sample_coords", "sample_field", "write_sample"]
 
 DIMS = ("time", "z", "y", "x")
 DT = 0.1
@@ -80,7 +80,23 @@ def write_sample(
 def sample_field(space: Sequence[int], name: str = "u", seed: int = 0, step: int = 0) -> np.ndarray:
     """One variable's float32 field over ``space`` at time step ``step``: exactly what ``write_sample``
     stores there (benchmarks use it to get the same fields in memory)."""
-    return _Generator(tuple(space), {name: _rng(_check_seed(seed), name)}).step(step * DT)[name]
+    return SampleVariable(space, name, seed).step(step)
+
+
+class SampleVariable:
+    """One variable of the sample over the periodic ``space``, computed one time step at a time.
+
+    Drawing the coefficients costs a forward FFT (the std normalisation) and each step an inverse one:
+    keep the object to compute many steps (the synthetic origin keeps one per variable). Thread-safe:
+    ``step`` changes nothing."""
+
+    def __init__(self, space: Sequence[int], name: str = "u", seed: int = 0) -> None:
+        self.space, self.name = tuple(int(n) for n in space), name
+        self._generator = _Generator(self.space, {name: _rng(_check_seed(seed), name)})
+
+    def step(self, step: int) -> np.ndarray:
+        """The float32 field at time step ``step``: exactly what ``write_sample`` stores there."""
+        return self._generator.step(int(step) * DT)[self.name]
 
 
 def _check_variables(variables: Sequence[str]) -> tuple[str, ...]:
@@ -181,17 +197,22 @@ def _layout(
 
     The placeholder is a single dask chunk: it only has to align with the zarr chunks, and a
     block-sized one would build a task per block for nothing."""
-    time = np.arange(shape[0]) * DT
-    coords = {"time": ("time", time, {"units": "s", "long_name": "simulation time"})}
-    for dim, n in zip(DIMS[1:], shape[1:], strict=True):
-        position = np.arange(n) * (2 * math.pi / n)
-        coords[dim] = (dim, position, {"units": "m", "long_name": f"{dim} position"})
+    coords = {dim: (dim, values, attrs) for dim, (values, attrs) in sample_coords(shape).items()}
     placeholder = da.zeros(shape, chunks=shape, dtype=np.float32)
     data = {name: (DIMS, placeholder, _variable_attrs(name)) for name in names}
     ds = xr.Dataset(data, coords=coords, attrs=_dataset_attrs(seed))
     for name in names:
         ds[name].encoding = {"chunks": block}
     return ds
+
+
+def sample_coords(shape: Sequence[int]) -> dict[str, tuple[np.ndarray, dict[str, str]]]:
+    """The dimension coordinates of a sample of ``shape``: time in steps of ``DT`` seconds, and
+    positions on ``[0, 2*pi)`` along each spatial axis."""
+    coords = {"time": (np.arange(shape[0]) * DT, {"units": "s", "long_name": "simulation time"})}
+    for dim, n in zip(DIMS[1:], shape[1:], strict=True):
+        coords[dim] = (np.arange(n) * (2 * math.pi / n), {"units": "m", "long_name": f"{dim} position"})
+    return coords
 
 
 def _variable_attrs(name: str) -> dict[str, str]:
