@@ -58,8 +58,9 @@ def connect(
     from tierscope.dask.scheduler import TierscopeSchedulerPlugin
 
     client = client_or_cluster if isinstance(client_or_cluster, Client) else Client(client_or_cluster)
-    client.register_plugin(TierscopeWorkerPlugin(l1_bytes, l2_bytes, policy, device), name=PLUGIN_NAME)
-    client.register_plugin(TierscopeSchedulerPlugin(prefetch, l1_bytes, l2_bytes))
+    equipped = client.register_plugin(TierscopeWorkerPlugin(l1_bytes, l2_bytes, policy, device),
+                                      name=PLUGIN_NAME)
+    client.register_plugin(TierscopeSchedulerPlugin(prefetch, l1_bytes, l2_bytes, equipped=sorted(equipped)))
     (enable if direct else disable)(client)
     return client
 

@@ -59,7 +59,9 @@ class TierscopeWorkerPlugin(WorkerPlugin):
         _process_collector().plugins[worker.address] = self
 
     def teardown(self, worker: Worker) -> None:
-        worker.stream_handlers.pop(PLAN_OP, None)
+        # Stays when this plugin goes: a plan already on its way must meet a handler, or the worker
+        # would close its connection to the scheduler; the scheduler stops sending at the next heartbeat.
+        worker.stream_handlers[PLAN_OP] = _drop_plan
         worker.handlers.pop(READ_OP, None)
         worker.metrics.pop("tierscope", None)
         _process_collector().plugins.pop(worker.address, None)
@@ -105,6 +107,10 @@ class TierscopeWorkerPlugin(WorkerPlugin):
         if self.tiers is None or self.prefetcher is None:
             return None
         return worker_stats(self.tiers.stats(), self.prefetcher.stats())
+
+
+def _drop_plan(plan: Plan) -> None:
+    """The plan handler of a worker whose tierscope plugin was removed: nothing to fill."""
 
 
 def worker_stats(tiers: dict[str, Any], prefetcher: dict[str, int]) -> dict[str, Any]:

@@ -73,8 +73,13 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
         l2: int = DEFAULT_L2,
         max_plan: int = 512,
         max_positions: int = 256,
+        equipped: Sequence[str] = (),
     ) -> None:
         self.mode = check_mode(prefetch)
+        # Workers known to run the tierscope worker plugin (``connect`` registered it there); others
+        # prove it by their heartbeat's tierscope metrics. Only those get plans: a worker without the
+        # handler would drop its connection to the scheduler on an unknown stream op.
+        self._equipped = set(equipped)
         self.l1, self.l2 = int(l1), int(l2)
         self.max_plan, self.max_positions = max_plan, max_positions
         self.scheduler: Scheduler | None = None
@@ -154,6 +159,13 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
             steal.remove_key_from_stealable(ts)
             getattr(steal, "unknown_durations", {}).get(ts.prefix.name, set()).discard(ts)
 
+    def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
+        self._equipped.discard(worker)
+
+    def _handles_plans(self, scheduler: Scheduler, worker: str) -> bool:
+        ws = scheduler.workers.get(worker)
+        return worker in self._equipped or (ws is not None and bool(ws.metrics.get("tierscope")))
+
     def remove_client(self, scheduler: Scheduler, client: str) -> None:
         """A closed notebook's positions go with it."""
         for key in [k for k in self._positions if k[0] == client]:
@@ -177,14 +189,16 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
         if not pos.observe_box(view):
             return
         self.counts["views"] += 1
-        if not workers:
+        targets = [w for w in workers if self._handles_plans(scheduler, w)]
+        if not targets:
             return
         blocks, r1 = self._plan(scheduler, spec, pos, len(workers))
         shares: dict[str, list[tuple[BlockIndex, bool]]] = {w: [] for w in workers}
         for index in blocks:
             shares[owner_of(spec, index, workers)].append((index, pos.distance(index) <= r1))
         self.epoch += 1
-        for worker, share in shares.items():
+        for worker in targets:
+            share = shares[worker]
             plan = Plan(
                 epoch=self.epoch, session=client, spec=spec, view=(view.lo, view.hi),
                 blocks=tuple(i for i, _ in share), decode=tuple(d for _, d in share),
