@@ -61,10 +61,11 @@ def assert_exact(out: np.ndarray, expected: Any) -> None:
     assert out.flags.c_contiguous and out.flags.writeable and out.flags.owndata
 
 
-def make_frame(header: dict[str, Any] | bytes, payload: bytes = b"", version: int = 1) -> bytes:
-    """Hand-built frame following the documented layout, for malformed-input tests."""
+def make_frame(header: dict[str, Any] | bytes, payload: bytes = b"", version: int = 2) -> bytes:
+    """Hand-built frame following the documented layout (header checksum right), for malformed-input
+    tests."""
     raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-    return struct.pack("<4sBI", MAGIC, version, len(raw)) + raw + payload
+    return struct.pack("<4sBII", MAGIC, version, len(raw), zlib.crc32(raw)) + raw + payload
 
 
 def good_header(payload: bytes, **overrides: Any) -> dict[str, Any]:
@@ -166,7 +167,7 @@ def test_header_fields_and_layout(codec: str) -> None:
     header = read_header(frame)
     assert isinstance(header, FrameHeader)
     assert header.codec == codec
-    assert header.version == 1
+    assert header.version == 2
     assert header.dtype == np.dtype(">i4") and header.dtype.str == ">i4"
     assert header.shape == (3, 4)
     assert header.tol == 0.25
@@ -176,10 +177,11 @@ def test_header_fields_and_layout(codec: str) -> None:
     assert header.checksum == zlib.crc32(frame[header.payload_offset :])
 
     # The documented layout, parsed independently of the implementation.
-    magic, version, header_nbytes = struct.unpack_from("<4sBI", frame)
-    assert (magic, version) == (b"TSF1", 1)
-    assert header.payload_offset == 9 + header_nbytes
-    obj = json.loads(frame[9 : 9 + header_nbytes].decode("utf-8"))
+    magic, version, header_nbytes, header_crc = struct.unpack_from("<4sBII", frame)
+    assert (magic, version) == (b"TSF1", 2)
+    assert header.payload_offset == 13 + header_nbytes
+    assert header_crc == zlib.crc32(frame[13 : 13 + header_nbytes])
+    obj = json.loads(frame[13 : 13 + header_nbytes].decode("utf-8"))
     assert obj == {
         "codec": codec,
         "dtype": ">i4",
@@ -268,17 +270,17 @@ def test_bad_magic() -> None:
 
 def test_bad_version() -> None:
     frame = encode(np.arange(5))
-    for version in (0, 2, 255):
+    for version in (0, 3, 255):
         with pytest.raises(FrameError, match="version"):
             decode(frame[:4] + bytes([version]) + frame[5:])
 
 
 def test_huge_header_length() -> None:
-    frame = struct.pack("<4sBI", MAGIC, 1, MAX_HEADER_NBYTES + 1) + b"{}"
+    frame = struct.pack("<4sBII", MAGIC, 2, MAX_HEADER_NBYTES + 1, 0) + b"{}"
     with pytest.raises(FrameError, match="header length"):
         read_header(frame)
     with pytest.raises(FrameError, match="header length"):
-        decode(struct.pack("<4sBI", MAGIC, 1, 0xFFFFFFFF))
+        decode(struct.pack("<4sBII", MAGIC, 2, 0xFFFFFFFF, 0))
 
 
 @pytest.mark.parametrize(
@@ -603,3 +605,12 @@ def test_plugin_codec_through_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     out = decode(frame)
     assert out.dtype == array.dtype and out.shape == array.shape and out.flags.writeable
     assert np.max(np.abs(out - array)) <= 0.01 + 1e-12
+
+
+@pytest.mark.parametrize(("old", "new"), [(b'"<f4"', b'">f4"'), (b'"tol":0.001', b'"tol":0.002')])
+def test_an_edited_header_is_a_checksum_error(old: bytes, new: bytes) -> None:
+    """A header edit that still parses (byte order, recorded tol) must not decode to wrong values."""
+    frame = encode(np.linspace(0, 1, 64, dtype="<f4"), tol=1e-3, codec="lorenzo")
+    assert old in frame
+    with pytest.raises(ChecksumError, match="header checksum mismatch"):
+        decode(frame.replace(old, new))

@@ -4,9 +4,10 @@ Layout (all integers little-endian)::
 
     offset  size  field
     0       4     magic            b"TSF1"
-    4       1     format version   u8, currently 1
+    4       1     format version   u8, currently 2
     5       4     header length    u32, H bytes, at most 65536
-    9       H     header           UTF-8 JSON object, exactly these keys:
+    9       4     header checksum  u32, zlib.crc32 of the H header bytes
+    13      H     header           UTF-8 JSON object, exactly these keys:
                                      "codec":          short codec name ("raw", "zstd", ...)
                                      "dtype":          numpy dtype ``.str`` ("<f8", ">i4", "|b1")
                                      "shape":          list of non-negative ints, at most 32
@@ -14,14 +15,16 @@ Layout (all integers little-endian)::
                                      "params":         object, codec parameters (JSON values)
                                      "checksum":       zlib.crc32 of the payload bytes
                                      "payload_nbytes": payload length in bytes
-    9 + H   P     payload          codec-specific bytes; the frame ends exactly here
+    13 + H  P     payload          codec-specific bytes; the frame ends exactly here
 
-Why this shape: a fixed 9-byte prefix lets a reader reject foreign or future-format bytes
+Why this shape: a fixed 13-byte prefix lets a reader reject foreign or future-format bytes
 before parsing anything, the length-prefixed JSON header keeps the format extensible (new
-codecs add ``params``) while staying bounded, and the crc32 catches corruption in transit or
-at rest before a codec ever sees the payload.  Every malformed input raises
-:class:`~tierscope.errors.FrameError` (:class:`~tierscope.errors.ChecksumError` for a payload
-that does not match its checksum), never ``struct.error``/``json`` errors.
+codecs add ``params``) while staying bounded, and the two crc32s catch corruption in transit or
+at rest before a codec ever sees the frame: the header's (a flipped byte order or an edited tol
+would otherwise decode to wrong values without a word) and the payload's.  Every malformed input
+raises :class:`~tierscope.errors.FrameError` (:class:`~tierscope.errors.ChecksumError` for a
+header or payload that does not match its checksum), never ``struct.error``/``json`` errors.
+Version 1 frames (9-byte prefix, no header checksum) are still read: stores written before hold them.
 """
 
 from __future__ import annotations
@@ -55,11 +58,12 @@ __all__ = [
 ]
 
 MAGIC = b"TSF1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAX_HEADER_NBYTES = 64 * 1024
 MAX_NDIM = 32
 
-_PREFIX = struct.Struct("<4sBI")
+_PREFIX = struct.Struct("<4sBII")
+_PREFIX_V1 = struct.Struct("<4sBI")  # version 1: no header checksum (still read: stores hold such frames)
 _HEADER_KEYS = frozenset({"codec", "dtype", "shape", "tol", "params", "checksum", "payload_nbytes"})
 _NUMERIC_KINDS = frozenset("biufc")
 _MAX_DTYPE_STR = 64
@@ -217,7 +221,7 @@ def pack_frame(
             f"frame header of {len(raw)} bytes exceeds the {MAX_HEADER_NBYTES}-byte limit "
             f"(codec {codec!r} params too large)"
         )
-    return b"".join((_PREFIX.pack(MAGIC, FORMAT_VERSION, len(raw)), raw, payload))
+    return b"".join((_PREFIX.pack(MAGIC, FORMAT_VERSION, len(raw), zlib.crc32(raw)), raw, payload))
 
 
 def parse_header(frame: FrameLike, *, require_payload: bool = True) -> FrameHeader:
@@ -228,29 +232,36 @@ def parse_header(frame: FrameLike, *, require_payload: bool = True) -> FrameHead
     contains the whole header.
     """
     view = _as_byte_view(frame)
-    if len(view) < _PREFIX.size:
+    prefix = _PREFIX_V1 if len(view) > 4 and view[4] == 1 else _PREFIX
+    if len(view) < prefix.size:
         raise FrameError(
-            f"truncated frame: {len(view)} bytes is shorter than the {_PREFIX.size}-byte prefix"
+            f"truncated frame: {len(view)} bytes is shorter than the {prefix.size}-byte prefix"
         )
-    magic, version, header_nbytes = _PREFIX.unpack_from(view)
+    magic, version, header_nbytes, *header_crc = prefix.unpack_from(view)
     if magic != MAGIC:
         raise FrameError(f"bad magic {magic!r}: expected {MAGIC!r}, not a tierscope frame")
-    if version != FORMAT_VERSION:
+    if version not in (1, FORMAT_VERSION):
         raise FrameError(
-            f"unsupported frame format version {version}; this reader handles {FORMAT_VERSION}"
+            f"unsupported frame format version {version}; this reader handles 1 and {FORMAT_VERSION}"
         )
     if header_nbytes > MAX_HEADER_NBYTES:
         raise FrameError(
             f"header length {header_nbytes} exceeds the {MAX_HEADER_NBYTES}-byte limit"
         )
-    payload_offset = _PREFIX.size + header_nbytes
+    payload_offset = prefix.size + header_nbytes
     if len(view) < payload_offset:
         raise FrameError(
             f"truncated frame: header needs {payload_offset} bytes, only {len(view)} present"
         )
+    raw = bytes(view[prefix.size : payload_offset])
+    if header_crc and zlib.crc32(raw) != header_crc[0]:
+        raise ChecksumError(
+            f"header checksum mismatch: prefix says {header_crc[0]:#010x}, header has "
+            f"{zlib.crc32(raw):#010x} (frame corrupted)"
+        )
     try:
         obj = json.loads(
-            bytes(view[_PREFIX.size : payload_offset]).decode("utf-8"),
+            raw.decode("utf-8"),
             parse_constant=_reject_constant,
         )
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
