@@ -135,8 +135,8 @@ def _tol(raw: Any) -> float:
         raise ValueError(f"tol must be a number, got {raw!r}")
     try:
         return float(raw)
-    except ValueError:
-        raise ValueError(f"tol must be a number, got {raw[:40]!r}") from None
+    except (ValueError, OverflowError):  # OverflowError: an integer too large for a float
+        raise ValueError(f"tol must be a finite number, got {str(raw)[:40]!r}") from None
 
 
 def _result_headers(result: BlockResult) -> dict[str, str]:
