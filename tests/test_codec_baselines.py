@@ -21,6 +21,15 @@ def test_fp16_cast_error_is_what_a_cast_gives() -> None:
     assert len(encode(x, 0.1, codec="fp16")) < x.nbytes // 2 + 300
 
 
+def test_fp16_records_its_real_error_and_never_claims_tol_0() -> None:
+    x = smooth_field(16) * 4
+    frame = encode(x, 1e-3, codec="fp16")
+    real = float(np.abs(decode(frame) - x).max())
+    assert read_header(frame).params["max_error"] == real > 1e-3  # unbounded, and says so
+    lossless = encode(x, 0.0, codec="fp16")
+    assert read_header(lossless).params == {"mode": "lossless"} and np.array_equal(decode(lossless), x)
+
+
 @pytest.mark.parametrize("codec", BOUNDED_LIBS)
 @pytest.mark.parametrize("dtype", ["<f4", ">f8"])
 @pytest.mark.parametrize("shape", [(7,), (12, 9), (16, 16, 16), (2, 5, 6, 7), (2, 2, 3, 4, 5)])
@@ -40,9 +49,8 @@ def test_fallbacks_are_lossless(codec: str) -> None:
     for x, tol in ((np.zeros((0, 3), np.float32), 0.1), (np.arange(12, dtype=">i2"), 0.5),
                    (smooth_field(8), 0.0)):
         frame = encode(x, tol, codec=codec)
-        if codec != "fp16" or x.dtype.kind != "f" or x.size == 0:
-            assert read_header(frame).params == {"mode": "lossless"}
-            assert decode(frame).tobytes() == x.tobytes()
+        assert read_header(frame).params == {"mode": "lossless"}
+        assert decode(frame).tobytes() == x.tobytes()
 
 
 @pytest.mark.parametrize("codec", BOUNDED_LIBS)

@@ -1,7 +1,9 @@
 """Baseline codecs for the evaluation, behind the same frame/registry interface.
 
 - ``fp16``: cast to float16 and back; lossy and *not* bounded (its real error is what the
-  benchmark reports); inf/nan survive, finite values beyond float16's range become inf.
+  benchmark reports, and each frame records it as ``params["max_error"]``); inf/nan survive, finite
+  values beyond float16's range become inf. At ``tol == 0`` it stores losslessly: a frame never claims
+  a bound its values break.
 - ``zfp``: ZFP fixed-accuracy mode (``zfpy``) with ``tolerance=tol``.
 - ``sz3``: SZ3 absolute error bound (``pysz``).
 
@@ -111,11 +113,15 @@ class Fp16Codec(_LibCodec):
     mode: ClassVar[str] = "fp16"
 
     def encode_payload(self, array: np.ndarray, tol: float) -> tuple[bytes, dict[str, Any]]:
-        """Half the bytes of float32; non-float input is stored losslessly."""
-        if array.dtype.kind != "f" or array.size == 0:
+        """Half the bytes of float32, with the real error recorded; non-float input, and any at
+        tol 0, is stored losslessly."""
+        if array.dtype.kind != "f" or array.size == 0 or tol == 0:
             return _lossless(array)
-        with np.errstate(over="ignore"):
-            return array.astype("<f2").tobytes(), {"mode": "fp16"}
+        with np.errstate(over="ignore", invalid="ignore"):
+            half = array.astype("<f2")
+            error = np.abs(half.astype(array.dtype) - array)
+        finite = error[np.isfinite(error)]
+        return half.tobytes(), {"mode": "fp16", "max_error": float(finite.max()) if finite.size else 0.0}
 
     def _decode(self, payload: memoryview, native: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         if len(payload) != 2 * math.prod(shape):
