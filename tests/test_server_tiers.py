@@ -123,6 +123,8 @@ def test_put_config_size_zero_turns_tiers_off_and_validates(tiered):
     for body, message in [
         ({"l3": "lots"}, "l3 must be a size"),
         ({"l4": -1}, "l4 must be >= 0"),
+        ({"l3": 10**38}, f"l3 of {10**38} exceeds this machine's memory"),
+        ({"l4": "1e38B"}, "l4 of '1e38B' exceeds this machine's memory"),
         ({"policy": "mru"}, "policy must be one of"),
         ({"prefetch": "sometimes"}, "prefetch must be on"),
         ({"drop_page_cache": "yes"}, "drop_page_cache must be true or false"),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -56,8 +57,11 @@ ANONYMOUS = "-"
 
 
 def parse_size(value: int | str, name: str) -> int:
-    """A tier capacity: bytes as an int or a string like ``"4GiB"`` (dask.utils.parse_bytes); 0 = off."""
-    from dask.utils import parse_bytes
+    """A tier capacity: bytes as an int or a string like ``"4GiB"`` (dask.utils.parse_bytes); 0 = off.
+
+    At most this machine's physical memory: a tier is held in RAM, and a larger one is a typo.
+    """
+    from dask.utils import format_bytes, parse_bytes
 
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError(f"{name} must be a size like '1GiB' or a number of bytes, got {value!r}")
@@ -67,6 +71,9 @@ def parse_size(value: int | str, name: str) -> int:
         raise ValueError(f"{name} must be a size like '1GiB' or a number of bytes, got {value!r}") from None
     if size < 0:
         raise ValueError(f"{name} must be >= 0 bytes, got {value!r}")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if size > memory:
+        raise ValueError(f"{name} of {value!r} exceeds this machine's memory ({format_bytes(memory)})")
     return int(size)
 
 
