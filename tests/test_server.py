@@ -62,7 +62,7 @@ def test_block_body_is_a_verified_frame_equal_to_the_store(server, sample_store)
         ("/datasets/turb/blocks/u/-1.0.0.0", 400, "ValueError", "malformed block index"),
         ("/datasets/turb/blocks/u/0.0.0.0?tol=-1", 400, "ValueError", "tol must be finite"),
         ("/datasets/turb/blocks/u/0.0.0.0?tol=nan", 400, "ValueError", "tol must be finite"),
-        ("/datasets/turb/blocks/u/0.0.0.0?tol=abc", 400, "ValueError", "tol must be a number"),
+        ("/datasets/turb/blocks/u/0.0.0.0?tol=abc", 400, "ValueError", "tol must be a finite number"),
         ("/datasets/turb/blocks/u/0.0.0.0?purpose=x", 400, "ValueError", "purpose must be one of"),
         ("/datasets/turb/blocks/u/0.0.0.0?codec=x", 400, "ValueError", "unknown codec"),
         ("/nothing/here", 404, "HTTPNotFound", "Not Found"),

@@ -252,15 +252,16 @@ def test_bad_session_and_position_headers_are_400_naming_the_header(tiered, head
     assert status == 400 and message in json.loads(out)["error"], out
 
 
-def test_position_header_is_the_box_of_its_blocks(tiered):
-    configure(tiered, prefetch="on", l3="64MiB", l4="64MiB")
-    view = ";".join(f"{t}.0.{y}.{x}" for t in range(2) for y in range(2) for x in range(2))
-    headers = {"X-Tierscope-Session": "big", "X-Tierscope-Position": ";".join([view] * 8)}  # 64 blocks
-    status, _, _ = call(tiered, "GET", "/datasets/turb/blocks/u/0.0.0.0", headers=headers)
-    assert status == 200
-    corners = {"X-Tierscope-Session": "big", "X-Tierscope-Position": "1.0.1.1;0.0.0.0"}
-    call(tiered, "GET", "/datasets/turb/blocks/u/0.0.0.0", headers=corners)
-    prefetch = json.loads(call(tiered, "GET", "/stats")[2])["prefetch"]
+def test_position_header_is_the_box_of_its_blocks(sample_store):
+    service = BlockService([ZarrOrigin(sample_store)], l3="64MiB", l4="64MiB", prefetch="on")
+    with ServerThread(service) as server:  # its own: its prefetch must not outlive it into other tests
+        view = ";".join(f"{t}.0.{y}.{x}" for t in range(2) for y in range(2) for x in range(2))
+        headers = {"X-Tierscope-Session": "big", "X-Tierscope-Position": ";".join([view] * 8)}  # 64 blocks
+        status, _, _ = call(server, "GET", "/datasets/turb/blocks/u/0.0.0.0", headers=headers)
+        assert status == 200
+        corners = {"X-Tierscope-Session": "big", "X-Tierscope-Position": "1.0.1.1;0.0.0.0"}
+        call(server, "GET", "/datasets/turb/blocks/u/0.0.0.0", headers=corners)
+        prefetch = json.loads(call(server, "GET", "/stats")[2])["prefetch"]
     assert prefetch["planned"] > 0  # the first header's view planned once; its corners are the same box
     assert prefetch["cancelled"] == 0
 
