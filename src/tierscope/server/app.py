@@ -17,6 +17,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import socket
 import threading
 from typing import Any, Self
@@ -30,6 +31,7 @@ from tierscope.errors import (
     TierscopeError,
     VariableNotFoundError,
 )
+from tierscope.server.limits import ByteBudget, ServerBusyError, stream
 from tierscope.server.service import MAX_POSITION_BLOCKS, BlockResult, BlockService
 
 __all__ = [
@@ -40,6 +42,7 @@ logger = logging.getLogger(__name__)
 SERVICE = web.AppKey("service", BlockService)
 TOKEN = web.AppKey("token", str)
 REGISTRY = web.AppKey("registry", object)
+BUDGET = web.AppKey("budget", ByteBudget)
 MAX_INDEX_LEN = 32
 MAX_BODY = 64 << 10  # batch and config bodies are small JSON documents
 SHUTDOWN_TIMEOUT = 10.0
@@ -49,6 +52,7 @@ _STATUS = {
     VariableNotFoundError: 404,
     BlockIndexError: 404,
     StoreError: 500,
+    ServerBusyError: 503,
 }
 _BLOCK_QUERY = ("tol", "codec", "purpose")
 _BATCH_FIELDS = ("variable", "tol", "codec", "purpose", "blocks")
@@ -180,25 +184,42 @@ async def dataset_info(request: web.Request) -> web.Response:
     return web.json_response(info.to_json())
 
 
+def _block_nbytes(service: BlockService, dataset: str, variable: str) -> int:
+    """A raw block's size: what one frame is charged against the response budget (0 for a request the
+    service will refuse anyway)."""
+    try:
+        var = service.info(dataset).variable(variable)
+    except (DatasetNotFoundError, VariableNotFoundError):
+        return 0
+    return math.prod(var.block) * var.dtype.itemsize
+
+
+def _charged(result: BlockResult) -> tuple[bytes, int]:
+    """A frame and what it costs the response budget: nothing when L3 holds it anyway."""
+    return result.frame, 0 if result.shared else len(result.frame)
+
+
 @routes.get("/datasets/{name}/blocks/{var}/{index}")
-async def block(request: web.Request) -> web.Response:
+async def block(request: web.Request) -> web.StreamResponse:
     query = _query(request, _BLOCK_QUERY)
-    result = await request.app[SERVICE].block(
-        request.match_info["name"],
-        request.match_info["var"],
-        parse_block_index(request.match_info["index"]),
-        tol=_tol(query.get("tol", "0")),
-        codec_name=query.get("codec"),
-        purpose=query.get("purpose", "user"),
-        session=_session(request),
-        position=_parse_position(request),
-    )
-    return web.Response(body=result.frame, content_type="application/octet-stream",
-                        headers=_result_headers(result))
+    service, name, var = request.app[SERVICE], request.match_info["name"], request.match_info["var"]
+    async with request.app[BUDGET].hold(_block_nbytes(service, name, var)) as charge:
+        result = await service.block(
+            name,
+            var,
+            parse_block_index(request.match_info["index"]),
+            tol=_tol(query.get("tol", "0")),
+            codec_name=query.get("codec"),
+            purpose=query.get("purpose", "user"),
+            session=_session(request),
+            position=_parse_position(request),
+        )
+        return await stream(request, [_charged(result)], charge, "application/octet-stream",
+                            _result_headers(result))
 
 
 @routes.post("/datasets/{name}/batch")
-async def batch(request: web.Request) -> web.Response:
+async def batch(request: web.Request) -> web.StreamResponse:
     """Body: one JSON header line ``{"blocks": [[index, tier, nbytes, read_ms, encode_ms], ...]}``, then
     the frames back to back in that order."""
     _query(request, ())
@@ -213,23 +234,24 @@ async def batch(request: web.Request) -> web.Response:
         for b in blocks
     ):
         raise ValueError("blocks must be a list of block indices, each a list of non-negative integers")
-    results = await request.app[SERVICE].batch(
-        request.match_info["name"],
-        variable,
-        [tuple(b) for b in blocks],
-        tol=_tol(payload.get("tol", 0)),
-        codec_name=_optional_str(payload, "codec"),
-        purpose=_optional_str(payload, "purpose") or "user",
-        session=_session(request),
-        position=_parse_position(request),
-    )
-    header = {"blocks": [
-        [list(index), r.tier, len(r.frame), round(r.read_s * 1e3, 3), round(r.encode_s * 1e3, 3)]
-        for index, r in zip(blocks, results, strict=True)
-    ]}
-    body = b"".join([json.dumps(header, separators=(",", ":")).encode(), b"\n",
-                     *(r.frame for r in results)])
-    return web.Response(body=body, content_type=BATCH_CONTENT_TYPE)
+    service, name = request.app[SERVICE], request.match_info["name"]
+    async with request.app[BUDGET].hold(len(blocks) * _block_nbytes(service, name, variable)) as charge:
+        results = await service.batch(
+            name,
+            variable,
+            [tuple(b) for b in blocks],
+            tol=_tol(payload.get("tol", 0)),
+            codec_name=_optional_str(payload, "codec"),
+            purpose=_optional_str(payload, "purpose") or "user",
+            session=_session(request),
+            position=_parse_position(request),
+        )
+        header = {"blocks": [
+            [list(index), r.tier, len(r.frame), round(r.read_s * 1e3, 3), round(r.encode_s * 1e3, 3)]
+            for index, r in zip(blocks, results, strict=True)
+        ]}
+        head = json.dumps(header, separators=(",", ":")).encode() + b"\n"
+        return await stream(request, [(head, 0), *map(_charged, results)], charge, BATCH_CONTENT_TYPE)
 
 
 @routes.get("/stats")
@@ -274,6 +296,7 @@ def create_app(service: BlockService, *, token: str | None = None) -> web.Applic
     app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY)
     app[SERVICE] = service
     app[REGISTRY] = metrics_registry(service)
+    app[BUDGET] = ByteBudget()
     if _check_token(token):
         app[TOKEN] = token
 

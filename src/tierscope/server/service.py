@@ -97,6 +97,7 @@ class BlockResult:
     tier: str  # "l3", "l4" or "origin"
     read_s: float
     encode_s: float
+    shared: bool = False  # L3 held this frame when it was answered: the answer costs no memory of its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,9 +308,10 @@ class BlockService:
         key3 = (req.dataset, req.variable.name, req.tol, req.codec, index)
         hit = self.l3.peek(key3) is not None  # no await before the lookup: still true there
         encoded = await self.l3.aget_or_load(key3, lambda: self._encode(req, index, prefetch), prefetch)
+        shared = self.l3.peek(key3) is encoded
         if hit:
-            return BlockResult(encoded.frame, "l3", 0.0, 0.0)
-        return BlockResult(encoded.frame, encoded.tier, encoded.read_s, encoded.encode_s)
+            return BlockResult(encoded.frame, "l3", 0.0, 0.0, shared)
+        return BlockResult(encoded.frame, encoded.tier, encoded.read_s, encoded.encode_s, shared)
 
     async def _encode(self, req: _Request, index: BlockIndex, prefetch: bool) -> _Encoded:
         key4 = (req.dataset, req.variable.name, index)
