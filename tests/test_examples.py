@@ -53,6 +53,10 @@ def test_demo_small_runs_end_to_end(tmp_path):
     out = result.stdout
     n_views = len(exploration((4, 16, 32, 32), (1, 8, 16, 16)))
     assert f"{n_views} views, every one identical to xr.open_zarr (tol=0)" in out
-    l1 = next(line for line in out.splitlines() if line.startswith("L1:"))
-    assert int(l1.split()[1]) > 0  # scrubbing back and moving z within a block hit L1
+    assert "variable u (x-velocity)" in out and "lower is better" in out
+    assert all(f"phase {n}," in out for n in (1, 2, 3))
+    l1 = next(line for line in out.splitlines() if "already decoded in its worker's memory (L1" in line)
+    assert int(l1.split()[0]) > 0  # scrubbing back and moving z within a block hit L1
+    assert "{'" not in out  # no raw Python dicts
+    assert (tmp_path / "tierscope" / "demo" / "4x16x32x32-1x8x16x16" / "demo.png").stat().st_size > 0
     assert (tmp_path / "tierscope" / "demo" / "4x16x32x32-1x8x16x16" / "turb.zarr").exists()

@@ -35,10 +35,63 @@ def exploration(shape: tuple[int, ...], block: tuple[int, ...]) -> list[tuple[st
     return views
 
 
-def _summary(ms: list[float]) -> str:
+PHASES = {
+    "scrub time": "scrub time forward at the middle z, as a time slider does",
+    "scrub back": "scrub back to the first step",
+    "move z": "move through z at the first step, a fraction of a block at a time",
+}
+
+
+def _row(name: str, ms: list[float]) -> str:
     arr = np.asarray(ms)
-    return (f"mean {arr.mean():7.1f}  p50 {np.percentile(arr, 50):7.1f}  "
-            f"p95 {np.percentile(arr, 95):7.1f} ms")
+    return (f"  {name:<13} {arr.mean():8.1f} {np.percentile(arr, 50):8.1f} {np.percentile(arr, 95):8.1f}"
+            f" {arr[0]:8.1f}")
+
+
+def _report(views: list[tuple[str, int, int]], ts_ms: list[float], zarr_ms: list[float],
+            tiers: dict, server: dict) -> None:
+    """The closing report: what was measured, in words, with the numbers that say it."""
+    print(f"\n{len(views)} views, every one identical to xr.open_zarr (tol=0)")
+    print("\nmilliseconds per view, lower is better:")
+    print(f"  {'':<13} {'mean':>8} {'p50':>8} {'p95':>8} {'first':>8}")
+    print(_row("tierscope", ts_ms))
+    print(_row("xr.open_zarr", zarr_ms))
+    ratio = statistics.median(ts_ms) / statistics.median(zarr_ms)
+    print(f"  a typical (median) view took {ratio:.2f}x the time of xr.open_zarr")
+    l1, l2 = tiers["l1"], tiers["l2"]
+    loads = l1["hits"] + l1["misses"]
+    print(f"\nthe views loaded {loads} blocks; each was found")
+    print(f"  {l1['hits']:>5} already decoded in its worker's memory (L1, {l1['hit_ratio']:.0%} of the loads)")
+    print(f"  {l2['hits']:>5} as an encoded copy in its worker's memory (L2), so only decoded")
+    print(f"  {l2['misses']:>5} nowhere on the workers: fetched from the block server while the view waited")
+    p = tiers["prefetch"]
+    print(f"prefetch (blocks loaded while you looked at the previous view): {p['blocks']} loaded, "
+          f"{p['used']} of them then viewed, {p['wasted']} evicted before any view used them")
+    by = server["served_by"]
+    print(f"block server: {server['origin_reads']} blocks read from the store, its own prefetch included; "
+          f"requests answered from its encoded cache (L3) {by['l3']}, raw cache (L4) {by['l4']}, "
+          f"the store {by['origin']}")
+
+
+def _plot(path: Path, views: list[tuple[str, int, int]], ts_ms: list[float], zarr_ms: list[float]) -> None:
+    """Per-view latency of both, saved as a PNG next to the sample (only with matplotlib)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return
+    fig = Figure(figsize=(8, 3.5))
+    ax = fig.add_subplot()
+    ax.plot(ts_ms, label="tierscope", color="#1b9e77")
+    ax.plot(zarr_ms, label="xr.open_zarr", color="#d95f02")
+    for i, (phase, _, _) in enumerate(views):
+        if i and views[i - 1][0] != phase:
+            ax.axvline(i - 0.5, color="#999999", lw=0.8)
+    ax.set(xlabel="view (phases: scrub time, scrub back, move z)", ylabel="ms per view (lower is better)",
+           yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"plot: {path}")
 
 
 def run_demo(
@@ -75,7 +128,14 @@ def run_demo(
     ):
         tierscope.connect(client, l1="256MiB", l2="512MiB", policy="distance", prefetch="auto")
         url = f"{server.url}/datasets/turb"
-        print(f"block server {url}; LocalCluster with {workers} worker processes", flush=True)
+        print(f"tierscope demo: variable u (x-velocity) of a {' x '.join(map(str, shape))} (time, z, y, x) "
+              f"sample, one z-slice per view,\nthrough a block server ({url}) and a LocalCluster of "
+              f"{workers} workers, next to the same views through xr.open_zarr.")
+        phases = dict.fromkeys(phase for phase, _, _ in views)
+        for n, phase in enumerate(phases, 1):
+            count = sum(v[0] == phase for v in views)
+            print(f"  phase {n}, {phase}: {PHASES[phase]} ({count} views)")
+        print("each line: the view, and its milliseconds through each (lower is better)", flush=True)
         ours = xr.open_dataset(url, engine="tierscope", tol=0)
         ref = xr.open_zarr(store, zarr_format=3, consolidated=False)
         rows = []
@@ -96,19 +156,7 @@ def run_demo(
         server_stats = server.service.stats()
 
     ts_ms, zarr_ms = [r[0] for r in rows], [r[1] for r in rows]
-    print(f"\n{len(views)} views, every one identical to xr.open_zarr (tol=0)")
-    print(f"tierscope     {_summary(ts_ms)}")
-    print(f"xr.open_zarr  {_summary(zarr_ms)}")
-    print(f"median ratio tierscope / open_zarr: "
-          f"{statistics.median(ts_ms) / statistics.median(zarr_ms):.2f}")
-    for tier in ("l1", "l2"):
-        s = tier_stats[tier]
-        print(f"{tier.upper()}: {s['hits']} hits, {s['misses']} misses "
-              f"(hit ratio {s['hit_ratio']:.0%}), {s['blocks']} blocks held")
-    p = tier_stats["prefetch"]
-    print(f"prefetch: {p['issued']} tier entries issued, {p['used']} used, {p['wasted']} wasted, "
-          f"{p['cancelled']} cancelled")
-    print(f"server: {server_stats['origin_reads']} origin reads, "
-          f"{tier_stats['fetches']} worker fetches, answered by {server_stats['served_by']}")
+    _report(views, ts_ms, zarr_ms, tier_stats, server_stats)
+    _plot(store.parent / "demo.png", views, ts_ms, zarr_ms)
     return {"views": views, "tierscope_ms": ts_ms, "zarr_ms": zarr_ms, "tiers": tier_stats,
             "server": server_stats}
