@@ -8,11 +8,11 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from tierscope.dask.connect import connect, stats
+from tierscope.dask.connect import connect, stats, stats_table
 
 try:
     __version__ = version("tierscope")
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0+unknown"
 
-__all__ = ["__version__", "connect", "stats"]
+__all__ = ["__version__", "connect", "stats", "stats_table"]

@@ -11,7 +11,7 @@ from tierscope.codec.device import check_device
 from tierscope.dask.tiers import PLUGIN_NAME, configure_local_tiers, local_tiers
 from tierscope.prefetch import check_mode
 
-__all__ = ["connect", "stats"]
+__all__ = ["connect", "stats", "stats_table"]
 
 COUNTERS = ("hits", "misses", "evictions", "waits", "prefetched", "prefetch_used", "prefetch_wasted",
             "blocks", "nbytes", "capacity")
@@ -65,6 +65,30 @@ def connect(
     return client
 
 
+def _default_client() -> Any:
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def stats_table(client: Any = None) -> Any:
+    """``stats`` as a pandas DataFrame: one row per worker and tier (l1, l2), columns hits, misses,
+    hit_ratio, evictions, blocks, nbytes, capacity and the worker's prefetch figures (prefetch_issued,
+    prefetch_used, prefetch_wasted, prefetch_cancelled, ...)."""
+    import pandas as pd
+
+    rows = []
+    for worker, figures in stats(client)["workers"].items():
+        prefetch = {f"prefetch_{k}": v for k, v in figures.get("prefetch", {}).items()}
+        for tier in ("l1", "l2"):
+            counts = {k: v for k, v in figures[tier].items() if k != "policy"}
+            rows.append({"worker": worker, "tier": tier, **counts, **prefetch})
+    return pd.DataFrame(rows).set_index(["worker", "tier"]) if rows else pd.DataFrame()
+
+
 def _worker_stats(dask_worker: Any) -> dict[str, Any] | None:
     plugin = dask_worker.plugins.get(PLUGIN_NAME)
     return plugin.stats() if plugin is not None else None
@@ -105,9 +129,11 @@ def stats(client: Any = None) -> dict[str, Any]:
     """Per-worker and total figures: tier hits/misses/evictions/occupancy, fetches, stage times, prefetch.
 
     ``{"workers": {address: {...}}, "total": {...}, "scheduler": {...}}``; ``scheduler`` holds the
-    prefetch plugin's counts (views, plans) and the queue-time distribution of user loads. With no client,
-    this process's tiers under the address ``"local"``.
+    prefetch plugin's counts (views, plans) and the queue-time distribution of user loads. Without a
+    client, the default one (the latest ``Client`` made here); with none at all, this process's tiers
+    under the address ``"local"``.
     """
+    client = client if client is not None else _default_client()
     if client is None:
         per = {"local": {**local_tiers().stats(), "prefetch": {}}}
         scheduler = None

@@ -97,11 +97,12 @@ class TierscopeWorkerPlugin(WorkerPlugin):
         return {"parts": [Serialize(values) for values in got]}
 
     def _summary(self) -> dict[str, Any]:
-        """What the scheduler plugin needs each heartbeat: tier occupancy."""
-        tiers = self.tiers
-        if tiers is None:
+        """What the scheduler needs each heartbeat: tier occupancy (to size its radii) and the counters
+        its dashboard page and ``/metrics`` show."""
+        tiers, prefetcher = self.tiers, self.prefetcher
+        if tiers is None or prefetcher is None:
             return {}
-        return {t: {"blocks": len(c), "nbytes": c.size} for t, c in (("l1", tiers.l1), ("l2", tiers.l2))}
+        return {"l1": tiers.l1.info(), "l2": tiers.l2.info(), "prefetch": prefetcher.stats()}
 
     def stats(self) -> dict[str, Any] | None:
         if self.tiers is None or self.prefetcher is None:

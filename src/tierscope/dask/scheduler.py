@@ -26,6 +26,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.serialize import ToPickle
 
 from tierscope.dask.graph import BlockLoadTask, ReportedBlockLoadTask
+from tierscope.dask.observe import install
 from tierscope.dask.prefetcher import PLAN_OP, Plan
 from tierscope.dask.tiers import DEFAULT_L1, DEFAULT_L2, BlockSpec
 from tierscope.grid import BlockIndex
@@ -95,6 +96,7 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
         # Stays when this plugin goes: a client's view message must never meet a missing handler (the
         # scheduler would close that client's stream); it reaches whichever tierscope plugin is current.
         scheduler.stream_handlers[VIEW_OP] = functools.partial(_forward_view, scheduler)
+        install(scheduler)  # the /tierscope page and the /metrics series
 
     def update_graph(self, scheduler: Scheduler, *, client: str, tasks: list, **kwargs: Any) -> None:
         now = time.time()
