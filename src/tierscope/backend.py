@@ -8,6 +8,12 @@ goes through the worker's L1/L2 tiers; a view whose blocks all sit in their owne
 directly, without a graph (``tierscope.dask.direct``). ``chunks={}`` gives dask arrays chunked by the
 stored blocks.
 
+A lossy view (``tol > 0``) says so on each block-served variable: attributes ``tierscope_tol`` (the bound,
+on the stored raw values) and ``tierscope_codec``, so ``to_netcdf``/``to_zarr`` of the view carry its
+provenance, and the same two keys in ``encoding``. A lossless view's values are the stored ones: only
+``encoding["tierscope_tol"] == 0.0``, attributes unchanged. ``ds.close()`` releases the store's files
+(``Source.release``).
+
 Why not return dask arrays from the backend: xarray wraps every backend variable (``CopyOnWriteArray``),
 and dask's default optimisation fuses ``from_array`` loads into the slicing after them; see
 docs/architecture.md.
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -83,11 +89,22 @@ class BlockArray(BackendArray):
 
 
 class TierscopeDataStore(AbstractDataStore):
-    """The dataset as xarray's decoding machinery wants it: raw variables and attributes."""
+    """The dataset as xarray's decoding machinery wants it: raw variables and attributes.
+
+    It holds its source's transport from opening until ``close`` (``ds.close()``), which releases it: the
+    last dataset of a store to close closes the store's files.
+    """
 
     def __init__(self, source: Source, tol: float) -> None:
         self.source, self.tol = source, tol
-        self.info = source.transport().info(source.dataset)
+        transport = source.acquire()
+        try:
+            self.info = transport.info(source.dataset)
+            self.codec = transport.codec() if tol > 0 else None
+        except BaseException:
+            source.release()
+            raise
+        self._closed = False
 
     def get_variables(self) -> dict[str, xr.Variable]:
         variables = {
@@ -95,10 +112,19 @@ class TierscopeDataStore(AbstractDataStore):
             for name, (values, attrs) in self.info.coords.items()
         }
         for name, var in self.info.variables.items():
-            data = indexing.LazilyIndexedArray(BlockArray(BlockSpec(self.source, name, self.tol, var.grid, var.dtype.str, var.time_axis), var))
-            encoding = {"chunks": var.block, "preferred_chunks": dict(zip(var.dims, var.block))}
-            variables[name] = xr.Variable(var.dims, data, dict(var.attrs), encoding)
+            spec = BlockSpec(self.source, name, self.tol, var.grid, var.dtype.str, var.time_axis)
+            encoding = {"chunks": var.block, "preferred_chunks": dict(zip(var.dims, var.block)),
+                        **self._provenance()}
+            attrs = {**var.attrs, **self._provenance()} if self.tol > 0 else dict(var.attrs)
+            variables[name] = xr.Variable(var.dims, indexing.LazilyIndexedArray(BlockArray(spec, var)),
+                                          attrs, encoding)
         return variables
+
+    def _provenance(self) -> dict[str, Any]:
+        """How the values were served: ``tierscope_tol`` (the bound) and, when lossy, ``tierscope_codec``."""
+        if self.codec is None:
+            return {"tierscope_tol": self.tol}
+        return {"tierscope_tol": self.tol, "tierscope_codec": self.codec}
 
     def get_attrs(self) -> dict[str, Any]:
         return dict(self.info.attrs)
@@ -107,12 +133,20 @@ class TierscopeDataStore(AbstractDataStore):
         return self.info.dims
 
     def close(self) -> None:
-        pass
+        """Release the transport once (xarray may call this more than once)."""
+        if not self._closed:
+            self._closed = True
+            self.source.release()
 
 
 class TierscopeBackendEntrypoint(BackendEntrypoint):
-    """Open a tierscope dataset: ``http(s)://host:port/datasets/NAME``, a local store path or a synthetic
-    ``sample://NAME?shape=T,Z,Y,X`` dataset (docs/stores.md)."""
+    """Open a tierscope dataset: ``http(s)://host:port/datasets/NAME``, a local store (a path or
+    ``file://`` URL), a zarr store at an fsspec URL (``memory://``, ``s3://``, ... with
+    ``storage_options=``) or a synthetic ``sample://NAME?shape=T,Z,Y,X`` dataset (docs/stores.md).
+
+    Pass ``engine="tierscope"``: with netCDF4 installed, xarray hands every URL to netCDF4 before asking
+    any other engine, so ``guess_can_open`` is only consulted without it.
+    """
 
     description = "Explore block-served arrays through tiered caches on Dask workers (tierscope)"
     open_dataset_parameters = (
@@ -120,6 +154,7 @@ class TierscopeBackendEntrypoint(BackendEntrypoint):
         "drop_variables",
         "tol",
         "token",
+        "storage_options",
         "mask_and_scale",
         "decode_times",
         "concat_characters",
@@ -135,6 +170,7 @@ class TierscopeBackendEntrypoint(BackendEntrypoint):
         drop_variables: str | Iterable[str] | None = None,
         tol: float = 0.0,
         token: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
         mask_and_scale: bool = True,
         decode_times: bool = True,
         concat_characters: bool = True,
@@ -146,18 +182,24 @@ class TierscopeBackendEntrypoint(BackendEntrypoint):
             raise TypeError(
                 f"engine='tierscope' opens a URL or a store path, got {type(filename_or_obj).__name__}"
             )
-        # token: the server's bearer token (default: the TIERSCOPE_TOKEN environment variable)
-        store = TierscopeDataStore(Source.parse(filename_or_obj, token=token), check_tol(tol))
-        return StoreBackendEntrypoint().open_dataset(
-            store,
-            mask_and_scale=mask_and_scale,
-            decode_times=decode_times,
-            concat_characters=concat_characters,
-            decode_coords=decode_coords,
-            drop_variables=drop_variables,
-            use_cftime=use_cftime,
-            decode_timedelta=decode_timedelta,
-        )
+        # token: the server's bearer token (default: the TIERSCOPE_TOKEN environment variable);
+        # storage_options: fsspec's options for a store URL (credentials, endpoint)
+        source = Source.parse(filename_or_obj, token=token, storage_options=storage_options)
+        store = TierscopeDataStore(source, check_tol(tol))
+        try:
+            return StoreBackendEntrypoint().open_dataset(
+                store,
+                mask_and_scale=mask_and_scale,
+                decode_times=decode_times,
+                concat_characters=concat_characters,
+                decode_coords=decode_coords,
+                drop_variables=drop_variables,
+                use_cftime=use_cftime,
+                decode_timedelta=decode_timedelta,
+            )
+        except BaseException:  # no dataset to close later: release the store now
+            store.close()
+            raise
 
     def guess_can_open(self, filename_or_obj: Any) -> bool:
         return isinstance(filename_or_obj, str) and (

@@ -8,14 +8,15 @@ off: the worker tiers above already hold this process's blocks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from tierscope import _sync
 from tierscope.client.source import Fetched, Transport
 from tierscope.grid import BlockIndex
 from tierscope.metadata import DatasetInfo
 from tierscope.server.service import MAX_BATCH, BlockResult, BlockService
-from tierscope.store.origin import open_origin
+from tierscope.store.origin import Origin, ZarrOrigin, open_origin
 
 __all__ = ["EmbeddedTransport"]
 
@@ -24,9 +25,16 @@ def _fetched(result: BlockResult) -> Fetched:
     return Fetched(result.frame, result.tier, result.read_s + result.encode_s)
 
 
+def _open(location: str, storage_options: Mapping[str, Any] | None) -> Origin:
+    """The store's origin; fsspec options can only be meant for a zarr store URL."""
+    if storage_options is None:
+        return open_origin(location)
+    return ZarrOrigin(location, storage_options=storage_options)
+
+
 class EmbeddedTransport(Transport):
-    def __init__(self, path: str) -> None:
-        self.service = BlockService([open_origin(path)])
+    def __init__(self, location: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.service = BlockService([_open(location, storage_options)])
         _sync.sync(self.service.start())
 
     def info(self, dataset: str) -> DatasetInfo:
@@ -68,6 +76,9 @@ class EmbeddedTransport(Transport):
 
     def server_stats(self) -> dict[str, object]:
         return self.service.stats()
+
+    def codec(self) -> str:
+        return self.service.codec_name
 
     def close(self) -> None:
         _sync.sync(self.service.aclose(), timeout=30)

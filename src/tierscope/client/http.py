@@ -170,6 +170,9 @@ class HttpTransport(Transport):
     def server_stats(self) -> dict[str, object]:
         return self._get_json("/stats")
 
+    def codec(self) -> str:
+        return str(self._get_json("/stats")["config"]["codec"])
+
     def close(self) -> None:
         if self._session is not None and not self._session.closed:
             _sync.sync(self._session.close(), timeout=10)

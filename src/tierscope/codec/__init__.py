@@ -1,7 +1,9 @@
 """Block codecs: the self-describing frame format plus a registry of codecs.
 
 ``encode`` turns an N-d numeric array into one self-contained frame (magic, version, JSON
-header, checksummed payload) and ``decode`` turns it back; ``read_header`` inspects a frame
+header, checksummed payload) and ``decode`` turns it back.  Its default codec is the block
+server's, the error-bounded ``lorenzo``: every value within ``tol``, lossless at ``tol=0`` (pass
+``codec="zstd"`` for a plain lossless frame at any ``tol``); ``read_header`` inspects a frame
 cheaply.  Both take ``device="cpu"|"gpu"`` (CuPy; ``gpu_available()`` says whether there is
 one) and give the same bytes/values on either.  Codecs are looked up by the short name stored
 in each frame, so new ones (such as an error-bounded lossy codec) plug in via ``register_codec``

@@ -338,7 +338,7 @@ def read_header(frame: FrameLike) -> FrameHeader:
     return parse_header(frame)
 
 
-def encode(array: Any, tol: float = 0.0, codec: str = "zstd", device: str = "cpu", **params: Any) -> bytes:
+def encode(array: Any, tol: float = 0.0, codec: str = "lorenzo", device: str = "cpu", **params: Any) -> bytes:
     """Encode ``array`` into a self-describing frame.
 
     ``tol`` is the absolute pointwise error bound the caller accepts; it is recorded in the

@@ -56,8 +56,9 @@ class BlockSpec:
         return math.prod(self.grid.block) * self.itemsize
 
     def block_key(self, index: BlockIndex) -> Hashable:
-        """The brief's block key (dataset, variable, tol, block index), the dataset named by its URL."""
-        return (self.source.url, self.variable, self.tol, tuple(index))
+        """The brief's block key (dataset, variable, tol, block index), the dataset named by its URL and
+        store version (``Source.cache_id``), so a rewritten store never hits its old contents' blocks."""
+        return (self.source.cache_id, self.variable, self.tol, tuple(index))
 
 
 class WorkerTiers:
@@ -220,7 +221,7 @@ class WorkerTiers:
 
 
 def _view_key(spec: BlockSpec) -> tuple:
-    return (spec.source.url, spec.variable, spec.tol)
+    return (spec.source.cache_id, spec.variable, spec.tol)
 
 
 def _host_copy(xp: Any, block: Any, dtype: str) -> np.ndarray:
