@@ -159,3 +159,16 @@ def test_encode_defaults_to_the_error_bounded_codec():
     assert float(np.abs(codec.decode(frame) - field).max()) <= 1e-2
     assert field.nbytes / len(frame) > 4 * field.nbytes / len(codec.encode(field, 1e-2, codec="zstd"))
     np.testing.assert_array_equal(codec.decode(codec.encode(field)), field)  # tol=0: lossless
+
+
+def test_a_tiledb_group_without_tiledb_names_the_missing_extra(tmp_path, monkeypatch):
+    import sys
+
+    from tierscope.errors import StoreError
+    from tierscope.store.origin import open_origin
+
+    group = tmp_path / "turb.tdb"
+    (group / "__group").mkdir(parents=True)
+    monkeypatch.setitem(sys.modules, "tierscope.store.tiledb", None)  # as without the tiledb package
+    with pytest.raises(StoreError, match=r"TileDB group but the tiledb package is missing: pip install 'tierscope\[tiledb\]'"):
+        open_origin(group)

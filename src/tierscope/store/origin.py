@@ -232,7 +232,10 @@ def detect_format(location: str | os.PathLike[str]) -> str:
 def _is_tiledb_group(path: Path) -> bool:
     try:
         from tierscope.store.tiledb import is_group
-    except ImportError:  # without the tiledb extra, no directory is a TileDB group we can read
+    except ImportError:  # without the tiledb extra: name what is missing when it looks like a group
+        if (path / "__tiledb_group.tdb").exists() or (path / "__group").is_dir():
+            raise StoreError(f"{str(path)!r} is a TileDB group but the tiledb package is missing: "
+                             "pip install 'tierscope[tiledb]'") from None
         return False
     return is_group(path)
 
@@ -265,6 +268,7 @@ def open_origin(location: str | os.PathLike[str], name: str | None = None) -> Or
         try:
             from tierscope.store.hdf5 import HDF5Origin
         except ImportError as exc:
-            raise StoreError(f"{str(location)!r} is an HDF5 file but h5py is missing: {exc}") from exc
+            raise StoreError(f"{str(location)!r} is an HDF5 file but h5py is missing "
+                             f"(pip install 'tierscope[hdf5]'): {exc}") from exc
         return HDF5Origin(location, name=name)
     return ZarrOrigin(location, name=name)
