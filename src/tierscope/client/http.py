@@ -31,6 +31,25 @@ _ERRORS: dict[str, type[Exception]] = {
     for cls in (DatasetNotFoundError, VariableNotFoundError, BlockIndexError, StoreError, ValueError)
 }
 _TIMEOUT = aiohttp.ClientTimeout(total=120, sock_connect=10)
+# Every request tierscope makes only reads, so a failed one is safe to send again: after a connection
+# error or a 502/503/504, wait and retry, at most len(RETRY_DELAYS_S) times (a restarted server is back
+# within one delay or two).
+RETRY_DELAYS_S = (0.1, 0.5, 1.0, 2.0)
+_RETRY_STATUS = (502, 503, 504)
+_retries = 0  # in this process, for stats
+
+
+def retries() -> int:
+    """Requests this process sent again after a transient failure."""
+    return _retries
+
+
+class _Transient(Exception):
+    """A failure worth one more try; carries the error to raise when the tries run out."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _block_path(index: Sequence[int]) -> str:
@@ -86,19 +105,42 @@ class HttpTransport(Transport):
         headers: dict[str, str] | None = None,
         json_body: Any = None,
     ) -> tuple[bytes, Any]:
+        global _retries
         url = f"{self.base_url}{path}"
+        for delay in (*RETRY_DELAYS_S, None):
+            try:
+                return await self._send(method, url, params, headers, json_body)
+            except _Transient as transient:
+                if delay is None:
+                    raise transient.error from transient.error.__cause__
+                _retries += 1
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _send(
+        self, method: str, url: str, params: dict[str, str] | None, headers: dict[str, str] | None,
+        json_body: Any,
+    ) -> tuple[bytes, Any]:
+        """One try; ``_Transient`` when another try may succeed."""
         session = await self._get_session()
         try:
             async with session.request(method, url, params=params, json=json_body,
                                        headers={**self._headers, **(headers or {})}) as response:
                 body = await response.read()
+                if response.status in _RETRY_STATUS:
+                    try:
+                        self._raise(url, response.status, body)
+                    except Exception as exc:
+                        raise _Transient(exc) from None
                 if response.status >= 400:
                     self._raise(url, response.status, body)
                 return body, response.headers
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise ServerUnavailableError(
-                f"cannot reach tierscope server at {url}: {exc or type(exc).__name__}"
-            ) from exc
+        except asyncio.TimeoutError as exc:  # the whole request ran out of time: not worth repeating
+            raise ServerUnavailableError(f"tierscope server at {url} did not answer in time") from exc
+        except aiohttp.ClientError as exc:  # refused, reset, closed mid-answer: the server may be back soon
+            error = ServerUnavailableError(f"cannot reach tierscope server at {url}: {exc or type(exc).__name__}")
+            error.__cause__ = exc
+            raise _Transient(error) from None
 
     def _raise(self, url: str, status: int, body: bytes) -> None:
         try:

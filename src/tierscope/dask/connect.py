@@ -110,7 +110,7 @@ def _add(into: dict[str, Any], stats: dict[str, Any]) -> None:
 
 
 def _total(per: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    total: dict[str, Any] = {"fetches": 0, "stage_s": {}, "prefetch_stage_s": {}, "prefetch": {}}
+    total: dict[str, Any] = {"fetches": 0, "retries": 0, "stage_s": {}, "prefetch_stage_s": {}, "prefetch": {}}
     for stats in per.values():
         _add(total, {k: v for k, v in stats.items() if k in total or k in ("l1", "l2")})
     _hit_ratios(total)
@@ -135,7 +135,9 @@ def stats(client: Any = None) -> dict[str, Any]:
     """
     client = client if client is not None else _default_client()
     if client is None:
-        per = {"local": {**local_tiers().stats(), "prefetch": {}}}
+        from tierscope.client.http import retries
+
+        per = {"local": {**local_tiers().stats(), "prefetch": {}, "retries": retries()}}
         scheduler = None
     else:
         per = {a: s for a, s in client.run(_worker_stats).items() if s is not None}

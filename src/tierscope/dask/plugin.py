@@ -120,6 +120,8 @@ def worker_stats(tiers: dict[str, Any], prefetcher: dict[str, int]) -> dict[str,
     ``issued`` counts tier entries a prefetch inserted (a decoded prefetch inserts into L2 and L1), and
     each of them ends up ``used`` (a user load asked for it), ``wasted`` (evicted unasked) or still held.
     """
+    from tierscope.client.http import retries
+
     l1, l2 = tiers["l1"], tiers["l2"]
     prefetch = {
         "issued": l1["prefetched"] + l2["prefetched"],
@@ -132,7 +134,7 @@ def worker_stats(tiers: dict[str, Any], prefetcher: dict[str, int]) -> dict[str,
         "blocks": prefetcher["issued"],
         "skipped": prefetcher["skipped"],
     }
-    return {**tiers, "prefetch": prefetch}
+    return {**tiers, "prefetch": prefetch, "retries": retries()}
 
 
 class _Collector:
