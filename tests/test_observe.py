@@ -53,3 +53,14 @@ def test_page_metrics_and_table_show_the_views(client, dataset_url, sample_store
     assert 'tierscope_scheduler_events_total{event="views"} 1.0' in metrics
     assert "tierscope_scheduler_positions 1.0" in metrics
     assert 'tierscope_cluster_tier_bytes{tier="l1"}' in metrics
+
+
+def test_connect_again_replaces_the_plugins_without_a_warning(client):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tierscope.connect(client, l1="32MiB", l2="32MiB", prefetch="playback")
+        tierscope.connect(client, l1="32MiB", l2="32MiB", prefetch="playback")
+    assert not [w for w in caught if "already contains a plugin" in str(w.message)]
+    assert tierscope.stats(client)["scheduler"]["mode"] == "playback"

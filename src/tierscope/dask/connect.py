@@ -55,11 +55,15 @@ def connect(
 
     from tierscope.dask.direct import disable, enable
     from tierscope.dask.plugin import TierscopeWorkerPlugin
-    from tierscope.dask.scheduler import TierscopeSchedulerPlugin
+    from tierscope.dask.scheduler import SCHEDULER_PLUGIN_NAME, TierscopeSchedulerPlugin
 
     client = client_or_cluster if isinstance(client_or_cluster, Client) else Client(client_or_cluster)
     equipped = client.register_plugin(TierscopeWorkerPlugin(l1_bytes, l2_bytes, policy, device),
                                       name=PLUGIN_NAME)
+    try:  # replaced, not overwritten: distributed warns on every overwrite
+        client.unregister_scheduler_plugin(SCHEDULER_PLUGIN_NAME)
+    except ValueError:  # none there yet
+        pass
     client.register_plugin(TierscopeSchedulerPlugin(prefetch, l1_bytes, l2_bytes, equipped=sorted(equipped)))
     (enable if direct else disable)(client)
     return client
