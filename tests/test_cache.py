@@ -1,20 +1,41 @@
+import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from tierscope.cache import TierCache
+from tierscope.cache import ENTRY_OVERHEAD, INDEX_OVERHEAD, TierCache, Views, entry_charge, nbytes_of
+
+ROOMY = 1 << 20  # holds every entry of a test that is not about eviction
+
+
+def charge(value, indexed=False):
+    """What one entry of ``value`` costs a tier: its memory, the tier's bookkeeping (and distance index)."""
+    return nbytes_of(value) + ENTRY_OVERHEAD + (INDEX_OVERHEAD if indexed else 0)
+
+
+C100 = charge(bytes(100))  # one entry of ``fill``
+
+
+def test_charges_count_the_value_object_and_the_bookkeeping():
+    assert nbytes_of(b"x" * 100) == sys.getsizeof(b"x" * 100) == 133
+    block = np.zeros((1, 64, 64, 64), np.float32)
+    assert nbytes_of(block) == block.nbytes + 160 == sys.getsizeof(block)
+    cache = TierCache(ROOMY)
+    cache.get_or_load("k", lambda: bytes(100))
+    assert cache.size == C100 == 133 + ENTRY_OVERHEAD
 
 
 def test_lru_evicts_least_recent_within_byte_bound():
-    cache = TierCache(300, "l1")
+    one = entry_charge(100)
+    cache = TierCache(3 * one, "l1")
     for key in "abc":
         cache.get_or_load(key, lambda: np.zeros(100, dtype=np.uint8))
     cache.get_or_load("a", lambda: pytest.fail("a is cached"))  # a is now most recent
     cache.get_or_load("d", lambda: np.zeros(100, dtype=np.uint8))
     assert "b" not in cache and all(k in cache for k in "acd")
-    assert cache.size == 300 and cache.stats.evictions == 1
+    assert cache.size == 3 * one and cache.stats.evictions == 1
     assert (cache.stats.hits, cache.stats.misses) == (1, 4)
 
 
@@ -69,7 +90,7 @@ def fill(cache, keys, size=100, prefetch=False):
 
 
 def test_lfu_evicts_fewest_hits_first_ties_in_lru_order():
-    cache = TierCache(300, "l3", policy="lfu")
+    cache = TierCache(3 * C100, "l3", policy="lfu")
     fill(cache, "abc")
     fill(cache, "aab")  # hits: a=2, b=1, c=0
     fill(cache, "d")  # evicts c (0 hits)
@@ -81,7 +102,7 @@ def test_lfu_evicts_fewest_hits_first_ties_in_lru_order():
 
 
 def test_fifo_evicts_in_insertion_order_and_hits_do_not_refresh():
-    cache = TierCache(300, "l3", policy="fifo")
+    cache = TierCache(3 * C100, "l3", policy="fifo")
     fill(cache, "abc")
     fill(cache, "aaa")
     fill(cache, "d")
@@ -91,17 +112,34 @@ def test_fifo_evicts_in_insertion_order_and_hits_do_not_refresh():
 
 
 def test_distance_evicts_farthest_first_ties_lru_and_falls_back_to_lru():
-    cache = TierCache(300, "l4", policy="distance")
-    fill(cache, "abc")
-    fill(cache, "d")  # no distance function: LRU
-    assert set(cache.keys()) == {"b", "c", "d"}
-    far = {"b": 1, "c": 5, "d": 5, "e": 0}
-    cache.distance = far.__getitem__
+    cache = TierCache(3 * charge(bytes(100), indexed=True), "l4", policy="distance")
+    fill(cache, "abcd")  # no distance set: LRU (unindexed entries cost less: a fourth would fit)
+    assert cache.keys() == ["b", "c", "d"]
+    at = {"b": 1, "c": 5, "d": 5, "e": 0, "f": 2}  # each key's block on a line; the view is block 0
+    cache.set_distance(lambda key: ("line", (at[key],)), lambda group: Views([((0,), (0,))], None))
+    assert cache.keys() == ["b", "c", "d"] and cache.size == 3 * charge(bytes(100), indexed=True)
     fill(cache, "e")  # c and d tie at 5, c is less recent
     assert set(cache.keys()) == {"b", "d", "e"}
-    far["f"] = 2
     fill(cache, "f")
     assert set(cache.keys()) == {"b", "e", "f"}
+
+
+def test_distance_follows_the_view_when_the_owner_says_it_moved():
+    cache = TierCache(3 * charge(bytes(100), indexed=True), "l4", policy="distance")
+    view = {"line": Views([((0,), (0,))], None)}
+    cache.set_distance(lambda key: ("line", (key,)), view.get)
+    fill(cache, [0, 5, 9, 4])  # 9 is the farthest from 0
+    assert sorted(cache.keys()) == [0, 4, 5]
+    view["line"] = Views([((9,), (9,))], None)
+    fill(cache, [8])  # not told: the cached blocks keep their hops from 0, so 5 goes, not 0
+    assert sorted(cache.keys()) == [0, 4, 8]
+    cache.moved("line")
+    fill(cache, [7])  # told: 0 is now the farthest
+    assert sorted(cache.keys()) == [4, 7, 8]
+    view.clear()  # nobody views the line: every block is as far as any, so LRU among them
+    cache.moved()
+    fill(cache, [1])
+    assert sorted(cache.keys()) == [1, 7, 8]
 
 
 def test_unknown_policy_is_rejected_by_name():
@@ -112,7 +150,7 @@ def test_unknown_policy_is_rejected_by_name():
 
 
 def test_prefetch_counters_used_once_wasted_on_evict_and_clear():
-    cache = TierCache(300, "l3")
+    cache = TierCache(3 * C100, "l3")
     fill(cache, "abc", prefetch=True)
     assert cache.stats.as_dict() == dict(hits=0, misses=0, evictions=0, waits=0, prefetched=3,
                                          prefetch_used=0, prefetch_wasted=0)
@@ -126,7 +164,7 @@ def test_prefetch_counters_used_once_wasted_on_evict_and_clear():
 
 
 def test_user_joining_an_inflight_prefetch_counts_a_wait_and_marks_it_used():
-    cache = TierCache(1000)
+    cache = TierCache(ROOMY)
     gate, started = threading.Event(), threading.Event()
 
     def slow():
@@ -153,11 +191,11 @@ def test_user_joining_an_inflight_prefetch_counts_a_wait_and_marks_it_used():
 
 
 def test_reconfigure_shrinks_in_policy_order_and_switches_off():
-    cache = TierCache(400, "l4")
+    cache = TierCache(4 * C100, "l4")
     fill(cache, "abcd")
     fill(cache, "a")
-    cache.reconfigure(capacity=200)
-    assert cache.keys() == ["d", "a"] and cache.size == 200 and cache.stats.evictions == 2
+    cache.reconfigure(capacity=2 * C100)
+    assert cache.keys() == ["d", "a"] and cache.size == 2 * C100 and cache.stats.evictions == 2
     cache.reconfigure(policy="fifo")
     fill(cache, "e")  # fifo: a was inserted before d, its recent hit does not matter
     assert cache.keys() == ["d", "e"]
@@ -168,7 +206,7 @@ def test_reconfigure_shrinks_in_policy_order_and_switches_off():
 
 
 def test_peek_changes_nothing():
-    cache = TierCache(200)
+    cache = TierCache(2 * C100)
     fill(cache, "ab")
     assert cache.peek("a") == bytes(100) and cache.peek("zz") is None
     fill(cache, "c")  # a is still least recent despite the peek
@@ -176,7 +214,8 @@ def test_peek_changes_nothing():
 
 
 def test_many_threads_one_load_per_key_and_bytes_within_capacity():
-    cache = TierCache(50 * 64, "l3", policy="lfu")
+    one = charge(bytes(64))
+    cache = TierCache(50 * one, "l3", policy="lfu")
     loads = {}
     lock = threading.Lock()
 
@@ -197,7 +236,7 @@ def test_many_threads_one_load_per_key_and_bytes_within_capacity():
     for t in threads:
         t.join()
     assert set(loads.values()) == {1}  # 40 keys fit: every key loaded exactly once
-    assert cache.size == 40 * 64 <= cache.capacity
+    assert cache.size == 40 * one <= cache.capacity
     s = cache.stats
     assert s.hits + s.misses == 8 * 300  # user lookups only
     assert s.prefetched + s.misses == 40
@@ -220,7 +259,7 @@ async def _async_loads(cache, n):
 def test_async_single_flight_on_one_loop():
     import asyncio
 
-    cache = TierCache(100)
+    cache = TierCache(ROOMY)
     calls, got = asyncio.run(_async_loads(cache, 6))
     assert calls == [1] and got == [b"v" * 8] * 6
     s = cache.stats  # the first (prefetch) caller owns the load; 3 users joined it
@@ -231,7 +270,7 @@ def test_a_cancelled_waiter_does_not_break_the_load_others_share():
     import asyncio
 
     async def scenario():
-        cache = TierCache(100)
+        cache = TierCache(ROOMY)
         release = asyncio.Event()
 
         async def loader():
@@ -252,7 +291,7 @@ def test_a_cancelled_waiter_does_not_break_the_load_others_share():
 
 
 def test_load_many_loads_only_what_is_neither_cached_nor_in_flight():
-    cache = TierCache(1000)
+    cache = TierCache(ROOMY)
     cache.get_or_load("a", lambda: b"A")
     gate, started = threading.Event(), threading.Event()
 
@@ -317,7 +356,7 @@ def test_load_many_returns_values_too_big_to_keep_and_checks_the_loader():
 
 
 def test_get_all_counts_hits_only_when_every_key_is_held():
-    cache = TierCache(1000)
+    cache = TierCache(ROOMY)
     cache.get_or_load("a", lambda: b"A", prefetch=True)
     cache.get_or_load("b", lambda: b"B")
     assert cache.get_all(["a", "c"]) is None

@@ -6,6 +6,7 @@ from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 import tierscope
+from tierscope.cache import entry_charge
 from tierscope.client.source import Source
 
 
@@ -47,7 +48,7 @@ def one_worker():
 
 
 def test_repeated_view_hits_l1_and_l2_hit_avoids_the_server(one_worker, dataset_url):
-    block_bytes = 8 * 16 * 16 * 4
+    block_bytes = entry_charge(8 * 16 * 16 * 4)
     tierscope.connect(one_worker, l1=block_bytes, l2="16MiB", prefetch="off")  # L1 holds one block
     ds = xr.open_dataset(dataset_url, engine="tierscope")
     server = Source.parse(dataset_url).transport()

@@ -7,6 +7,7 @@ import pytest
 import xarray as xr
 
 import tierscope
+from tierscope.cache import entry_charge
 from tierscope.dask import direct
 from tierscope.dask.direct import pieces
 from tierscope.grid import BlockGrid
@@ -104,7 +105,7 @@ def test_a_malformed_view_message_leaves_the_client_connected(client, views):
 
 
 def test_a_view_held_in_l2_is_decoded_on_its_owners_without_a_graph(client, views):
-    block_nbytes = 8 * 16 * 16 * 4
+    block_nbytes = entry_charge(8 * 16 * 16 * 4)
     tierscope.connect(client, l1=block_nbytes, l2="128MiB", prefetch="off")  # L1: one block per worker
     views(time=0, z=slice(0, 16))  # 8 blocks: all reach L2, at most one per worker stays in L1
     assert counts(client) == (0, 8, 8)

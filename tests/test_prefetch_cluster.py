@@ -18,6 +18,7 @@ import xarray as xr
 from distributed import Client, LocalCluster
 
 import tierscope
+from tierscope.cache import entry_charge
 from tierscope.client.source import Source
 from tierscope.dask.scheduler import owner_of
 from tierscope.dask.tiers import BlockSpec
@@ -25,7 +26,7 @@ from tierscope.grid import BlockGrid
 
 SHAPE = (24, 32, 64, 64)
 BLOCK = (1, 8, 16, 16)
-BLOCK_BYTES = 8 * 16 * 16 * 4
+BLOCK_BYTES = entry_charge(8 * 16 * 16 * 4, "distance")  # what a tier charges for one block
 L1 = 64 * BLOCK_BYTES  # per worker: 128 blocks in all, radius 1
 L2 = 128 * BLOCK_BYTES
 THINK_S = 0.1

@@ -123,3 +123,14 @@ def test_position_headers_up_to_the_limit_are_served(server, header):
                                      headers={"X-Tierscope-Position": header})
     with urllib.request.urlopen(request) as response:
         assert response.status == 200
+
+
+def test_worker_tiers_remember_a_bounded_number_of_views(sample_store, monkeypatch):
+    from tierscope.dask import tiers as tiers_module
+
+    monkeypatch.setattr(tiers_module, "MAX_VIEWS", 4)
+    tiers = WorkerTiers(1 << 20, 1 << 20, policy="distance")
+    for tol in range(20):  # each tol is a variable view of its own
+        spec = BlockSpec(Source.parse(sample_store), "u", float(tol), BlockGrid(SHAPE, BLOCK), "<f4")
+        tiers.set_view("s", spec, ((0, 0, 0, 0), (0, 0, 1, 1)))
+    assert len(tiers._views) == 4 and [k[2] for k in tiers._views] == [16.0, 17.0, 18.0, 19.0]

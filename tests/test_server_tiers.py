@@ -12,6 +12,7 @@ import xarray as xr
 import zarr
 
 from tierscope import codec
+from tierscope.cache import entry_charge
 from tierscope.client.http import HttpTransport, split_batch
 from tierscope.client.source import Source
 from tierscope.errors import AuthenticationError, ServerUnavailableError
@@ -78,7 +79,8 @@ def test_l4_hit_avoids_the_origin_read_and_l3_hit_avoids_the_encode(tiered, bloc
     stats = get_json(tiered, "/stats")
     assert (stats["origin_reads"], stats["encodes"]) == (1, 2)
     assert stats["served_by"] == {"l3": 0, "l4": 1, "origin": 1}
-    assert stats["tiers"]["l4"]["nbytes"] == BLOCK_NBYTES and stats["tiers"]["l3"]["nbytes"] == 0
+    assert stats["tiers"]["l4"]["nbytes"] == entry_charge(BLOCK_NBYTES)
+    assert stats["tiers"]["l3"]["nbytes"] == 0
 
     configure(tiered, l3="1MiB")
     assert tier_of(tiered, "/datasets/turb/blocks/u/1.0.1.0?tol=0.1") == "origin"  # re-init cleared L4
@@ -86,7 +88,8 @@ def test_l4_hit_avoids_the_origin_read_and_l3_hit_avoids_the_encode(tiered, bloc
     assert headers["X-Tierscope-Tier"] == "l3" and float(headers["X-Tierscope-Encode-Ms"]) == 0
     stats = get_json(tiered, "/stats")
     assert (stats["origin_reads"], stats["encodes"]) == (1, 1)
-    assert stats["tiers"]["l3"]["nbytes"] == len(body) < BLOCK_NBYTES  # L3 counts encoded bytes
+    assert stats["tiers"]["l3"]["nbytes"] == entry_charge(len(body))  # L3 counts encoded bytes
+    assert len(body) < BLOCK_NBYTES
     np.testing.assert_allclose(codec.decode(body), blocks("u", (1, 0, 1, 0)), atol=0.1 + 1e-6)
     assert stats["stages"]["read"]["count"] == 1 and stats["stages"]["encode"]["count"] == 1
     assert stats["stages"]["read"]["max_ms"] >= stats["stages"]["read"]["p50_ms"] > 0
@@ -94,7 +97,7 @@ def test_l4_hit_avoids_the_origin_read_and_l3_hit_avoids_the_encode(tiered, bloc
 
 @pytest.mark.parametrize(("policy", "a_after"), [("lru", "l4"), ("fifo", "origin"), ("lfu", "l4")])
 def test_server_policy_eviction_order(tiered, policy, a_after):
-    configure(tiered, l3=0, l4=2 * BLOCK_NBYTES, policy=policy, prefetch="off")
+    configure(tiered, l3=0, l4=2 * entry_charge(BLOCK_NBYTES, policy), policy=policy, prefetch="off")
     a, b, c = ("/datasets/turb/blocks/p/%s" % i for i in ("0.0.0.0", "0.0.0.1", "0.0.1.0"))
     for path in (a, b, a, c):  # A hit once; C needs room: lru/lfu evict B, fifo evicts A
         tier_of(tiered, path)
@@ -103,7 +106,7 @@ def test_server_policy_eviction_order(tiered, policy, a_after):
 
 
 def test_distance_policy_evicts_the_block_farthest_from_the_sessions(tiered):
-    configure(tiered, l3=0, l4=2 * BLOCK_NBYTES, policy="distance", prefetch="off")
+    configure(tiered, l3=0, l4=2 * entry_charge(BLOCK_NBYTES, "distance"), policy="distance", prefetch="off")
     here = {"X-Tierscope-Session": "s1", "X-Tierscope-Position": "0.0.0.0"}
     near, far, new = "0.0.0.0", "3.1.1.1", "0.0.0.1"
     for index in (near, far, new):  # far is 4 hops from the view: evicted though more recent than near
@@ -402,7 +405,7 @@ def test_worker_tiers_decode_on_the_cpu_here(dataset_url, blocks):
         np.testing.assert_array_equal(got[:, :16, :16], expected)
         cached, nbytes = _l1_blocks()
         assert cached and all(type(b) is np.ndarray and not b.flags.writeable for b in cached)
-        assert nbytes == sum(b.nbytes for b in cached)
+        assert nbytes == sum(entry_charge(b.nbytes) for b in cached)
     with pytest.raises(RuntimeError, match="device='gpu' needs (CuPy|a CUDA GPU)"):
         tierscope.connect(None, device="gpu")
     with pytest.raises(ValueError, match="device must be one of auto, cpu, gpu, got 'tpu'"):
@@ -424,7 +427,7 @@ def test_worker_tiers_keep_l1_on_the_gpu(dataset_url):
     assert type(on_gpu) is np.ndarray and on_gpu.tobytes() == on_cpu.tobytes()
     cached, nbytes = _l1_blocks()
     assert cached and all(isinstance(b, cupy.ndarray) for b in cached)
-    assert nbytes == sum(b.nbytes for b in cached)
+    assert nbytes == sum(entry_charge(b.nbytes) for b in cached)
     again = _view_u(dataset_url)  # L1 hits hand out fresh host copies
     again[:] = -1
     assert _view_u(dataset_url).tobytes() == on_cpu.tobytes()

@@ -12,8 +12,15 @@ Eviction order when a new value needs room (``policy``):
 - ``lru``: least recently used first; a user hit makes an entry most recent.
 - ``lfu``: fewest user hits first; ties in LRU order.
 - ``fifo``: insertion order; hits do not refresh an entry.
-- ``distance``: the largest ``cache.distance(key)`` first (the owner sets that function, e.g. hops from
-  the current view); ties in LRU order; with no distance function set it behaves as ``lru``.
+- ``distance``: the most hops from the current views first (the owner says where each key's block is
+  and what is viewed with ``set_distance``, and calls ``moved`` when a view moves); ties in LRU order;
+  with no distance set it behaves as ``lru``. The order is exact, kept by an index (``_DistanceIndex``):
+  while the views stay, an insert ranks a bounded number of blocks, however many are cached or exist;
+  a view move costs one vectorised ranking of that variable's cached blocks, at the next eviction.
+
+Charges: an entry costs its value's memory (``nbytes_of``: payload and object header) plus
+``ENTRY_OVERHEAD`` bytes of bookkeeping (and ``INDEX_OVERHEAD`` under the distance index), so a tier of
+tiny frames holds about the memory its capacity says, not twice that.
 
 Prefetch accounting: a ``prefetch=True`` load that inserts counts as *prefetched*; the first user lookup
 of such an entry (or a user lookup joining its in-flight load) counts it as *used*, once; a prefetched
@@ -26,6 +33,10 @@ keeps them ahead of the farther blocks it is loading.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
+import math
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Sequence
@@ -33,11 +44,32 @@ from concurrent.futures import CancelledError, Future
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, TypeVar
 
-__all__ = ["POLICIES", "TierCache", "TierStats", "check_policy", "nbytes_of"]
+import numpy as np
+
+__all__ = ["ENTRY_OVERHEAD", "INDEX_OVERHEAD", "POLICIES", "VALUE_HEADER", "TierCache", "TierStats", "Views",
+           "check_policy", "entry_charge", "nbytes_of"]
 
 V = TypeVar("V")
 
 POLICIES = ("lru", "lfu", "fifo", "distance")
+
+# Where a key's block is for the distance policy: (group, block index). A group is the blocks one set of
+# views applies to (e.g. one variable's); ``ViewsOf(group)`` gives its current views, None if unviewed.
+Locate = Callable[[Hashable], tuple[Hashable, Sequence[int]]]
+ViewsOf = Callable[[Hashable], "Views | None"]
+
+# Memory of a value with ``nbytes`` beyond its payload: a NumPy array's object with its shape and strides
+# (sys.getsizeof of a 4-D view is 160; a block wrapper holding a frame or array costs about as much).
+VALUE_HEADER = 160
+# Bookkeeping bytes per entry beyond its value: a worker block key (a 4-tuple holding the block-index
+# tuple and a time step past 256, an int of its own), the _Entry, its slots in the LRU and insertion-order
+# dicts; and, under the distance policy, its row in the index and its share of the candidates and heap.
+# From tracemalloc (tests/test_cache_distance.py, test_charges_are_within_10_percent_of_traced_memory):
+# the memory a tier of 4000 frames of 100-200 bytes frees when dropped, less the frames' sys.getsizeof,
+# per entry: 419 bytes filled once, 509 churned (dicts keep deleted slots until they resize); the index
+# adds 76 and 79. The constants sit between the two, within 8% of a tiny frame's real memory either way.
+ENTRY_OVERHEAD = 465
+INDEX_OVERHEAD = 80
 
 
 def check_policy(policy: str) -> str:
@@ -47,10 +79,67 @@ def check_policy(policy: str) -> str:
     return policy
 
 
+def entry_charge(nbytes: int, policy: str = "lru") -> int:
+    """What a tier with a distance set charges for one block (array or wrapper) of ``nbytes`` payload
+    bytes: for sizing plans and tests to a tier's capacity."""
+    return nbytes + VALUE_HEADER + ENTRY_OVERHEAD + (INDEX_OVERHEAD if policy == "distance" else 0)
+
+
 def nbytes_of(value: Any) -> int:
-    """Size a cached value is charged: ``nbytes`` for arrays, ``len`` for bytes-like values."""
+    """Memory a cached value holds: payload plus object header, which is most of a tiny frame.
+
+    ``nbytes`` (arrays, block wrappers) plus ``VALUE_HEADER``; ``sys.getsizeof`` for bytes-like values.
+    """
     nbytes = getattr(value, "nbytes", None)
-    return int(nbytes) if nbytes is not None else len(value)
+    return int(nbytes) + VALUE_HEADER if nbytes is not None else sys.getsizeof(value)
+
+
+class Views:
+    """Boxes of blocks being viewed (corners inclusive) on one grid: a block's distance is its hops to
+    the nearest box, ``|dt| + max(|dz|, |dy|, |dx|)`` counted outside the box (``prefetch.Box.distance``).
+    """
+
+    __slots__ = ("boxes", "hi", "lo", "time_axis")
+
+    def __init__(
+        self, boxes: Sequence[tuple[Sequence[int], Sequence[int]]], time_axis: int | None = 0
+    ) -> None:
+        if not boxes:
+            raise ValueError("Views needs at least one box")
+        self.boxes = [(tuple(map(int, lo)), tuple(map(int, hi))) for lo, hi in boxes]
+        self.lo = np.array([lo for lo, _ in self.boxes], np.int64)
+        self.hi = np.array([hi for _, hi in self.boxes], np.int64)
+        self.time_axis = time_axis
+
+    def hops(self, columns: np.ndarray) -> np.ndarray:
+        """Hops of each column of an (ndim, n) array of block indices, box by box over whole rows."""
+        out = None
+        for lo, hi in zip(self.lo.astype(columns.dtype), self.hi.astype(columns.dtype), strict=True):
+            steps = lo[:, None] - columns
+            np.maximum(steps, columns - hi[:, None], out=steps)
+            np.maximum(steps, 0, out=steps)
+            if self.time_axis is None:
+                hops = steps.max(axis=0, initial=0)
+            else:
+                dt = steps[self.time_axis].copy()
+                steps[self.time_axis] = 0
+                hops = steps.max(axis=0) + dt
+            out = hops if out is None else np.minimum(out, hops, out=out)
+        return out
+
+    def hops_of(self, index: Sequence[int]) -> float:
+        """Hops of one block: plain Python, cheaper than NumPy for a few blocks."""
+        best, time_axis = math.inf, self.time_axis
+        for lo, hi in self.boxes:
+            dt = far = 0
+            for axis, (i, low, high) in enumerate(zip(index, lo, hi)):  # not strict: hot path
+                step = low - i if i < low else i - high if i > high else 0
+                if axis == time_axis:
+                    dt = step
+                elif step > far:
+                    far = step
+            best = min(best, dt + far)
+        return best
 
 
 @dataclass
@@ -70,10 +159,17 @@ class TierStats:
 
 
 class _Entry:
-    __slots__ = ("hits", "nbytes", "unused_prefetch", "value")
+    """A cached value; ``group`` and ``slot`` place it in the distance index (when there is one)."""
 
-    def __init__(self, value: Any, nbytes: int, prefetched: bool) -> None:
-        self.value, self.nbytes, self.hits, self.unused_prefetch = value, nbytes, 0, prefetched
+    __slots__ = ("group", "hits", "key", "nbytes", "slot", "unused_prefetch", "value")
+
+    def __init__(self, key: Hashable, value: Any, nbytes: int, prefetched: bool) -> None:
+        self.key, self.value, self.nbytes, self.hits, self.unused_prefetch = key, value, nbytes, 0, prefetched
+        self.group: _Group | None = None
+        self.slot = -1
+
+
+_MISS = object()  # a lookup found no cached value
 
 
 class _Flight:
@@ -99,14 +195,36 @@ class TierCache(Generic[V]):
         self.name = name
         self.capacity = self._check_capacity(capacity)
         self.policy = check_policy(policy)
-        self.distance: Callable[[Hashable], float] | None = None
         self._nbytes = nbytes
+        self._locate: Locate | None = None
+        self._views: ViewsOf | None = None
+        self._index: _DistanceIndex | None = None  # only under the distance policy with a distance set
+        self.rank_stats = {"reranks": 0, "ranked": 0}  # distance index work: rankings, blocks ranked
         self._lock = threading.Lock()
         self._data: OrderedDict[Hashable, _Entry] = OrderedDict()  # LRU order, most recent last
         self._inserted: dict[Hashable, None] = {}  # insertion order (FIFO), oldest first
         self._inflight: dict[Hashable, _Flight] = {}
         self._size = 0
         self.stats = TierStats()
+
+    def set_distance(self, locate: Locate, views: ViewsOf) -> None:
+        """Give the distance policy its distances: where each key's block is, and what is viewed.
+
+        ``locate(key) -> (group, block index)``; ``views(group) -> Views | None`` (None: nobody views
+        the group, its blocks are infinitely far). The cache computes hops itself, for thousands of
+        blocks at once. Call ``moved`` when a group's views change, or the order keeps the old ones.
+        """
+        with self._lock:
+            self._locate, self._views = locate, views
+            self._reindex()
+            self._make_room(0)
+
+    def moved(self, group: Hashable | None = None) -> None:
+        """``group``'s view (every group's: None) moved. Cheap, and safe without the lock from any thread:
+        the next eviction re-ranks that group's blocks."""
+        index = self._index
+        if index is not None:
+            index.moved(group)
 
     def _check_capacity(self, capacity: int) -> int:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
@@ -152,9 +270,9 @@ class TierCache(Generic[V]):
 
     def get_or_load(self, key: Hashable, loader: Callable[[], V], prefetch: bool = False) -> V:
         """Return the value for ``key``, running ``loader`` at most once across threads."""
-        entry, flight, owner = self._lookup(key, prefetch)
-        if entry is not None:
-            return entry.value
+        value, flight, owner = self._lookup(key, prefetch)
+        if value is not _MISS:
+            return value
         if not owner:
             return flight.future.result()
         try:
@@ -197,9 +315,9 @@ class TierCache(Generic[V]):
         self, key: Hashable, loader: Callable[[], Awaitable[V]], prefetch: bool = False
     ) -> V:
         """``get_or_load`` for an asyncio loop: ``loader`` is awaited; waiters never block the loop."""
-        entry, flight, owner = self._lookup(key, prefetch)
-        if entry is not None:
-            return entry.value
+        value, flight, owner = self._lookup(key, prefetch)
+        if value is not _MISS:
+            return value
         if not owner:  # shielded: a waiter's cancellation must not cancel the load others share
             return await asyncio.shield(asyncio.wrap_future(flight.future))
         try:
@@ -210,29 +328,32 @@ class TierCache(Generic[V]):
         self._finish(key, flight, value)
         return value
 
-    def _lookup(self, key: Hashable, prefetch: bool) -> tuple[_Entry | None, _Flight, bool]:
-        """Under the lock: a cached entry, or the flight to join, or a new flight this caller owns."""
+    def _lookup(self, key: Hashable, prefetch: bool) -> tuple[Any, _Flight, bool]:
+        """Under the lock: a cached value (else ``_MISS``), or the flight to join, or a new flight this
+        caller owns. The value is read under the lock: an eviction drops it from its entry."""
         with self._lock:
             entry = self._data.get(key)
             if entry is not None:
                 self._touch(key, entry, prefetch)
-                return entry, None, False  # type: ignore[return-value]
+                return entry.value, None, False  # type: ignore[return-value]
             flight = self._inflight.get(key)
             if flight is not None:
                 if not prefetch:
                     self.stats.waits += 1
                     self.stats.hits += 1
                     flight.used = True
-                return None, flight, False
+                return _MISS, flight, False
             if not prefetch:
                 self.stats.misses += 1
             flight = self._inflight[key] = _Flight(prefetch)
-            return None, flight, True
+            return _MISS, flight, True
 
     def _touch(self, key: Hashable, entry: _Entry, prefetch: bool) -> None:
         """A lookup found ``entry`` (lock held): recency, and for a user lookup a hit."""
         if self.policy != "fifo":
             self._data.move_to_end(key)
+            if self._index is not None:
+                self._index.touch(entry)
         if not prefetch:
             self.stats.hits += 1
             entry.hits += 1
@@ -251,18 +372,23 @@ class TierCache(Generic[V]):
             flight.future.set_exception(exc)
 
     def _finish(self, key: Hashable, flight: _Flight, value: V) -> None:
-        with self._lock:
-            del self._inflight[key]
-            self._insert(key, value, prefetched=flight.prefetch, used=flight.used)
-        if not flight.future.done():
-            flight.future.set_result(value)
+        try:
+            with self._lock:
+                del self._inflight[key]
+                self._insert(key, value, prefetched=flight.prefetch, used=flight.used)
+        finally:  # waiters get the loaded value even if keeping it failed (a bad key for the index)
+            if not flight.future.done():
+                flight.future.set_result(value)
 
     def reconfigure(self, capacity: int | None = None, policy: str | None = None) -> None:
         """Resize and/or change policy, evicting (in the new policy's order) until the values fit."""
         capacity = self.capacity if capacity is None else self._check_capacity(capacity)
         policy = self.policy if policy is None else check_policy(policy)
         with self._lock:
-            self.capacity, self.policy = capacity, policy
+            self.capacity = capacity
+            if policy != self.policy:
+                self.policy = policy
+                self._reindex()
             self._make_room(0)
 
     def clear(self) -> None:
@@ -272,6 +398,7 @@ class TierCache(Generic[V]):
             self._data.clear()
             self._inserted.clear()
             self._size = 0
+            self._reindex()
 
     def reset_stats(self) -> None:
         with self._lock:
@@ -291,11 +418,15 @@ class TierCache(Generic[V]):
             }
 
     def _insert(self, key: Hashable, value: V, prefetched: bool, used: bool) -> None:
-        size = self._nbytes(value)  # no old entry to replace: loads run only for keys not cached
+        # no old entry to replace: loads only run for keys not cached
+        size = self._nbytes(value) + ENTRY_OVERHEAD + (INDEX_OVERHEAD if self._index is not None else 0)
         if size > self.capacity:
             return
         self._make_room(size)
-        self._data[key] = _Entry(value, size, prefetched and not used)
+        entry = _Entry(key, value, size, prefetched and not used)
+        if self._index is not None:
+            self._index.add(entry)
+        self._data[key] = entry
         self._inserted[key] = None
         self._size += size
         if prefetched:
@@ -309,21 +440,263 @@ class TierCache(Generic[V]):
         while self._data and self._size + size > self.capacity:
             if self.policy == "fifo":
                 key = next(iter(self._inserted))
-            elif self.policy == "lru" or (self.policy == "distance" and self.distance is None):
-                key = next(iter(self._data))
-            else:  # one ranking per insert, not one per evicted entry
-                victims = victims or iter(self._ranked())
+            elif self._index is not None:
+                key = self._index.victim().key
+            elif self.policy == "lfu":  # one ranking per insert, not one per evicted entry
+                victims = victims or iter(self._ranked_lfu())
                 key = next(victims)
-            entry = self._data.pop(key)
-            del self._inserted[key]
-            self._size -= entry.nbytes
-            self.stats.evictions += 1
-            self.stats.prefetch_wasted += entry.unused_prefetch
+            else:  # lru, or distance with no distance set
+                key = next(iter(self._data))
+            self._evict(key)
 
-    def _ranked(self) -> list[Hashable]:
-        """Keys in lfu or distance eviction order (sorts are stable: ties stay in LRU order)."""
-        lru = list(self._data)
-        if self.policy == "lfu":
-            return sorted(lru, key=lambda k: self._data[k].hits)
-        distance = self.distance
-        return sorted(lru, key=lambda k: -distance(k))
+    def _evict(self, key: Hashable) -> None:
+        entry = self._data.pop(key)
+        del self._inserted[key]
+        if self._index is not None:
+            self._index.remove(entry)
+        entry.key = entry.value = None  # the index may still hold the entry until it skips it
+        self._size -= entry.nbytes
+        self.stats.evictions += 1
+        self.stats.prefetch_wasted += entry.unused_prefetch
+
+    def _ranked_lfu(self) -> list[Hashable]:
+        """Keys in lfu eviction order (the sort is stable: ties stay in LRU order)."""
+        return sorted(self._data, key=lambda k: self._data[k].hits)
+
+    def _reindex(self) -> None:
+        """(Lock held) A new distance index over the cached entries, in LRU order, if the policy uses one;
+        while there is one, its bookkeeping is part of each entry's charge."""
+        old, self._index = self._index, None
+        if self.policy == "distance" and self._locate is not None:
+            self._index = _DistanceIndex(self._locate, self._views, self.rank_stats)
+        change = INDEX_OVERHEAD * ((self._index is not None) - (old is not None))
+        for entry in self._data.values():
+            entry.group = None  # no longer in the old index: let its arrays go
+            entry.nbytes += change
+            if self._index is not None:
+                self._index.add(entry)
+        self._size += change * len(self._data)
+
+
+MIN_SLOTS = 16
+MIN_CANDIDATES = 64
+
+
+class _Slots:
+    """One group's blocks as rows 0..count-1 of NumPy arrays (block index columns, recency tick, ranked
+    distance) beside their entries: a ranking reads them whole, with no call per block and no gather.
+
+    Kept dense: a removal moves the last row into the hole (and tells its entry its new slot).
+    """
+
+    def __init__(self, ndim: int) -> None:
+        self.count = 0
+        self.index = np.empty((ndim, MIN_SLOTS), np.int32)
+        self.tick = np.empty(MIN_SLOTS, np.int64)
+        self.dist = np.empty(MIN_SLOTS)  # NaN until ranked
+        self.entries: list[_Entry | None] = [None] * MIN_SLOTS  # a list: the GC sees its cycles
+
+    def add(self, entry: _Entry, index: Sequence[int], tick: int) -> None:
+        if self.count == len(self.tick):
+            self._resize(self.count + self.count // 2)
+        if len(index) != len(self.index):
+            raise ValueError(f"block index {tuple(index)} has not the {len(self.index)} axes of its group")
+        slot = self.count
+        self.index[:, slot] = index  # before any change: an index out of int32 range raises here
+        self.tick[slot], self.dist[slot], self.entries[slot] = tick, math.nan, entry
+        entry.slot, self.count = slot, slot + 1
+
+    def remove(self, entry: _Entry) -> None:
+        slot, last = entry.slot, self.count - 1
+        if slot != last:
+            moved = self.entries[last]
+            self.index[:, slot] = self.index[:, last]
+            self.tick[slot], self.dist[slot], self.entries[slot] = self.tick[last], self.dist[last], moved
+            moved.slot = slot
+        self.entries[last] = None
+        self.count = last
+        if MIN_SLOTS < len(self.tick) and last < len(self.tick) // 4:
+            self._resize(len(self.tick) // 2)
+
+    def _resize(self, capacity: int) -> None:
+        n = self.count
+        index, tick, dist, entries = self.index, self.tick, self.dist, self.entries
+        self.index = np.empty((len(index), capacity), np.int32)
+        self.tick, self.dist = np.empty(capacity, np.int64), np.empty(capacity)
+        self.index[:, :n], self.tick[:n], self.dist[:n] = index[:, :n], tick[:n], dist[:n]
+        self.entries = entries[:n] + [None] * (capacity - n)
+
+
+# An eviction candidate, in eviction order when sorted: (-distance, tick, entry); ticks are unique.
+_Candidate = tuple[float, int, _Entry]
+# Below this many (block, box) pairs, hops of the blocks added since a ranking are computed in Python.
+FEW_HOPS = 256
+
+
+class _Group:
+    """One group's slots and eviction candidates.
+
+    A ranking (hops of every slot, vectorised) keeps the K farthest entries sorted by (distance desc,
+    tick asc); entries touched since go on a heap, and entries added since too once their hops are
+    known (computed together, at the next eviction). The next victim is the better of the two heads.
+    An entry left out of the K and untouched since orders after the K-th, so the order is exact. The
+    group re-ranks when its views moved, when the K run out while such entries remain, or when the heap
+    outgrows a quarter of the group (which bounds its memory). K is twice the candidates the previous
+    ranking used: about as many as the evictions between two view moves.
+    """
+
+    def __init__(self, name: Hashable, ndim: int) -> None:
+        self.name = name
+        self.slots = _Slots(ndim)
+        self.epoch: tuple[int, int] | None = None  # the view moves the ranking saw; None: rank next time
+        self.cand_negd: list[float] = []  # the candidates, farthest first, as lists: read one at a time
+        self.cand_tick: list[int] = []
+        self.cand_entries: list[_Entry] = []
+        self.next = 0  # candidates before this one were evicted or touched
+        self.rest = False  # whether entries outside the candidates remain from the ranking
+        self.fresh: list[_Candidate] = []
+        self.pending: list[tuple[_Entry, Sequence[int]]] = []  # added since the ranking, hops unknown
+
+    def add(self, entry: _Entry, index: Sequence[int], tick: int) -> None:
+        self.slots.add(entry, index, tick)
+        entry.group = self
+        if self.epoch is not None:
+            self.pending.append((entry, index))
+            self._bound_heap()
+
+    def touch(self, entry: _Entry, tick: int) -> None:
+        self.slots.tick[entry.slot] = tick
+        if self.epoch is not None:
+            dist = float(self.slots.dist[entry.slot])
+            if not math.isnan(dist):  # else pending: its hops are still to come
+                heapq.heappush(self.fresh, (-dist, tick, entry))
+                self._bound_heap()
+
+    def remove(self, entry: _Entry) -> None:
+        self.slots.remove(entry)
+        entry.group = None  # its candidates and heap items no longer match it
+
+    def _current(self, tick: int, entry: _Entry) -> bool:
+        """Whether a candidate or heap item still stands for its entry (neither evicted nor touched)."""
+        return entry.group is self and self.slots.tick[entry.slot] == tick
+
+    def _bound_heap(self) -> None:
+        if len(self.fresh) + len(self.pending) > MIN_CANDIDATES + self.slots.count // 4:
+            self.epoch, self.fresh, self.pending = None, [], []
+
+    def head(self, epoch: tuple[int, int], views_of: ViewsOf, stats: dict[str, int]) -> _Candidate:
+        """The group's next victim (the group is not empty); ``epoch``: its view moves so far."""
+        if self.epoch != epoch:
+            self._rank(epoch, views_of, stats)
+        elif self.pending:
+            self._resolve(views_of(self.name), stats)
+        while True:
+            cand, fresh = self._candidate(), self._fresh()
+            if cand is None and self.rest:
+                self._rank(epoch, views_of, stats)
+                continue
+            if cand is None or fresh is None:
+                return cand or fresh  # type: ignore[return-value]
+            return min(cand, fresh)
+
+    def _candidate(self) -> _Candidate | None:
+        while self.next < len(self.cand_entries):
+            entry, tick = self.cand_entries[self.next], self.cand_tick[self.next]
+            if self._current(tick, entry):
+                return self.cand_negd[self.next], tick, entry
+            self.next += 1
+        return None
+
+    def _fresh(self) -> _Candidate | None:
+        while self.fresh and not self._current(self.fresh[0][1], self.fresh[0][2]):
+            heapq.heappop(self.fresh)
+        return self.fresh[0] if self.fresh else None
+
+    def _rank(self, epoch: tuple[int, int], views_of: ViewsOf, stats: dict[str, int]) -> None:
+        n = self.slots.count
+        views = views_of(self.name)  # after ``epoch`` was read: a move from now on re-ranks again
+        dist = self.slots.dist[:n]
+        dist[:] = math.inf if views is None else views.hops(self.slots.index[:, :n])
+        negd, ticks = -dist, self.slots.tick[:n]
+        chosen = _first(negd, ticks, min(max(MIN_CANDIDATES, min(2 * self.next, n // 4)), n))
+        self.cand_negd, self.cand_tick = negd[chosen].tolist(), ticks[chosen].tolist()
+        self.cand_entries = [self.slots.entries[slot] for slot in chosen.tolist()]
+        self.next, self.rest = 0, len(chosen) < n
+        self.fresh, self.pending, self.epoch = [], [], epoch
+        stats["reranks"] += 1
+        stats["ranked"] += n
+
+    def _resolve(self, views: Views | None, stats: dict[str, int]) -> None:
+        """Hops of the entries added since the ranking, onto the heap."""
+        pending, self.pending = self.pending, []
+        if views is None:
+            hops = [math.inf] * len(pending)
+        elif len(pending) * len(views.boxes) <= FEW_HOPS:
+            hops = [views.hops_of(index) for _, index in pending]
+        else:
+            slots = np.fromiter((entry.slot for entry, _ in pending), np.intp, len(pending))
+            hops = views.hops(self.slots.index[:, slots]).tolist()
+        dists, ticks = self.slots.dist, self.slots.tick
+        for (entry, _), dist in zip(pending, hops, strict=True):
+            dists[entry.slot] = dist
+            heapq.heappush(self.fresh, (-dist, int(ticks[entry.slot]), entry))
+        stats["ranked"] += len(pending)
+
+
+def _first(negd: np.ndarray, ticks: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k smallest (negd, tick) pairs, sorted; ties at the cut go by tick too."""
+    if k < len(negd):
+        cut = np.partition(negd, k - 1)[k - 1]
+        inside, ties = np.flatnonzero(negd < cut), np.flatnonzero(negd == cut)
+        need = k - len(inside)
+        if need < len(ties):
+            ties = ties[np.argpartition(ticks[ties], need - 1)[:need]]
+        chosen = np.concatenate([inside, ties])
+    else:
+        chosen = np.arange(len(negd))
+    return chosen[np.lexsort((ticks[chosen], negd[chosen]))]
+
+
+class _DistanceIndex:
+    """The distance policy's eviction order over every group, with no call per cached entry.
+
+    The next victim is the best of the groups' heads (O(groups) per eviction, groups being the
+    variables in view). ``moved`` only bumps a counter, so any thread may call it: a group whose
+    counters changed since its ranking re-ranks before its next head is read (the counters are read
+    before the views, so a move during a ranking is seen by the next one).
+    """
+
+    def __init__(self, locate: Locate, views_of: ViewsOf, stats: dict[str, int]) -> None:
+        self._locate, self._views_of, self._stats = locate, views_of, stats
+        self._groups: dict[Hashable, _Group] = {}
+        self._ticks = itertools.count()
+        self._moves = itertools.count(1)
+        self._moved_all = 0
+        self._moved: dict[Hashable, int] = {}
+
+    def moved(self, group: Hashable | None) -> None:
+        if group is None:
+            self._moved_all = next(self._moves)
+        else:
+            self._moved[group] = next(self._moves)
+
+    def add(self, entry: _Entry) -> None:
+        name, index = self._locate(entry.key)
+        group = self._groups.get(name) or _Group(name, len(index))
+        group.add(entry, index, next(self._ticks))
+        self._groups[name] = group
+
+    def touch(self, entry: _Entry) -> None:
+        entry.group.touch(entry, next(self._ticks))
+
+    def remove(self, entry: _Entry) -> None:
+        group = entry.group
+        group.remove(entry)
+        if not group.slots.count:
+            del self._groups[group.name]
+
+    def victim(self) -> _Entry:
+        """The entry to evict next (the index is not empty)."""
+        heads = (group.head((self._moved_all, self._moved.get(name, 0)), self._views_of, self._stats)
+                 for name, group in self._groups.items())
+        return min(heads)[2]

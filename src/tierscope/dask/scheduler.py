@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.serialize import ToPickle
 
+from tierscope.cache import entry_charge
 from tierscope.dask.graph import BlockLoadTask, ReportedBlockLoadTask
 from tierscope.dask.observe import install
 from tierscope.dask.prefetcher import PLAN_OP, Plan
@@ -225,7 +226,7 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
 
     def _block_nbytes(self, scheduler: Scheduler, spec: BlockSpec) -> tuple[float, float]:
         """Decoded block size (exact) and the workers' measured average encoded (L2) block size."""
-        decoded = spec.block_nbytes
+        decoded = entry_charge(spec.block_nbytes, "distance")  # what L1 charges per block, at most
         blocks = nbytes = 0
         for ws in scheduler.workers.values():
             l2 = ws.metrics.get("tierscope", {}).get("l2", {})

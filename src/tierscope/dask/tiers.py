@@ -10,6 +10,7 @@ import functools
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from tierscope import codec
-from tierscope.cache import TierCache
+from tierscope.cache import TierCache, Views
 from tierscope.codec.device import import_cupy, resolve_device, to_host
 from tierscope.client.source import Source
 from tierscope.grid import BlockGrid, BlockIndex
@@ -30,6 +31,9 @@ DEFAULT_L1 = 1 << 30
 DEFAULT_L2 = 2 << 30
 # A view of more blocks is told to the server as its two corners: the same box, a short header.
 MAX_TOLD_BLOCKS = 256
+# Variables (dataset, variable, tol) whose current view a worker remembers; the least recently told go
+# first (their cached blocks then rank as unviewed, farthest, for the distance policy).
+MAX_VIEWS = 256
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,10 @@ class WorkerTiers:
         self._xp: Any = import_cupy() if self.device == "gpu" else np
         self.l1: TierCache[Any] = TierCache(l1, "l1", policy=policy)
         self.l2: TierCache[bytes] = TierCache(l2, "l2", policy=policy)
-        self.l1.distance = self.l2.distance = self._distance
+        for tier in (self.l1, self.l2):
+            tier.set_distance(_locate, self._views_of)
         self._lock = threading.Lock()
-        self._views: dict[tuple, tuple[str, tuple[BlockIndex, ...], Box, int | None]] = {}
+        self._views: OrderedDict[tuple, tuple[str, tuple[BlockIndex, ...], Box, Views]] = OrderedDict()
         self._user_loads = 0
         self.user_idle = threading.Event()
         self.user_idle.set()
@@ -149,16 +154,22 @@ class WorkerTiers:
 
     def set_view(self, session: str, spec: BlockSpec, view: tuple[BlockIndex, ...]) -> None:
         """The session's current view of ``spec``'s variable (from the scheduler plugin's plan)."""
+        key, box = _view_key(spec), Box.of(view)
+        told = view if len(view) <= MAX_TOLD_BLOCKS else (box.lo, box.hi)
         with self._lock:
-            box = Box.of(view)
-            told = view if len(view) <= MAX_TOLD_BLOCKS else (box.lo, box.hi)
-            self._views[_view_key(spec)] = (session, told, box, spec.time_axis)
+            old = self._views.get(key)
+            self._views[key] = (session, told, box, Views([(box.lo, box.hi)], spec.time_axis))
+            self._views.move_to_end(key)
+            forgotten = [self._views.popitem(last=False)[0] for _ in range(len(self._views) - MAX_VIEWS)]
+        moved = forgotten + ([key] if old is None or old[2] != box else [])
+        for group in moved:  # the distance order of these variables' cached blocks changed
+            self.l1.moved(group)
+            self.l2.moved(group)
 
-    def _distance(self, key: Hashable) -> float:
-        """Hops from a cached block to its variable's current view (blocks of unviewed variables: inf)."""
-        url, variable, tol, index = key
-        entry = self._views.get((url, variable, tol))
-        return math.inf if entry is None else entry[2].distance(index, entry[3])
+    def _views_of(self, group: tuple) -> Views | None:
+        """What the distance policy measures a variable's cached blocks from (unviewed: None, inf hops)."""
+        entry = self._views.get(group)
+        return None if entry is None else entry[3]
 
     def _decode(
         self, spec: BlockSpec, index: BlockIndex, key: Hashable, purpose: str, frame: bytes | None = None
@@ -222,6 +233,11 @@ class WorkerTiers:
 
 def _view_key(spec: BlockSpec) -> tuple:
     return (spec.source.cache_id, spec.variable, spec.tol)
+
+
+def _locate(key: Hashable) -> tuple[tuple, BlockIndex]:
+    """A block key's distance group (its variable's view key, as ``_view_key``) and block index."""
+    return key[:3], key[3]
 
 
 def _host_copy(xp: Any, block: Any, dtype: str) -> np.ndarray:

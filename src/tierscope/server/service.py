@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from tierscope import codec
-from tierscope.cache import TierCache, check_policy
+from tierscope.cache import TierCache, check_policy, entry_charge
 from tierscope.codec.device import resolve_device
 from tierscope.errors import BlockIndexError, DatasetNotFoundError
 from tierscope.grid import BlockIndex
@@ -183,8 +183,8 @@ class BlockService:
         self.l4: TierCache[_Raw] = TierCache(parse_size(l4, "l4"), "l4", policy=policy)
         self.prefetch_mode = check_prefetch(prefetch)
         self.sessions = Sessions(max_positions)
-        self.l3.distance = lambda key: self.sessions.distance(key[0], key[1], key[4])
-        self.l4.distance = lambda key: self.sessions.distance(*key)
+        self.l3.set_distance(lambda key: (key[:2], key[4]), self.sessions.views)  # (dataset, variable)
+        self.l4.set_distance(lambda key: (key[:2], key[2]), self.sessions.views)
         self._stats = ServerStats()
         self.queue = PrefetchQueue(plan_ttl)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -366,10 +366,17 @@ class BlockService:
         pos, dropped = self.sessions.position(key, grid, req.variable.time_axis)
         if dropped is not None:
             self._stats.prefetch["cancelled"] += self.queue.replace(dropped, ())
+            self._views_moved(dropped[1:3])
         if pos.observe_box(view):
             self.sessions.moved(req.dataset, req.variable.name)
+            self._views_moved((req.dataset, req.variable.name))
             if self.prefetch_mode != "off":
                 self._plan(key, pos, req)
+
+    def _views_moved(self, variable: tuple[str, str]) -> None:
+        """A (dataset, variable)'s session views changed: L3 and L4 re-rank its blocks when next evicting."""
+        self.l3.moved(variable)
+        self.l4.moved(variable)
 
     def _plan(self, key: tuple[str, str, str, float], pos: Position, req: _Request) -> None:
         """Queue the blocks around the new position that fit L3 and L4, nearest/most likely first."""
@@ -380,7 +387,8 @@ class BlockService:
         def radius(tier: TierCache) -> int:
             if tier.capacity == 0:
                 return 0
-            average = tier.size / len(tier) if len(tier) else raw_nbytes  # L3 starts pessimistic
+            average = tier.size / len(tier) if len(tier) else entry_charge(raw_nbytes, tier.policy)  # L3
+            # starts pessimistic
             return radius_for(var.grid, tier.capacity, average, pos.time_axis, view=extents)
 
         r3 = radius(self.l3)

@@ -9,6 +9,7 @@ busy session cannot starve another. Both live on the service's event loop: no lo
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import re
 import time
@@ -16,14 +17,16 @@ from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
+from tierscope.cache import Views
 from tierscope.grid import BlockGrid, BlockIndex
 from tierscope.prefetch import Position
 
 __all__ = ["PositionKey", "PrefetchItem", "PrefetchQueue", "Sessions", "check_session"]
 
 PositionKey = tuple[str, str, str, float]  # (session, dataset, variable, tol)
+# The distance policy measures from at most this many views per variable (the most recent): a ranking
+# costs one pass over the cached blocks per view.
+MAX_VIEWS = 64
 # A plan is for the view after the current one: one older than this has been overtaken or abandoned.
 PLAN_TTL_S = 2.0
 # Blocks queued over all plans (a few full plans): beyond this the oldest plans are dropped.
@@ -54,16 +57,15 @@ class PrefetchItem:
 class Sessions:
     """A bounded table of positions, with a per-variable view for distance-ordered eviction.
 
-    ``distance`` is asked once per cached block each time a tier ranks its entries for eviction, so
-    the current view boxes of a variable are kept as arrays (rebuilt after a position moves) and every
-    session's distance is computed in one vectorised step.
+    ``views`` gives the tiers' distance policy a variable's current view boxes, kept (rebuilt after a
+    position moves) so the tiers rank thousands of cached blocks against every session at once.
     """
 
     def __init__(self, max_positions: int = 1024) -> None:
         self.max_positions = max_positions
         self._positions: OrderedDict[PositionKey, Position] = OrderedDict()
         self._by_variable: dict[tuple[str, str], dict[PositionKey, Position]] = {}
-        self._boxes: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, int | None] | None] = {}
+        self._boxes: dict[tuple[str, str], Views | None] = {}
 
     def moved(self, dataset: str, variable: str) -> None:
         """A position on this variable changed its view: rebuild its boxes on the next ``distance``."""
@@ -95,27 +97,25 @@ class Sessions:
         The same hops as ``Position.distance``: time steps plus the Chebyshev distance over the other
         axes, counted from the view's box.
         """
-        key = (dataset, variable)
-        if key not in self._boxes:
-            self._boxes[key] = self._stack(key)
-        boxes = self._boxes[key]
-        if boxes is None:
-            return math.inf
-        lo, hi, time_axis = boxes
-        where = np.asarray(index)
-        steps = np.maximum(np.maximum(lo - where, where - hi), 0)
-        if time_axis is None:
-            return float(steps.max(axis=1).min())
-        spatial = np.delete(steps, time_axis, axis=1).max(axis=1, initial=0)
-        return float((steps[:, time_axis] + spatial).min())
+        views = self.views((dataset, variable))
+        return math.inf if views is None else views.hops_of(index)
 
-    def _stack(self, key: tuple[str, str]) -> tuple[np.ndarray, np.ndarray, int | None] | None:
-        views = [p for p in self._by_variable.get(key, {}).values() if p.box is not None]
+    def views(self, variable: tuple[str, str]) -> Views | None:
+        """The current views on a (dataset, variable), at most ``MAX_VIEWS`` most recent; None: no view."""
+        if variable not in self._boxes:
+            self._boxes[variable] = self._stack(variable)
+        return self._boxes[variable]
+
+    def _stack(self, key: tuple[str, str]) -> Views | None:
+        positions = self._by_variable.get(key, {})
+        if len(positions) > MAX_VIEWS:  # the most recently seen ones, in the table's order
+            recent = (k for k in reversed(self._positions) if k in positions)
+            positions = {k: positions[k] for k in itertools.islice(recent, MAX_VIEWS)}
+        views = [p for p in positions.values() if p.box is not None]
         if not views:
             return None
-        lo = np.array([p.box.lo for p in views], dtype=np.int64)
-        hi = np.array([p.box.hi for p in views], dtype=np.int64)
-        return lo, hi, views[0].time_axis
+        boxes = dict.fromkeys((p.box.lo, p.box.hi) for p in views)  # sessions on one view: one box
+        return Views(list(boxes), views[0].time_axis)
 
     def clear(self) -> None:
         self._positions.clear()
