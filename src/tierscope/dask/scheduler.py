@@ -22,6 +22,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.serialize import ToPickle
 
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 SCHEDULER_PLUGIN_NAME = "tierscope-prefetch"
 VIEW_OP = "tierscope-view"  # the client stream message that reports a view read directly from L1
+MAX_OWNERS = 1 << 16  # remembered owners (dataset, spatial index) for the current workers
 
 
 def owner_of(spec: BlockSpec, index: BlockIndex, workers: Sequence[str]) -> str:
@@ -82,6 +84,8 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
         # prove it by their heartbeat's tierscope metrics. Only those get plans: a worker without the
         # handler would drop its connection to the scheduler on an unknown stream op.
         self._equipped = set(equipped)
+        self._workers: list[str] = []
+        self._owners: dict[tuple, str] = {}
         self.l1, self.l2 = int(l1), int(l2)
         self.max_plan, self.max_positions = max_plan, max_positions
         self.scheduler: Scheduler | None = None
@@ -109,11 +113,11 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
                 views[spec].append((ts, tuple(index)))
         if not views:
             return
-        workers = sorted(scheduler.workers)
+        workers = self._current(sorted(scheduler.workers))
         for spec, loads in views.items():
             for ts, index in loads:
                 if workers:
-                    ts.worker_restrictions = {owner_of(spec, index, workers)}
+                    ts.worker_restrictions = {self._owner(spec, index, workers)}
                     ts.loose_restrictions = True
                 if ts.state != "memory":  # a held result makes no transition: nothing would pop it
                     self._submitted[ts.key] = now
@@ -133,7 +137,8 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
             if self.scheduler is None or not isinstance(spec, BlockSpec):
                 raise TypeError(f"spec is a {type(spec).__name__}, not a BlockSpec")
             lo, hi = (tuple(int(i) for i in corner) for corner in msg["box"])
-            self._on_view(self.scheduler, client, spec, Box(lo, hi), sorted(self.scheduler.workers))
+            self._on_view(self.scheduler, client, spec, Box(lo, hi),
+                          self._current(sorted(self.scheduler.workers)))
         except Exception as exc:
             logger.warning("ignored a malformed %s message from %s: %r", VIEW_OP, client, exc)
 
@@ -197,8 +202,10 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
             return
         blocks, r1 = self._plan(scheduler, spec, pos, len(workers))
         shares: dict[str, list[tuple[BlockIndex, bool]]] = {w: [] for w in workers}
-        for index in blocks:
-            shares[owner_of(spec, index, workers)].append((index, pos.distance(index) <= r1))
+        decode = pos.box.distances(np.array(blocks, dtype=np.int64).reshape(-1, spec.grid.ndim),
+                                   spec.time_axis) <= r1
+        for index, near in zip(blocks, decode.tolist(), strict=True):
+            shares[self._owner(spec, index, workers)].append((index, near))
         self.epoch += 1
         for worker in targets:
             share = shares[worker]
@@ -208,6 +215,24 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
             )
             scheduler.worker_send(worker, {"op": PLAN_OP, "plan": ToPickle(plan)})
         self._view_s.add(time.perf_counter() - started)
+
+    def _current(self, workers: list[str]) -> list[str]:
+        """The sorted worker addresses; remembered owners are forgotten when they change."""
+        if workers != self._workers:
+            self._workers, self._owners = workers, {}
+        return workers
+
+    def _owner(self, spec: BlockSpec, index: BlockIndex, workers: list[str]) -> str:
+        """``owner_of``, remembered per (dataset, spatial index): a plan's blocks share few spatial
+        indices (a time scrub none new), and each hash costs one digest per worker."""
+        t = spec.time_axis
+        key = (spec.source.url, index if t is None else index[:t] + index[t + 1:])
+        owner = self._owners.get(key)
+        if owner is None:
+            if len(self._owners) >= MAX_OWNERS:
+                self._owners.clear()
+            owner = self._owners[key] = owner_of(spec, index, workers)
+        return owner
 
     def _plan(
         self, scheduler: Scheduler, spec: BlockSpec, pos: Position, nworkers: int
