@@ -3,10 +3,18 @@ outputs: test_origins.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
+import os
 import pathlib
 import re
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -293,3 +301,210 @@ def test_parse_block_spec_only_raises_value_error(text: str) -> None:
     else:
         sizes = spec.values() if isinstance(spec, dict) else spec
         assert sizes and all(isinstance(s, int) and s > 0 for s in sizes)
+
+
+# --- several inputs, the default block, progress ---------------------------------------------------
+
+
+def _parts(tmp_path: pathlib.Path, time_units: tuple[str, ...] = ("hours since 2000-01-01",) * 3):
+    """The synthetic dataset split along time into netCDF files, written out of order."""
+    full = _synthetic().drop_vars("crs")
+    paths = []
+    for i, units in enumerate(time_units):
+        part = full.isel(time=slice(2 * i, 2 * i + 2))
+        part.attrs["history"] = f"part {i}"  # differs: dropped from the combined attributes
+        paths.append(tmp_path / f"part{i}.nc")
+        part.to_netcdf(paths[-1], encoding={"temp": PACKED, "time": TIME | {"units": units}})
+    return full, paths
+
+
+@pytest.mark.parametrize("as_glob", [False, True])
+def test_several_inputs_combine_by_coords(tmp_path, as_glob: bool) -> None:
+    full, paths = _parts(tmp_path)
+    src = str(tmp_path / "part*.nc") if as_glob else [paths[2], paths[0], paths[1]]
+    out = ingest(src, tmp_path / "all.zarr", {"time": 1, "x": 5})
+    combined = xr.open_mfdataset(paths, combine="by_coords", data_vars="minimal", coords="minimal",
+                                 compat="override", join="exact", combine_attrs="drop_conflicts")
+    with combined, xr.open_zarr(out, consolidated=False) as ingested:
+        xr.testing.assert_identical(ingested.load(), combined.load())
+        np.testing.assert_array_equal(ingested.time.values, full.time.values)
+        assert ingested.attrs == {"title": "ingest test"}
+    stored = zarr.open_group(out, mode="r")
+    assert stored["temp"].dtype == np.int16 and stored["temp"].chunks == (1, 8, 5)
+
+
+def test_several_inputs_keep_string_labels_in_memory(tmp_path) -> None:
+    paths = [tmp_path / f"labels{i}.nc" for i in range(2)]
+    for i, path in enumerate(paths):
+        xr.Dataset(
+            {"v": (("station", "time"), np.arange(6.0).reshape(2, 3) + 10 * i)},
+            coords={"station": ["north", "south"], "name": ("station", ["a", "bc"]),
+                    "time": np.arange(3) + 3 * i},
+        ).to_netcdf(path, engine="netcdf4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # labels chunked into dask object arrays make xarray warn
+        out = ingest(paths, tmp_path / "labels.zarr", {"time": 1})
+    with xr.open_zarr(out, consolidated=False) as ingested:
+        assert ingested.name.values.tolist() == ["a", "bc"]
+        assert ingested.time.values.tolist() == list(range(6))
+    assert str(zarr.open_group(out, mode="r")["name"].metadata.data_type.to_json(zarr_format=3)) == "string"
+
+
+def test_inputs_that_encode_differently_are_refused(tmp_path) -> None:
+    units = ("hours since 2000-01-01", "hours since 2000-01-01", "hours since 1999-12-31")
+    _, paths = _parts(tmp_path, units)
+    with pytest.raises(ValueError, match=re.escape("encode 'time' differently (units 'hours since "
+                                                   "2000-01-01' vs 'hours since 1999-12-31')")):
+        ingest(paths, tmp_path / "out.zarr", {"time": 1})
+    assert not list(tmp_path.glob("*.zarr")) and not list(tmp_path.glob(".out*"))
+
+
+def test_a_pattern_that_matches_nothing_is_a_store_error(tmp_path) -> None:
+    with pytest.raises(StoreError, match=re.escape(f"cannot read {tmp_path / 'none*.nc'}: no file matches")):
+        ingest(str(tmp_path / "none*.nc"), tmp_path / "out.zarr")
+
+
+def test_default_block_is_time_one_and_the_source_chunks_near_1mib(tmp_path) -> None:
+    src = tmp_path / "chunked.nc"
+    data = np.zeros((3, 64, 128, 256), np.float32)
+    xr.Dataset({"u": (("time", "z", "y", "x"), data), "s": (("time",), np.arange(3.0))}).to_netcdf(
+        src, engine="netcdf4", encoding={"u": {"chunksizes": (3, 32, 128, 256)}})  # 4 MiB a step
+    chunks = _chunks(ingest(src, tmp_path / "halved.zarr"))
+    assert chunks["u"] == (1, 32, 64, 128)  # time 1, the largest sizes halved down to 1 MiB
+    assert chunks["s"] == (1,)
+    small = tmp_path / "small.nc"
+    xr.Dataset({"u": (("time", "z", "y", "x"), data)}).to_netcdf(
+        small, engine="netcdf4", encoding={"u": {"chunksizes": (1, 8, 8, 8)}})  # 2 KiB chunks
+    assert _chunks(ingest(small, tmp_path / "doubled.zarr"))["u"] == (1, 64, 64, 64)  # doubled to 1 MiB
+
+
+def test_progress_counts_every_byte_once(netcdf4, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(ingest_module, "PIECE_BYTES", 64)  # many pieces, many reports
+    reports: list[tuple[int, int]] = []
+    ingest(netcdf4, tmp_path / "p.zarr", (1, 2, 5), progress=lambda *report: reports.append(report))
+    with xr.open_dataset(netcdf4, decode_cf=False) as raw:
+        streamed = sum(raw[name].nbytes for name in ("temp", "count", "lat", "crs"))
+    assert len(reports) > 10
+    assert [done for done, _ in reports] == sorted(done for done, _ in reports)
+    assert reports[-1] == (streamed, streamed)
+
+
+# --- where the output goes -------------------------------------------------------------------------
+
+CLI = [sys.executable, "-m", "tierscope"]
+
+
+def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def _tree(path: pathlib.Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_missing_parent_is_an_error_and_is_not_created(netcdf4, tmp_path) -> None:
+    out = tmp_path / "missing" / "dir" / "out.zarr"
+    _one_line_error(_run("ingest", str(netcdf4), str(out), "--block", "time=1"),
+                    f"cannot write {out}: {out.parent} is not an existing directory")
+    assert not (tmp_path / "missing").exists()
+
+
+@contextlib.contextmanager
+def _read_only(directory: pathlib.Path) -> Iterator[None]:
+    """A directory nobody may write into: mode 555, or, for root (who ignores modes), immutable."""
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        try:
+            yield
+        finally:
+            directory.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode != 0:
+        pytest.skip("running as root without chattr +i: every directory is writable")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
+def test_unwritable_directory_is_an_error(netcdf4, tmp_path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    with _read_only(locked):
+        result = _run("ingest", str(netcdf4), str(locked / "out.zarr"), "--block", "time=1")
+        _one_line_error(result, f"cannot write {locked / 'out.zarr'}: directory {locked} is not writable")
+        assert list(locked.iterdir()) == []
+
+
+def test_output_inside_the_source_is_refused(tmp_path) -> None:
+    src = tmp_path / "src.zarr"
+    _synthetic().drop_vars("crs").to_zarr(src, zarr_format=3, consolidated=False)
+    before = _tree(src)
+    inside = src / "temp" / "copy.zarr"
+    _one_line_error(_run("ingest", str(src), str(inside), "--block", "time=1"),
+                    f"refusing to write {inside} inside the source store {src}")
+    assert _tree(src) == before
+
+
+def test_overwrite_through_a_symlink_replaces_the_store_it_points_at(netcdf4, tmp_path) -> None:
+    (tmp_path / "real").mkdir()
+    target = ingest(netcdf4, tmp_path / "real" / "store.zarr", (1, 8, 10))
+    link = tmp_path / "link.zarr"
+    link.symlink_to(target)
+    result = _run("ingest", str(netcdf4), str(link), "--block", "1,2,5", "--overwrite", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"wrote {link}\n" and result.stderr == ""
+    assert link.is_symlink() and link.resolve() == target
+    assert _chunks(target)["temp"] == (1, 2, 5)
+    assert sorted(p.name for p in tmp_path.rglob(".*")) == []
+
+
+# --- interrupts --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slow_source(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """8 MiB in 24 variables that ingest to 1,8,8,8 blocks: 6000 tiny chunks, many seconds of writing
+    in pieces that each take well under a second (an interrupt waits for the pieces being written)."""
+    path = tmp_path_factory.mktemp("slow") / "slow.nc"
+    rng = np.random.default_rng(0)
+    shape = (8, 16, 32, 32)
+    xr.Dataset({f"v{i}": (("time", "z", "y", "x"), rng.standard_normal(shape, dtype=np.float32))
+                for i in range(24)}).to_netcdf(path)
+    return path
+
+
+@pytest.mark.parametrize(("signum", "code", "overwrite"),
+                         [(signal.SIGINT, 130, False), (signal.SIGTERM, 143, True)])
+def test_an_interrupt_removes_the_partial_and_keeps_the_old_store(
+    slow_source, netcdf4, tmp_path, signum: int, code: int, overwrite: bool
+) -> None:
+    out = tmp_path / "out.zarr"
+    if overwrite:
+        ingest(netcdf4, out, (1, 8, 10))
+    before = _tree(out) if overwrite else None
+    command = [*CLI, "ingest", str(slow_source), str(out), "--block", "1,8,8,8", "--quiet"]
+    proc = subprocess.Popen([*command, *(["--overwrite"] if overwrite else [])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".out.zarr.partial-*/v*/c")):  # writing blocks
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no partial store appeared"
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code
+    assert stderr == f"tierscope ingest: interrupted by {signal.Signals(signum).name}\n" and stdout == ""
+    assert list(tmp_path.iterdir()) == ([out] if overwrite else [])
+    if overwrite:
+        assert _tree(out) == before

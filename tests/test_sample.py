@@ -171,3 +171,14 @@ def test_sample_field_is_what_write_sample_stores(tmp_path):
     stored = xr.open_zarr(out, consolidated=False)
     np.testing.assert_array_equal(sample_field((8, 8, 8), "p", seed=4, step=2), stored.p[2].values)
 
+
+
+def test_time_coordinate_holds_exact_decimals(tmp_path):
+    """``sel(time=0.3)`` finds step 3: the coordinate holds the float nearest 0.3, not 3 * 0.1."""
+    written = xr.open_zarr(write_sample(tmp_path / "t.zarr", (20, 8, 8, 8), (1, 8, 8, 8), ("u",)),
+                           consolidated=False)
+    synthetic = xr.open_dataset("sample://t?shape=20,8,8,8&variables=u", engine="tierscope")
+    for ds in (written, synthetic):
+        assert ds.time.values.tolist() == [float(f"{i}e-1") for i in range(20)]
+        np.testing.assert_array_equal(ds.u.sel(time=0.3).values, ds.u.isel(time=3).values)
+        assert ds.sel(time=[0.3, 0.7, 1.9]).time.size == 3

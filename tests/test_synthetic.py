@@ -154,7 +154,7 @@ def test_open_dataset_embedded_gives_exact_values():
     url = "sample://emb?shape=4,32,64,64&block=1,16,32,32&period=32&seed=2"
     ds = xr.open_dataset(url, engine="tierscope")
     assert ds.u.shape == (4, 32, 64, 64) and ds.attrs["origin"] == "synthetic"
-    np.testing.assert_array_equal(ds.time.values, np.arange(4) * 0.1)
+    np.testing.assert_array_equal(ds.time.values, np.arange(4) / 10)
     view = ds.v.isel(time=3, z=slice(10, 20), y=slice(20, 50)).values
     expected = _expected((32, 32, 32), "v", 2, 3, (range(10, 20), range(20, 50), range(64)))
     np.testing.assert_array_equal(view, expected, strict=True)

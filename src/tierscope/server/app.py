@@ -18,8 +18,10 @@ import hmac
 import json
 import logging
 import math
+import os
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any, Self
 
 from aiohttp import web
@@ -310,10 +312,36 @@ def create_app(service: BlockService, *, token: str | None = None) -> web.Applic
     return app
 
 
-def run_server(service: BlockService, host: str, port: int, token: str | None = None) -> None:
-    """Serve until SIGINT/SIGTERM; in-flight responses get up to ``SHUTDOWN_TIMEOUT`` s to finish."""
-    web.run_app(create_app(service, token=token), host=host, port=port, print=None,
-                shutdown_timeout=SHUTDOWN_TIMEOUT)
+def run_server(
+    service: BlockService, host: str, port: int, token: str | None = None,
+    ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until SIGINT/SIGTERM; in-flight responses get up to ``SHUTDOWN_TIMEOUT`` s to finish.
+
+    Every address of ``host`` is bound first, so a taken port is a one-line ``ValueError`` before
+    anything starts, and ``ready(base_url)`` (e.g. printing "serving ...") runs only once it is true.
+    """
+    sockets = _listen(host, port)
+    if ready is not None:
+        ready(f"http://{host}:{sockets[0].getsockname()[1]}")
+    web.run_app(create_app(service, token=token), sock=sockets, print=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+
+
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Bind every address of ``host``; a failure closes what was bound and names host, port and reason."""
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, _, _, _, address in addresses:
+            sockets.append(socket.create_server(address, family=family))
+    except OSError as exc:  # its strerror repeats the address: keep the plain reason
+        for sock in sockets:
+            sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {os.strerror(exc.errno)}") from None
+    return sockets
 
 
 class AppThread(abc.ABC):

@@ -9,19 +9,32 @@ re-encoding. Data stream through dask in pieces that are whole multiples of the 
 stays bounded and parallel writes never share a stored chunk. TileDB and HDF5 get the variables
 and attributes exactly as xarray hands them to its zarr writer, so the three origins describe one
 ingested dataset identically.
+
+Several inputs (paths or glob patterns) are combined by their coordinates, as ``xr.open_mfdataset(...,
+combine="by_coords")`` would. The store is written as a hidden ``.NAME.partial-PID`` beside ``out`` and
+renamed into place when complete: a failure or an interrupt (KeyboardInterrupt, or any exception the
+SIGTERM handler raises) stops the writing threads, removes the partial and leaves ``out`` as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import math
 import os
 import re
 import shutil
-from collections.abc import Hashable, Mapping, Sequence
+import signal
+import threading
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import dask
+import dask.array as da
 import numpy as np
 import xarray as xr
+from dask.system import CPU_COUNT
 from xarray import conventions
 
 from tierscope.errors import StoreError
@@ -36,6 +49,13 @@ TIME_DIMS = ("time", "t")
 """Dimensions that default to one step per block in a block given by dimension name."""
 PIECE_BYTES = 64 * 2**20
 """Largest streamed piece (dask chunk), unless one block is already larger."""
+BLOCK_BYTES = 2**20
+"""Size a default block aims at (see ``_default_block``): the typical tierscope block."""
+CF_ENCODING = ("units", "calendar", "scale_factor", "add_offset", "_FillValue", "missing_value")
+"""Raw attributes that several inputs must share: they say what the stored numbers mean."""
+
+Progress = Callable[[int, int], None]
+"""``progress(bytes_read, bytes_total)``, called from the writing threads as pieces are read."""
 
 _SIZE = re.compile(r"[0-9]+")
 _EXAMPLE = "expected e.g. '1,64,64,64' or 'time=1,z=64,y=64,x=64'"
@@ -82,42 +102,91 @@ def _is_int(value: object) -> bool:
 
 
 def ingest(
-    src: str | Path,
+    src: str | Path | Sequence[str | Path],
     out: str | Path,
-    block: BlockSpec,
+    block: BlockSpec | None = None,
     fmt: str = "zarr",
     overwrite: bool = False,
+    progress: Progress | None = None,
 ) -> Path:
-    """Convert ``src`` (netCDF3/4, HDF5, zarr v2/v3) to a ``fmt`` store (zarr v3, TileDB group,
-    HDF5 file) chunked by ``block``.
+    """Convert ``src`` (netCDF3/4, HDF5, zarr v2/v3; one path, several, or glob patterns) to a ``fmt``
+    store (zarr v3, TileDB group, HDF5 file) chunked by ``block``.
 
     A tuple block applies to every variable with that many dimensions (others get one chunk); a
     dict names dimensions, and those not named keep their full extent except ``time``/``t`` (1).
-    1-D dimension coordinates are always a single chunk. ``overwrite`` replaces an existing store
-    (of any of the three formats; anything else at ``out`` is left alone) once the new store is
-    complete: the new store is written beside it and renamed into place, so a failed write leaves the
-    old store as it was and nothing else behind. Returns the output path."""
+    ``None`` picks one from the source (``_default_block``). 1-D dimension coordinates are always a
+    single chunk. ``overwrite`` replaces an existing store (of any of the three formats; anything else
+    at ``out`` is left alone; through a symbolic link, the store it points at) once the new store is
+    complete. ``out`` must not be or lie inside a source, and its directory must exist: ingest creates
+    no directories. ``progress(bytes_read, bytes_total)`` hears of each piece read. Returns ``out``."""
     if fmt not in FORMATS:
         raise ValueError(f"output format {fmt!r} is not supported; supported: {', '.join(FORMATS)}")
-    block = _check_block(block)
-    src, out = Path(src), Path(out)
-    if out.exists() and not overwrite:
+    block = None if block is None else _check_block(block)
+    sources = _sources(src)
+    target = _target(Path(out), sources, overwrite)
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    _delete(partial)  # a leftover of a killed ingest of this process id
+    with contextlib.ExitStack() as stack:
+        datasets = [stack.enter_context(_open_raw(path)) for path in sources]
+        data = _prepare(datasets, sources, block, progress)
+        _write_partial(data, partial, fmt)
+    _commit(partial, target)
+    return Path(out)
+
+
+def _sources(src: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The input paths, glob patterns expanded (sorted) where no file has the pattern's own name."""
+    entries = [src] if isinstance(src, str | os.PathLike) else list(src)
+    if not entries:
+        raise ValueError("no input given")
+    paths: list[Path] = []
+    for entry in map(Path, entries):
+        if entry.exists() or not glob.has_magic(str(entry)):
+            paths.append(entry)
+            continue
+        matches = sorted(glob.glob(str(entry)))
+        if not matches:
+            raise StoreError(f"cannot read {entry}: no file matches the pattern")
+        paths.extend(map(Path, matches))
+    return paths
+
+
+def _target(out: Path, sources: list[Path], overwrite: bool) -> Path:
+    """Where the store goes, once everything ingest must refuse is refused. A symbolic link keeps
+    pointing where it did, and the store there is what gets replaced (a rename over the link would
+    replace the link itself and leave the old store behind)."""
+    if out.is_symlink() and not out.exists():
+        raise StoreError(f"cannot write {out}: it is a broken symbolic link")
+    target = out.resolve() if out.is_symlink() else out
+    if target.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
-    if out.exists() and out.resolve() == src.resolve():
-        raise ValueError(f"refusing to overwrite the source {src} with its own ingest")
-    if out.exists():
-        _check_replaceable(out)
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    _delete(partial)  # a leftover of a crashed ingest of this process id
-    with _open_raw(src) as ds:
-        try:
-            _write(_rechunk(ds, block), partial, fmt)
-        except BaseException:
-            _delete(partial)
-            raise
-    _delete(out)
-    partial.rename(out)
-    return out
+    _check_not_source(target, sources)
+    if target.exists():
+        _check_replaceable(target)
+    _check_directory(target)
+    return target
+
+
+def _check_not_source(target: Path, sources: list[Path]) -> None:
+    """Writing at, inside or (replacing) around a source would corrupt the data being read."""
+    where = target.resolve()
+    for src in map(Path.resolve, sources):
+        if where == src:
+            raise ValueError(f"refusing to overwrite the source {src} with its own ingest")
+        if where.is_relative_to(src):
+            raise ValueError(f"refusing to write {target} inside the source store {src}")
+        if src.is_relative_to(where):
+            raise ValueError(f"refusing to replace {target}: it holds the source {src}")
+
+
+def _check_directory(target: Path) -> None:
+    """Fail before the long read, not after it; and create no directories (a typo in a path must not
+    grow a tree of them)."""
+    parent = target.parent
+    if not parent.is_dir():
+        raise StoreError(f"cannot write {target}: {parent} is not an existing directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StoreError(f"cannot write {target}: directory {parent} is not writable")
 
 
 def _check_replaceable(out: Path) -> None:
@@ -130,6 +199,63 @@ def _check_replaceable(out: Path) -> None:
         ) from None
 
 
+def _prepare(
+    datasets: list[xr.Dataset], sources: list[Path], block: BlockSpec | None, progress: Progress | None
+) -> xr.Dataset:
+    """The dataset to write: inputs combined, chunked by the block, pieces counted for ``progress``."""
+    block = _default_block(datasets[0]) if block is None else block
+    data = _combine(datasets, sources, block) if len(datasets) > 1 else datasets[0]
+    data = _rechunk(data, block)
+    return data if progress is None else _counted(data, progress)
+
+
+def _write_partial(data: xr.Dataset, partial: Path, fmt: str) -> None:
+    """Write on a thread pool of our own: on a failure or an interrupt, the pieces being written finish,
+    the queued ones are dropped, and only then is the partial removed (a thread still writing would
+    refill it, and removing it would fail with "Directory not empty")."""
+    pool = ThreadPoolExecutor(CPU_COUNT, thread_name_prefix="tierscope-ingest")
+    try:
+        with dask.config.set(scheduler="threads", pool=pool):
+            _write(data, partial, fmt)
+    except BaseException:
+        with _signals_held():
+            pool.shutdown(wait=True, cancel_futures=True)
+            _delete(partial)
+        raise
+    finally:
+        pool.shutdown()
+
+
+def _commit(partial: Path, target: Path) -> None:
+    """Put the complete store in place: the old store moves aside, the new one takes its name, the old
+    one goes. Signals wait meanwhile, so ``target`` never lacks a whole store."""
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    with _signals_held():
+        if target.exists():
+            target.rename(old)
+        partial.rename(target)
+        _delete(old)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while a step that must not stop half way runs, then deliver them.
+    Handlers belong to the main thread: elsewhere nothing is held (nor can a signal arrive there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, _: held.append(signum)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
 def _delete(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -139,7 +265,11 @@ def _delete(path: Path) -> None:
 
 def _write(ds: xr.Dataset, out: Path, fmt: str) -> None:
     if fmt == "zarr":
-        ds.to_zarr(out, zarr_format=3, consolidated=False, mode="w-")
+        # zarr writes the layout from its own event loop thread, which an interrupt of this thread does
+        # not stop: it would keep adding files to the partial being removed ("Directory not empty")
+        with _signals_held():
+            writes = ds.to_zarr(out, zarr_format=3, consolidated=False, mode="w-", compute=False)
+        writes.compute()
         return
     # the variables and attributes xarray's own writers start from: non-index coordinates named
     # in each variable's ``coordinates`` attribute (or the dataset's)
@@ -175,10 +305,107 @@ def _open_raw(src: Path) -> xr.Dataset:
         raise StoreError(f"cannot read {src}: {exc}") from exc
 
 
+def _default_block(ds: xr.Dataset) -> dict[str, int]:
+    """The block when none is given, from the largest data variable (most dimensions, then bytes):
+    ``time``/``t`` 1, every other dimension the source's chunk (its full length if unchunked); then,
+    while a block exceeds ``BLOCK_BYTES``, the largest size is halved, and while doubling the smallest
+    still fits, it is doubled (up to the dimension's length). Halving and doubling keep blocks aligned to
+    the source's chunks, so a block read never straddles two of them where it can be avoided."""
+    var = max(ds.data_vars.values(), key=lambda v: (v.ndim, v.nbytes), default=None)
+    if var is None or var.ndim == 0:
+        return {}
+    lengths = {str(dim): n for dim, n in var.sizes.items()}
+    chunks = var.encoding.get("preferred_chunks", {})
+    sizes = {dim: 1 if dim in TIME_DIMS else min(chunks.get(dim, n), n) for dim, n in lengths.items()}
+    space = [dim for dim in sizes if dim not in TIME_DIMS]
+
+    def nbytes(extra: int = 1) -> int:
+        return var.dtype.itemsize * math.prod(sizes.values()) * extra
+
+    while space and nbytes() > BLOCK_BYTES and max(sizes[d] for d in space) > 1:
+        dim = max(space, key=sizes.__getitem__)
+        sizes[dim] = -(-sizes[dim] // 2)
+    while growable := [d for d in space if sizes[d] < lengths[d] and nbytes(2) <= BLOCK_BYTES]:
+        dim = min(growable, key=sizes.__getitem__)
+        sizes[dim] = min(2 * sizes[dim], lengths[dim])
+    return sizes
+
+
+def _combine(datasets: list[xr.Dataset], sources: list[Path], block: BlockSpec) -> xr.Dataset:
+    """Several inputs as one dataset, combined by their coordinates as ``xr.open_mfdataset(...,
+    combine="by_coords")`` does. Each is chunked first (xarray would load plain backend arrays to
+    concatenate them); variables without the combined dimension come from the first input, and the
+    other coordinates must match exactly."""
+    _check_same_encoding(datasets, sources)
+    try:
+        return xr.combine_by_coords(
+            [_rechunk(ds, block) for ds in datasets], data_vars="minimal", coords="minimal",
+            compat="override", join="exact", combine_attrs="drop_conflicts",
+        )
+    except ValueError as exc:
+        raise ValueError(f"cannot combine the inputs by their coordinates: {exc}") from None
+
+
+def _check_same_encoding(datasets: list[xr.Dataset], sources: list[Path]) -> None:
+    """Values are combined raw: inputs that encode a variable differently (time in ``hours since``
+    another epoch, another ``scale_factor``) would silently mix meanings."""
+    first = datasets[0]
+    for ds, src in zip(datasets[1:], sources[1:], strict=True):
+        for name in set(first.variables) & set(ds.variables):
+            for key in CF_ENCODING:
+                a, b = first[name].attrs.get(key), ds[name].attrs.get(key)
+                if not _same(a, b):
+                    raise ValueError(f"{sources[0]} and {src} encode {name!r} differently ({key} {a!r} "
+                                     f"vs {b!r}); ingest them separately")
+
+
+def _same(a: object, b: object) -> bool:
+    try:
+        return bool(np.array_equal(a, b, equal_nan=True))
+    except TypeError:  # not numbers: no NaN to worry about
+        return a == b
+
+
 def _rechunk(ds: xr.Dataset, block: BlockSpec) -> xr.Dataset:
     """The dataset with its source encodings replaced by the block's zarr chunks."""
     _check_block_applies(ds, block)
-    variables = {name: _rechunk_variable(name, var, block) for name, var in ds.variables.items()}
+    return _map_variables(ds, lambda name, var: _rechunk_variable(name, var, block))
+
+
+def _counted(ds: xr.Dataset, progress: Progress) -> xr.Dataset:
+    """The dataset with every streamed piece counted as it is read: one count for all three formats."""
+    streamed = [var for var in ds.variables.values() if isinstance(var.data, da.Array)]
+    counter = _Counter(sum(var.nbytes for var in streamed), progress)
+
+    def count(name: Hashable, var: xr.Variable) -> xr.Variable:
+        if not isinstance(var.data, da.Array):
+            return var
+        data = var.data.map_blocks(counter.tick, dtype=var.dtype, meta=var.data._meta,
+                                   name=f"{var.data.name}-counted")
+        return var.copy(deep=False, data=data)
+
+    return _map_variables(ds, count)
+
+
+class _Counter:
+    """Bytes read so far, reported on each piece; ``tick`` runs in the writing threads."""
+
+    def __init__(self, total: int, progress: Progress) -> None:
+        self._total, self._progress = total, progress
+        self._done = 0
+        self._lock = threading.Lock()
+
+    def tick(self, piece: np.ndarray) -> np.ndarray:
+        with self._lock:
+            self._done += piece.nbytes
+            self._progress(self._done, self._total)
+        return piece
+
+
+def _map_variables(
+    ds: xr.Dataset, change: Callable[[Hashable, xr.Variable], xr.Variable]
+) -> xr.Dataset:
+    variables = {name: change(name, var) for name, var in ds.variables.items()}
     coords = {name: variables[name] for name in ds.coords}
     data_vars = {name: variables[name] for name in ds.data_vars}
     return xr.Dataset(data_vars, coords=coords, attrs=ds.attrs)
@@ -200,7 +427,7 @@ def _rechunk_variable(name: Hashable, var: xr.Variable, block: BlockSpec) -> xr.
     ``compressor``/``filters``, ...) does not apply to zarr v3, and under ``decode_cf=False`` the
     CF keys are attributes already, which xarray copies without applying them again."""
     chunks = _variable_block(name, var, block)
-    if var.dtype.kind == "U":  # (small) labels: as objects, zarr v3 stores specified UTF-8
+    if var.dtype.kind in "UO":  # (small) labels, in memory: as objects, zarr v3 stores specified UTF-8
         var = var.astype(object)
     elif name not in var.dims:  # index coordinates stay in memory as pandas indexes
         pieces = _piece(var.shape, chunks, var.dtype.itemsize)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import dask.array as da
@@ -54,8 +55,11 @@ def write_sample(
     variables: Sequence[str] = ("u", "v", "w", "p"),
     seed: int = 0,
     overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Write a synthetic turbulence-like zarr v3 store chunked by ``block``; return its path."""
+    """Write a synthetic turbulence-like zarr v3 store chunked by ``block``; return its path.
+
+    ``progress(steps_written, steps)`` is called after each time block: a large sample takes minutes."""
     shape = _positive_ints(shape, "shape", ndim=4)
     block = _positive_ints(block, "block", ndim=len(shape))
     names = _check_variables(variables)
@@ -74,6 +78,8 @@ def write_sample(
         steps = [generator.step(t * DT) for t in range(t0, t1)]
         data = {name: (DIMS, np.stack([step[name] for step in steps])) for name in names}
         xr.Dataset(data).to_zarr(out, region={"time": slice(t0, t1)}, consolidated=False)
+        if progress is not None:
+            progress(t1, shape[0])
     return out
 
 
@@ -209,10 +215,17 @@ def _layout(
 def sample_coords(shape: Sequence[int]) -> dict[str, tuple[np.ndarray, dict[str, str]]]:
     """The dimension coordinates of a sample of ``shape``: time in steps of ``DT`` seconds, and
     positions on ``[0, 2*pi)`` along each spatial axis."""
-    coords = {"time": (np.arange(shape[0]) * DT, {"units": "s", "long_name": "simulation time"})}
+    coords = {"time": (_times(shape[0]), {"units": "s", "long_name": "simulation time"})}
     for dim, n in zip(DIMS[1:], shape[1:], strict=True):
         coords[dim] = (np.arange(n) * (2 * math.pi / n), {"units": "m", "long_name": f"{dim} position"})
     return coords
+
+
+def _times(steps: int) -> np.ndarray:
+    """``i * DT`` as the float nearest the decimal (0.3, not 0.30000000000000004), so ``sel(time=0.3)``
+    finds step 3: an exact integer product divided once, which IEEE division rounds correctly."""
+    dt = Fraction(DT).limit_denominator(10**9)
+    return np.arange(steps) * dt.numerator / dt.denominator
 
 
 def _variable_attrs(name: str) -> dict[str, str]:
