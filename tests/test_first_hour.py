@@ -172,3 +172,14 @@ def test_a_tiledb_group_without_tiledb_names_the_missing_extra(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "tierscope.store.tiledb", None)  # as without the tiledb package
     with pytest.raises(StoreError, match=r"TileDB group but the tiledb package is missing: pip install 'tierscope\[tiledb\]'"):
         open_origin(group)
+
+
+@pytest.mark.parametrize("fmt", ["tiledb", "hdf5"])
+def test_ingest_to_a_format_without_its_package_names_the_extra(tmp_path, monkeypatch, fmt):
+    import sys
+
+    from tierscope.store.ingest import ingest
+
+    monkeypatch.setitem(sys.modules, f"tierscope.store.{fmt}", None)  # as without the package
+    with pytest.raises(ValueError, match=rf"--format {fmt} needs the {fmt} extra .*pip install 'tierscope\[{fmt}\]'"):
+        ingest(tmp_path / "missing.nc", tmp_path / "out", block=(1, 1), fmt=fmt)

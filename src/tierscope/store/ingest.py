@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib
 import math
 import os
 import re
@@ -121,6 +122,7 @@ def ingest(
     no directories. ``progress(bytes_read, bytes_total)`` hears of each piece read. Returns ``out``."""
     if fmt not in FORMATS:
         raise ValueError(f"output format {fmt!r} is not supported; supported: {', '.join(FORMATS)}")
+    _check_writer(fmt)
     block = None if block is None else _check_block(block)
     sources = _sources(src)
     target = _target(Path(out), sources, overwrite)
@@ -282,6 +284,17 @@ def _write(ds: xr.Dataset, out: Path, fmt: str) -> None:
         from tierscope.store.hdf5 import write_hdf5
 
         write_hdf5(out, variables, attrs)
+
+
+def _check_writer(fmt: str) -> None:
+    """Before reading anything: the package the format's writer needs is installed."""
+    module = {"tiledb": "tierscope.store.tiledb", "hdf5": "tierscope.store.hdf5"}.get(fmt)
+    if module is None:
+        return
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise ValueError(f"--format {fmt} needs the {fmt} extra ({exc}): pip install 'tierscope[{fmt}]'") from None
 
 
 def _check_block(block: BlockSpec) -> BlockSpec:
