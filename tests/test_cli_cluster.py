@@ -3,6 +3,7 @@ as real subprocesses on loopback, with clients that did or did not call ``tiersc
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -32,10 +33,15 @@ def cli_cluster(tmp_path_factory):
         while not scheduler_file.exists():
             assert time.monotonic() < deadline and procs[0].poll() is None, "the scheduler did not start"
             time.sleep(0.1)
-        for _ in range(2):
+        yaml_dir = scheduler_file.parent / "config"
+        yaml_dir.mkdir()
+        (yaml_dir / "tierscope.yaml").write_text("tierscope:\n  l2: 12MiB\n")
+        # the workers' own configuration: an environment variable and a YAML file
+        env = {**os.environ, "DASK_TIERSCOPE__L1": "20MiB", "DASK_CONFIG": str(yaml_dir)}
+        for preload in ([], ["--preload", "tierscope.dask.preload"]):  # a plain worker, and one with tiers
             procs.append(subprocess.Popen(
-                _dask("worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1", *common),
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+                _dask("worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1", *preload, *common),
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env))
         with Client(scheduler_file=str(scheduler_file)) as client:
             client.wait_for_workers(2, timeout=60)
         yield str(scheduler_file)
@@ -69,7 +75,12 @@ def reference(sample_store):
 def test_a_client_that_never_connected_gets_exact_views(cli_cluster, dataset_url, reference):
     with Client(scheduler_file=cli_cluster) as client:
         views(client, dataset_url, reference)
-        assert tierscope.stats(client)["scheduler"]["views"] >= 3
+        stats = tierscope.stats(client)
+        assert stats["scheduler"]["views"] >= 3
+        # the preloaded scheduler plugin gave every worker tiers sized by the worker's own configuration
+        workers = stats["workers"]
+        assert len(workers) == 2 and {w["l1"]["capacity"] for w in workers.values()} == {20 << 20}
+        assert {w["l2"]["capacity"] for w in workers.values()} == {12 << 20}
 
 
 def test_removing_the_worker_plugin_mid_session_keeps_the_cluster(cli_cluster, dataset_url, reference):

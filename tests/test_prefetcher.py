@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import dask
 import numpy as np
 import pytest
 
@@ -107,11 +108,11 @@ def test_a_batch_is_one_round_trip_and_ends_where_decoding_does(prefetcher, tier
     assert len(tiers.l2) == 5 and tiers.fetches == 5
 
 
-def test_batches_hold_at_most_batch_bytes_of_decoded_blocks(prefetcher, tiers, spec, monkeypatch):
-    monkeypatch.setattr("tierscope.dask.prefetcher.BATCH_BYTES", 3 * spec.block_nbytes)
+def test_batches_hold_at_most_batch_bytes_of_decoded_blocks(prefetcher, tiers, spec):
     before = server_counts(spec)
-    prefetcher.submit(plan(spec, 1, BLOCKS[:7]))
-    wait_idle(prefetcher, 7)
+    with dask.config.set({"tierscope.prefetch-batch.bytes": 3 * spec.block_nbytes}):
+        prefetcher.submit(plan(spec, 1, BLOCKS[:7]))
+        wait_idle(prefetcher, 7)
     assert server_counts(spec)[0] - before[0] == 3  # 3 + 3 + 1 blocks
 
 

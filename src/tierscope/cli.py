@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
+from tierscope import config
+
 __all__ = ["main"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -215,23 +217,26 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve stores (zarr v3, TileDB, HDF5, sample:// URLs) as a block server.")
     p.add_argument("stores", nargs="+", metavar="STORE",
                    help="a store path or a sample://NAME?shape=T,Z,Y,X URL; served under its name")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8765, help="port to listen on; 0 picks a free one "
-                                                          "(default: 8765)")
-    p.add_argument("--l3", default="1GiB", help="encoded-block tier size, e.g. 1GiB; 0 = off (default: 1GiB)")
-    p.add_argument("--l4", default="4GiB", help="raw-block tier size, e.g. 4GiB; 0 = off (default: 4GiB)")
-    p.add_argument("--policy", default="lru", choices=("lru", "lfu", "fifo", "distance"),
-                   help="tier eviction policy (default: lru)")
-    p.add_argument("--prefetch", default="on",
-                   help="on (= auto), off, neighbourhood, momentum, playback or auto (default: on)")
+    # defaults: dask.config's tierscope.serve.* (docs/configuration.md)
+    p.add_argument("--host", default=config.get("serve.host"),
+                   help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)")
+    p.add_argument("--port", type=int, default=config.get("serve.port"),
+                   help="port to listen on; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--l3", default=config.get("serve.l3"),
+                   help="encoded-block tier size, e.g. 1GiB; 0 = off (default: %(default)s)")
+    p.add_argument("--l4", default=config.get("serve.l4"),
+                   help="raw-block tier size, e.g. 4GiB; 0 = off (default: %(default)s)")
+    p.add_argument("--policy", default=config.get("serve.policy"), choices=("lru", "lfu", "fifo", "distance"),
+                   help="tier eviction policy (default: %(default)s)")
+    p.add_argument("--prefetch", default=config.get("serve.prefetch"),
+                   help="on (= auto), off, neighbourhood, momentum, playback or auto (default: %(default)s)")
     p.add_argument("--token-file", default=None,
                    help="file holding a bearer token clients must send (default: no token)")
-    p.add_argument("--codec", default="lorenzo",
+    p.add_argument("--codec", default=config.get("serve.codec"),
                    help="codec of the frames: lorenzo (fast encode), bounded (smaller: the better of lorenzo "
-                        "and interp per block), interp, zstd, raw, fp16, zfp, sz3 (default: lorenzo)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
-                   help="where blocks are encoded; auto: the GPU when CuPy sees one (default: auto)")
+                        "and interp per block), interp, zstd, raw, fp16, zfp, sz3 (default: %(default)s)")
+    p.add_argument("--device", default=config.get("serve.device"), choices=("auto", "cpu", "gpu"),
+                   help="where blocks are encoded; auto: the GPU when CuPy sees one (default: %(default)s)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="explore a sample dataset through a local server and cluster")

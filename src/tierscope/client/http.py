@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from tierscope import _sync
+from tierscope import _sync, config
 from tierscope.client.source import Fetched, Transport
 from tierscope.errors import (
     AuthenticationError,
@@ -30,11 +30,9 @@ _ERRORS: dict[str, type[Exception]] = {
     cls.__name__: cls
     for cls in (DatasetNotFoundError, VariableNotFoundError, BlockIndexError, StoreError, ValueError)
 }
-_TIMEOUT = aiohttp.ClientTimeout(total=120, sock_connect=10)
 # Every request tierscope makes only reads, so a failed one is safe to send again: after a connection
-# error or a 502/503/504, wait and retry, at most len(RETRY_DELAYS_S) times (a restarted server is back
-# within one delay or two).
-RETRY_DELAYS_S = (0.1, 0.5, 1.0, 2.0)
+# error or a 502/503/504, wait and retry after each of tierscope.http.retry-delays (a restarted server
+# is back within one delay or two).
 _RETRY_STATUS = (502, 503, 504)
 _retries = 0  # in this process, for stats
 
@@ -93,7 +91,8 @@ class HttpTransport(Transport):
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                timeout=_TIMEOUT, connector=aiohttp.TCPConnector(limit=64)
+                timeout=aiohttp.ClientTimeout(total=config.get_seconds("http.timeout"), sock_connect=10),
+                connector=aiohttp.TCPConnector(limit=64)
             )
         return self._session
 
@@ -107,7 +106,7 @@ class HttpTransport(Transport):
     ) -> tuple[bytes, Any]:
         global _retries
         url = f"{self.base_url}{path}"
-        for delay in (*RETRY_DELAYS_S, None):
+        for delay in (*config.get("http.retry-delays"), None):
             try:
                 return await self._send(method, url, params, headers, json_body)
             except _Transient as transient:

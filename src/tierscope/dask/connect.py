@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from dask.utils import parse_bytes
-
+from tierscope import config
 from tierscope.cache import check_policy
+from tierscope.config import tier_bytes
 from tierscope.codec.device import check_device
 from tierscope.dask.tiers import PLUGIN_NAME, configure_local_tiers, local_tiers
 from tierscope.prefetch import check_mode
@@ -17,21 +17,14 @@ COUNTERS = ("hits", "misses", "evictions", "waits", "prefetched", "prefetch_used
             "blocks", "nbytes", "capacity")
 
 
-def _size(value: int | str, name: str) -> int:
-    size = parse_bytes(value) if isinstance(value, str) else int(value)
-    if size < 0:
-        raise ValueError(f"{name} must be >= 0 bytes, got {value!r}")
-    return size
-
-
 def connect(
     client_or_cluster: Any = None,
-    l1: int | str = "2GiB",
-    l2: int | str = "4GiB",
-    policy: str = "lru",
-    prefetch: str = "auto",
-    device: str = "auto",
-    direct: bool = True,
+    l1: int | float | str | None = None,
+    l2: int | float | str | None = None,
+    policy: str | None = None,
+    prefetch: str | None = None,
+    device: str | None = None,
+    direct: bool | None = None,
 ) -> Any:
     """Give every worker L1 (decoded) and L2 (encoded) tiers, and the scheduler tierscope's prefetch plugin.
 
@@ -39,15 +32,21 @@ def connect(
     None to size the tiers of this process (dask's local schedulers; no prefetch without a scheduler).
     ``policy``: lru, lfu, fifo or distance (evict the blocks farthest from the current view first);
     ``prefetch``: off, neighbourhood, momentum, playback or auto. ``device``: where workers decode and
-    keep L1, "auto" (each worker's GPU when CuPy sees one), "cpu" or "gpu". Size 0 switches a tier off.
+    keep L1, "auto" (each worker's GPU when CuPy sees one), "cpu" or "gpu". Sizes are bytes (``"2GiB"``)
+    or a fraction of each worker's memory limit (``0.2``); 0 switches a tier off. Every argument left out
+    comes from dask.config's ``tierscope`` namespace (docs/configuration.md).
     ``direct``: a view whose blocks all sit in their owners' L1 or L2 is read from them without a Dask graph
     (one request per owner instead of a scheduler round trip; the scheduler plugin still hears of it).
     Calling again resets the tiers and the plugin. Returns the client (None without one).
     """
-    l1_bytes, l2_bytes = _size(l1, "l1"), _size(l2, "l2")
-    check_policy(policy)
-    check_mode(prefetch)
+    l1 = config.get("l1") if l1 is None else l1
+    l2 = config.get("l2") if l2 is None else l2
+    policy = check_policy(config.get("policy") if policy is None else policy)
+    prefetch = check_mode(config.get("prefetch") if prefetch is None else prefetch)
+    device = config.get("device") if device is None else device
     check_device(device)
+    direct = config.get("direct") if direct is None else direct
+    l1_bytes, l2_bytes = tier_bytes(l1, None, "l1"), tier_bytes(l2, None, "l2")  # validated here
     if client_or_cluster is None:
         configure_local_tiers(l1_bytes, l2_bytes, policy, device)
         return None
@@ -58,13 +57,12 @@ def connect(
     from tierscope.dask.scheduler import SCHEDULER_PLUGIN_NAME, TierscopeSchedulerPlugin
 
     client = client_or_cluster if isinstance(client_or_cluster, Client) else Client(client_or_cluster)
-    equipped = client.register_plugin(TierscopeWorkerPlugin(l1_bytes, l2_bytes, policy, device),
-                                      name=PLUGIN_NAME)
+    equipped = client.register_plugin(TierscopeWorkerPlugin(l1, l2, policy, device), name=PLUGIN_NAME)
     try:  # replaced, not overwritten: distributed warns on every overwrite
         client.unregister_scheduler_plugin(SCHEDULER_PLUGIN_NAME)
     except ValueError:  # none there yet
         pass
-    client.register_plugin(TierscopeSchedulerPlugin(prefetch, l1_bytes, l2_bytes, equipped=sorted(equipped)))
+    client.register_plugin(TierscopeSchedulerPlugin(prefetch, l1, l2, equipped=sorted(equipped)))
     (enable if direct else disable)(client)
     return client
 

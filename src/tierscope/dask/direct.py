@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from distributed.protocol.serialize import ToPickle
 
+from tierscope import config
 from tierscope.dask.graph import block_array
 from tierscope.dask.plugin import READ_OP
 from tierscope.dask.scheduler import VIEW_OP, owner_of
@@ -42,11 +43,6 @@ __all__ = ["Piece", "disable", "enable", "pieces", "read"]
 
 logger = logging.getLogger(__name__)
 
-WORKERS_TTL_S = 2.0  # how long a client's list of workers (for owner hashing) is reused
-FAILED_BACKOFF_S = 30.0  # a worker whose ask failed is not asked again for this long
-MAX_DIRECT_BYTES = 256 << 20  # larger selections take the graph: one message per owner is enough
-ASK_TIMEOUT_S = 1.0  # an owner's answer may take this, plus its bytes at ASK_BYTES_PER_S
-ASK_BYTES_PER_S = 50e6
 
 
 class Piece(NamedTuple):
@@ -90,8 +86,9 @@ def pieces(grid: BlockGrid, key: Sequence[int | slice]) -> tuple[list[Piece], tu
 
 
 class _Workers:
-    """One client's sorted worker addresses, refreshed every ``WORKERS_TTL_S`` or after a failed ask, and
-    the workers whose last ask failed (not asked again for ``FAILED_BACKOFF_S``: their blocks take the
+    """One client's sorted worker addresses, refreshed every ``tierscope.direct-read.workers-ttl`` or after
+    a failed ask, and the workers whose last ask failed (not asked again for
+    ``tierscope.direct-read.failed-backoff``: their blocks take the
     graph, so a departed worker costs one timeout, not one per view)."""
 
     def __init__(self, client: Any) -> None:
@@ -142,7 +139,7 @@ def _workers(client: Any, refresh: bool = False) -> _Workers | None:
         entry = _enabled.get(client.id)
         if entry is None:
             return None
-        stale = refresh or time.monotonic() - entry.fetched > WORKERS_TTL_S
+        stale = refresh or time.monotonic() - entry.fetched > config.get_seconds("direct-read.workers-ttl")
     if stale:
         addresses = sorted(client.scheduler_info(n_workers=-1)["workers"])
         with _lock:
@@ -174,14 +171,14 @@ async def _ask_owners(
 def read(spec: BlockSpec, dtype: np.dtype, key: Sequence[int | slice]) -> np.ndarray | None:
     """The selection ``key`` of ``spec``'s variable, read directly where the owners hold it and
     through the graph elsewhere; None when direct reads do not apply (no connected client, a stepped
-    or empty selection, or one larger than ``MAX_DIRECT_BYTES``)."""
+    or empty selection, or one larger than ``tierscope.direct-read.max-bytes``)."""
     client = _client()
     planned = pieces(spec.grid, key) if client is not None else None
     if planned is None:
         return None
     parts, shape = planned
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    workers = _workers(client) if nbytes <= MAX_DIRECT_BYTES else None
+    workers = _workers(client) if nbytes <= config.get_bytes("direct-read.max-bytes") else None
     if workers is None or not workers.addresses:
         return None
     shares: defaultdict[str, list[Piece]] = defaultdict(list)
@@ -189,11 +186,14 @@ def read(spec: BlockSpec, dtype: np.dtype, key: Sequence[int | slice]) -> np.nda
         shares[owner_of(spec, piece.index, workers.addresses)].append(piece)
     now = time.monotonic()
     with _lock:
-        skipped = {w for w in shares if now - workers.failed.get(w, -math.inf) < FAILED_BACKOFF_S}
+        backoff = config.get_seconds("direct-read.failed-backoff")
+        skipped = {w for w in shares if now - workers.failed.get(w, -math.inf) < backoff}
     box = Box.of(p.index for p in parts)  # a box, not its blocks: the message stays small
     client._send_to_scheduler({"op": VIEW_OP, "spec": ToPickle(spec), "box": [box.lo, box.hi]})
     asked = {w: share for w, share in shares.items() if w not in skipped}
-    answers = client.sync(_ask_owners, client, spec, asked, ASK_TIMEOUT_S + nbytes / ASK_BYTES_PER_S)
+    timeout = config.get_seconds("direct-read.ask-timeout") + nbytes / config.get_bytes(
+        "direct-read.ask-bytes-per-second")
+    answers = client.sync(_ask_owners, client, spec, asked, timeout)
     out = np.empty(shape, dtype=dtype)
     missing = [piece for w in skipped for piece in shares[w]]
     for worker, share in asked.items():

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol.serialize import Serialize
 
+from tierscope import config
+from tierscope.config import tier_bytes
 from tierscope.dask.prefetcher import PLAN_OP, Plan, Prefetcher
 from tierscope.dask.tiers import PLUGIN_NAME, BlockSpec, WorkerTiers
 
@@ -39,19 +41,30 @@ class TierscopeWorkerPlugin(WorkerPlugin):
     name = PLUGIN_NAME
     idempotent = False  # registering again replaces the tiers (new sizes, empty caches)
 
-    def __init__(self, l1: int, l2: int, policy: str = "lru", device: str = "auto") -> None:
-        self.l1, self.l2, self.policy, self.device = int(l1), int(l2), policy, device
+    def __init__(
+        self,
+        l1: int | float | str | None = None,
+        l2: int | float | str | None = None,
+        policy: str | None = None,
+        device: str | None = None,
+    ) -> None:
+        """Sizes in bytes or as fractions of the worker's memory limit; None: the worker's dask.config."""
+        self.l1, self.l2, self.policy, self.device = l1, l2, policy, device
         self.tiers: WorkerTiers | None = None
         self.prefetcher: Prefetcher | None = None
 
     def setup(self, worker: Worker) -> None:
-        self.tiers = WorkerTiers(self.l1, self.l2, self.policy, self.device)  # "auto": this worker's GPU
-        self.prefetcher = Prefetcher(self.tiers)
         limit = worker.memory_manager.memory_limit
-        if limit and self.l1 + self.l2 > 0.6 * limit:
+        l1 = tier_bytes(config.get("l1") if self.l1 is None else self.l1, limit, "l1")
+        l2 = tier_bytes(config.get("l2") if self.l2 is None else self.l2, limit, "l2")
+        policy = config.get("policy") if self.policy is None else self.policy
+        device = config.get("device") if self.device is None else self.device
+        self.tiers = WorkerTiers(l1, l2, policy, device)  # "auto": this worker's GPU
+        self.prefetcher = Prefetcher(self.tiers)
+        if limit and l1 + l2 > 0.6 * limit:
             logger.warning(
                 "tierscope tiers (l1 %d + l2 %d bytes) exceed 60%% of worker %s's memory limit (%d bytes): "
-                "the worker may spill or pause", self.l1, self.l2, worker.address, limit,
+                "the worker may spill or pause", l1, l2, worker.address, limit,
             )
         worker.stream_handlers[PLAN_OP] = self._on_plan
         worker.handlers[READ_OP] = self._on_read

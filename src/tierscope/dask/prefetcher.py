@@ -15,6 +15,7 @@ import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
+from tierscope import config
 from tierscope.dask.tiers import BlockSpec, WorkerTiers
 from tierscope.grid import BlockIndex
 
@@ -23,11 +24,6 @@ __all__ = ["PLAN_OP", "Plan", "Prefetcher"]
 logger = logging.getLogger(__name__)
 
 PLAN_OP = "tierscope-prefetch"  # the stream message op that carries a Plan to a worker
-# How long the prefetch thread waits for user loads to finish before it looks again (and at shutdown).
-USER_WAIT_S = 0.5
-# A prefetch batch: at most this many blocks, and this many bytes once decoded.
-MAX_BATCH_BLOCKS = 8
-BATCH_BYTES = 8 << 20
 # Positions whose newest epoch is remembered (to refuse a late, older plan); the least recent go first.
 MAX_POSITIONS = 1024
 
@@ -93,7 +89,7 @@ class Prefetcher:
     def _next(self) -> tuple[Plan, list[tuple[BlockIndex, bool]]] | None:
         """The next batch, taken once no user load runs, round robin over positions; None once closed.
 
-        A batch is the head of one position's queue, up to ``MAX_BATCH_BLOCKS`` and ``BATCH_BYTES`` of
+        A batch is the head of one position's queue, up to ``tierscope.prefetch-batch.blocks`` and ``.bytes`` of
         decoded blocks, all bound for L1 or all for L2 only: one round trip to the server for many small
         blocks, one at a time for big ones, and the next view's blocks never wait on L2-only ones.
         """
@@ -101,7 +97,7 @@ class Prefetcher:
             with self._cond:
                 while not self._closed and not self._queues:
                     self._cond.wait()
-            while not self.tiers.user_idle.wait(USER_WAIT_S):
+            while not self.tiers.user_idle.wait(config.get_seconds("prefetch-batch.user-wait")):
                 if self._closed:
                     return None
             with self._cond:
@@ -112,7 +108,8 @@ class Prefetcher:
                 key = next(iter(self._queues))
                 queue = self._queues.pop(key)
                 plan = queue[0][0]
-                size = max(1, min(MAX_BATCH_BLOCKS, BATCH_BYTES // max(plan.spec.block_nbytes, 1)))
+                size = max(1, min(config.get("prefetch-batch.blocks"),
+                                  config.get_bytes("prefetch-batch.bytes") // max(plan.spec.block_nbytes, 1)))
                 decode = queue[0][2]
                 batch = []
                 while queue and len(batch) < size and queue[0][2] == decode:

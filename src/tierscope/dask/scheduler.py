@@ -30,7 +30,9 @@ from tierscope.cache import entry_charge
 from tierscope.dask.graph import BlockLoadTask, ReportedBlockLoadTask
 from tierscope.dask.observe import install
 from tierscope.dask.prefetcher import PLAN_OP, Plan
-from tierscope.dask.tiers import DEFAULT_L1, DEFAULT_L2, BlockSpec
+from tierscope import config
+from tierscope.config import tier_bytes
+from tierscope.dask.tiers import PLUGIN_NAME, BlockSpec
 from tierscope.grid import BlockIndex
 from tierscope.prefetch import Box, Position, check_mode, radius_for
 from tierscope.server.stats import Distribution
@@ -72,21 +74,26 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
 
     def __init__(
         self,
-        prefetch: str = "auto",
-        l1: int = DEFAULT_L1,
-        l2: int = DEFAULT_L2,
+        prefetch: str | None = None,
+        l1: int | float | str | None = None,
+        l2: int | float | str | None = None,
         max_plan: int = 512,
         max_positions: int = 256,
         equipped: Sequence[str] = (),
+        install_workers: bool = False,
     ) -> None:
-        self.mode = check_mode(prefetch)
+        self.mode = check_mode(config.get("prefetch") if prefetch is None else prefetch)
         # Workers known to run the tierscope worker plugin (``connect`` registered it there); others
         # prove it by their heartbeat's tierscope metrics. Only those get plans: a worker without the
         # handler would drop its connection to the scheduler on an unknown stream op.
         self._equipped = set(equipped)
+        self._install_workers = install_workers  # a preloaded plugin brings its worker twin itself
         self._workers: list[str] = []
         self._owners: dict[tuple, str] = {}
-        self.l1, self.l2 = int(l1), int(l2)
+        # Tier sizes the workers were given (bytes or fractions of memory; None: dask.config's), for
+        # workers whose heartbeat has not yet said their tiers' capacity.
+        self.l1 = config.get("l1") if l1 is None else l1
+        self.l2 = config.get("l2") if l2 is None else l2
         self.max_plan, self.max_positions = max_plan, max_positions
         self.scheduler: Scheduler | None = None
         self._positions: OrderedDict[tuple[str, BlockSpec], Position] = OrderedDict()
@@ -102,6 +109,13 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
         # scheduler would close that client's stream); it reaches whichever tierscope plugin is current.
         scheduler.stream_handlers[VIEW_OP] = functools.partial(_forward_view, scheduler)
         install(scheduler)  # the /tierscope page and the /metrics series
+        if self._install_workers:  # every current and future worker, unless a client already did
+            from distributed.protocol.pickle import dumps
+
+            from tierscope.dask.plugin import TierscopeWorkerPlugin
+
+            await scheduler.register_worker_plugin(None, dumps(TierscopeWorkerPlugin()), name=PLUGIN_NAME,
+                                                   idempotent=True)
 
     def update_graph(self, scheduler: Scheduler, *, client: str, tasks: list, **kwargs: Any) -> None:
         now = time.time()
@@ -200,7 +214,7 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
         targets = [w for w in workers if self._handles_plans(scheduler, w)]
         if not targets:
             return
-        blocks, r1 = self._plan(scheduler, spec, pos, len(workers))
+        blocks, r1 = self._plan(scheduler, spec, pos)
         shares: dict[str, list[tuple[BlockIndex, bool]]] = {w: [] for w in workers}
         decode = pos.box.distances(np.array(blocks, dtype=np.int64).reshape(-1, spec.grid.ndim),
                                    spec.time_axis) <= r1
@@ -235,19 +249,29 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
         return owner
 
     def _plan(
-        self, scheduler: Scheduler, spec: BlockSpec, pos: Position, nworkers: int
+        self, scheduler: Scheduler, spec: BlockSpec, pos: Position
     ) -> tuple[list[BlockIndex], int]:
         """The blocks to prefetch for a new view, and the L1 radius (blocks within it get decoded)."""
         if self.mode == "off":
             return [], 0
         decoded, encoded = self._block_nbytes(scheduler, spec)
         extents = pos.box.extents
-        r1 = radius_for(spec.grid, self.l1 * nworkers, decoded, spec.time_axis, view=extents)
-        r2 = radius_for(spec.grid, self.l2 * nworkers, encoded, spec.time_axis, view=extents)
+        r1 = radius_for(spec.grid, self._capacity(scheduler, "l1"), decoded, spec.time_axis, view=extents)
+        r2 = radius_for(spec.grid, self._capacity(scheduler, "l2"), encoded, spec.time_axis, view=extents)
         blocks = pos.plan(self.mode, max(r1, r2), limit=self.max_plan)
         self.counts["plans"] += 1
         self.counts["planned"] += len(blocks)
         return blocks, r1
+
+    def _capacity(self, scheduler: Scheduler, tier: str) -> int:
+        """A tier's capacity over all workers: what each one's heartbeat reports, else its configured
+        size (a fraction of memory resolved against that worker's memory limit)."""
+        configured = self.l1 if tier == "l1" else self.l2
+        total = 0
+        for ws in scheduler.workers.values():
+            reported = ws.metrics.get("tierscope", {}).get(tier, {}).get("capacity")
+            total += reported if reported is not None else tier_bytes(configured, ws.memory_limit, tier)
+        return total
 
     def _block_nbytes(self, scheduler: Scheduler, spec: BlockSpec) -> tuple[float, float]:
         """Decoded block size (exact) and the workers' measured average encoded (L2) block size."""

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from tierscope import codec
+from tierscope import codec, config
 from tierscope.cache import TierCache, Views
 from tierscope.codec.device import import_cupy, resolve_device, to_host
+from tierscope.config import tier_bytes
 from tierscope.client.source import Source
 from tierscope.grid import BlockGrid, BlockIndex
 from tierscope.prefetch import Box
@@ -27,8 +28,6 @@ from tierscope.prefetch import Box
 __all__ = ["BlockSpec", "WorkerTiers", "configure_local_tiers", "current_tiers", "local_tiers"]
 
 PLUGIN_NAME = "tierscope"
-DEFAULT_L1 = 1 << 30
-DEFAULT_L2 = 2 << 30
 # A view of more blocks is told to the server as its two corners: the same box, a short header.
 MAX_TOLD_BLOCKS = 256
 # Variables (dataset, variable, tol) whose current view a worker remembers; the least recently told go
@@ -259,11 +258,15 @@ def configure_local_tiers(l1: int, l2: int, policy: str = "lru", device: str = "
         return _local
 
 
-def local_tiers() -> WorkerTiers:
+def local_tiers(memory_limit: int | None = None) -> WorkerTiers:
+    """This process's own tiers, made on first use from dask.config's ``tierscope`` settings (sizes that
+    are fractions taken of ``memory_limit``, or of the machine's memory)."""
     global _local
     with _local_lock:
         if _local is None:
-            _local = WorkerTiers(DEFAULT_L1, DEFAULT_L2)
+            _local = WorkerTiers(tier_bytes(config.get("l1"), memory_limit, "l1"),
+                                 tier_bytes(config.get("l2"), memory_limit, "l2"),
+                                 config.get("policy"), config.get("device"))
         return _local
 
 
@@ -276,4 +279,4 @@ def current_tiers() -> WorkerTiers:
     except (ImportError, ValueError):
         return local_tiers()
     plugin = worker.plugins.get(PLUGIN_NAME)
-    return plugin.tiers if plugin is not None else local_tiers()
+    return plugin.tiers if plugin is not None else local_tiers(worker.memory_manager.memory_limit)
