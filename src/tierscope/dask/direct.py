@@ -11,7 +11,7 @@ through the usual graph, as ``ReportedBlockLoadTask``s: placed on their owners, 
 
 Only for clients that ``tierscope.connect`` set up (their workers have the handler) and for basic
 selections with unit steps; every other read takes the graph. The view message rides the client's
-batched stream to the scheduler (``Client._send_to_scheduler``, private: the stream every graph takes;
+batched stream to the scheduler (``_compat.send_to_scheduler``, private: the stream every graph takes;
 tests/test_direct.py covers it), so it costs no round trip and arrives in order with the graphs.
 """
 
@@ -32,6 +32,7 @@ import numpy as np
 from distributed.protocol.serialize import ToPickle
 
 from tierscope import config
+from tierscope._compat import send_to_scheduler
 from tierscope.dask.graph import block_array
 from tierscope.dask.plugin import READ_OP
 from tierscope.dask.scheduler import VIEW_OP, owner_of
@@ -189,7 +190,7 @@ def read(spec: BlockSpec, dtype: np.dtype, key: Sequence[int | slice]) -> np.nda
         backoff = config.get_seconds("direct-read.failed-backoff")
         skipped = {w for w in shares if now - workers.failed.get(w, -math.inf) < backoff}
     box = Box.of(p.index for p in parts)  # a box, not its blocks: the message stays small
-    client._send_to_scheduler({"op": VIEW_OP, "spec": ToPickle(spec), "box": [box.lo, box.hi]})
+    send_to_scheduler(client, {"op": VIEW_OP, "spec": ToPickle(spec), "box": [box.lo, box.hi]})
     asked = {w: share for w, share in shares.items() if w not in skipped}
     timeout = config.get_seconds("direct-read.ask-timeout") + nbytes / config.get_bytes(
         "direct-read.ask-bytes-per-second")

@@ -12,9 +12,10 @@ import math
 from collections.abc import Iterator
 
 import numpy as np
-from dask._task_spec import Task
 from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph, Layer, MaterializedLayer
+from dask.highlevelgraph import HighLevelGraph
+
+from tierscope._compat import Layer, MaterializedLayer, Task
 
 from tierscope.dask.tiers import BlockSpec, current_tiers
 from tierscope.grid import BlockIndex

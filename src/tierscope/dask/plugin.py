@@ -20,6 +20,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol.serialize import Serialize
 
 from tierscope import config
+from tierscope._compat import set_handler, set_stream_handler, unset_handler
 from tierscope.config import tier_bytes
 from tierscope.dask.prefetcher import PLAN_OP, Plan, Prefetcher
 from tierscope.dask.tiers import PLUGIN_NAME, BlockSpec, WorkerTiers
@@ -66,16 +67,16 @@ class TierscopeWorkerPlugin(WorkerPlugin):
                 "tierscope tiers (l1 %d + l2 %d bytes) exceed 60%% of worker %s's memory limit (%d bytes): "
                 "the worker may spill or pause", l1, l2, worker.address, limit,
             )
-        worker.stream_handlers[PLAN_OP] = self._on_plan
-        worker.handlers[READ_OP] = self._on_read
+        set_stream_handler(worker, PLAN_OP, self._on_plan)
+        set_handler(worker, READ_OP, self._on_read)
         worker.metrics["tierscope"] = lambda w: self._summary()
         _process_collector().plugins[worker.address] = self
 
     def teardown(self, worker: Worker) -> None:
         # Stays when this plugin goes: a plan already on its way must meet a handler, or the worker
         # would close its connection to the scheduler; the scheduler stops sending at the next heartbeat.
-        worker.stream_handlers[PLAN_OP] = _drop_plan
-        worker.handlers.pop(READ_OP, None)
+        set_stream_handler(worker, PLAN_OP, _drop_plan)
+        unset_handler(worker, READ_OP)
         worker.metrics.pop("tierscope", None)
         _process_collector().plugins.pop(worker.address, None)
         if self.prefetcher is not None:

@@ -31,6 +31,7 @@ from tierscope.dask.graph import BlockLoadTask, ReportedBlockLoadTask
 from tierscope.dask.observe import install
 from tierscope.dask.prefetcher import PLAN_OP, Plan
 from tierscope import config
+from tierscope._compat import keep_from_stealing, set_stream_handler
 from tierscope.config import tier_bytes
 from tierscope.dask.tiers import PLUGIN_NAME, BlockSpec
 from tierscope.grid import BlockIndex
@@ -107,7 +108,7 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
         self.scheduler = scheduler
         # Stays when this plugin goes: a client's view message must never meet a missing handler (the
         # scheduler would close that client's stream); it reaches whichever tierscope plugin is current.
-        scheduler.stream_handlers[VIEW_OP] = functools.partial(_forward_view, scheduler)
+        set_stream_handler(scheduler, VIEW_OP, functools.partial(_forward_view, scheduler))
         install(scheduler)  # the /tierscope page and the /metrics series
         if self._install_workers:  # every current and future worker, unless a client already did
             from distributed.protocol.pickle import dumps
@@ -175,11 +176,9 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
         owner fills the wrong worker's L1. Runs after the stealing plugin's own transition hook (it was
         added first), which has just offered the task for stealing; and takes it off the stealing
         plugin's list of tasks to re-offer once their prefix's duration is known."""
-        steal = self.scheduler.extensions.get("stealing") if self.scheduler is not None else None
-        ts = self.scheduler.tasks.get(key) if steal is not None else None
+        ts = self.scheduler.tasks.get(key) if self.scheduler is not None else None
         if ts is not None:
-            steal.remove_key_from_stealable(ts)
-            getattr(steal, "unknown_durations", {}).get(ts.prefix.name, set()).discard(ts)
+            keep_from_stealing(self.scheduler, ts)
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         self._equipped.discard(worker)
