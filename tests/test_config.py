@@ -46,3 +46,17 @@ def test_connect_reads_dask_config_and_takes_fractions(client):
     assert capacities(client, "l1") == {40 << 20}
     assert capacities(client, "l2") == {int(0.01 * limit) for limit in limits}
     assert tierscope.stats(client)["scheduler"]["mode"] == "playback"
+
+
+def test_layers_import_only_what_they_need():
+    """The codec imports no dask, the HTTP client no server (tierscope.protocol holds what they share)."""
+    import subprocess
+    import sys
+
+    def loaded(module: str) -> set[str]:
+        probe = f"import sys, {module}; print(' '.join(sys.modules))"
+        return set(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                  check=True).stdout.split())
+
+    assert not {m.split(".")[0] for m in loaded("tierscope.codec")} & {"dask", "distributed"}
+    assert not {m for m in loaded("tierscope.client.http") if m.startswith("tierscope.server")}

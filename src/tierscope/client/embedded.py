@@ -15,7 +15,8 @@ from tierscope import _sync
 from tierscope.client.source import Fetched, Transport
 from tierscope.grid import BlockIndex
 from tierscope.metadata import DatasetInfo
-from tierscope.server.service import MAX_BATCH, BlockResult, BlockService
+from tierscope.protocol import MAX_BATCH
+from tierscope.server.service import BlockResult, BlockService
 from tierscope.store.origin import Origin, ZarrOrigin, open_origin
 
 __all__ = ["EmbeddedTransport"]

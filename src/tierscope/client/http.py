@@ -21,7 +21,7 @@ from tierscope.errors import (
 )
 from tierscope.grid import BlockIndex
 from tierscope.metadata import DatasetInfo
-from tierscope.server.service import MAX_BATCH
+from tierscope.protocol import MAX_BATCH
 
 __all__ = ["HttpTransport"]
 

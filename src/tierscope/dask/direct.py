@@ -34,11 +34,10 @@ from distributed.protocol.serialize import ToPickle
 from tierscope import config
 from tierscope._compat import send_to_scheduler
 from tierscope.dask.graph import block_array
-from tierscope.dask.plugin import READ_OP
-from tierscope.dask.scheduler import VIEW_OP, owner_of
-from tierscope.dask.tiers import BlockSpec
+from tierscope.dask.scheduler import owner_of
 from tierscope.grid import BlockGrid, BlockIndex
 from tierscope.prefetch import Box
+from tierscope.protocol import READ_OP, VIEW_OP, BlockSpec
 
 __all__ = ["Piece", "disable", "enable", "pieces", "read"]
 

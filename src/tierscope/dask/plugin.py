@@ -22,17 +22,17 @@ from distributed.protocol.serialize import Serialize
 from tierscope import config
 from tierscope._compat import set_handler, set_stream_handler, unset_handler
 from tierscope.config import tier_bytes
-from tierscope.dask.prefetcher import PLAN_OP, Plan, Prefetcher
-from tierscope.dask.tiers import PLUGIN_NAME, BlockSpec, WorkerTiers
+from tierscope.dask.prefetcher import Plan, Prefetcher
+from tierscope.dask.tiers import PLUGIN_NAME, WorkerTiers
+from tierscope.protocol import PLAN_OP, READ_OP, BlockSpec
 
 if TYPE_CHECKING:
     from distributed import Worker
 
-__all__ = ["READ_OP", "TierscopeWorkerPlugin", "worker_stats"]
+__all__ = ["TierscopeWorkerPlugin", "worker_stats"]
 
 logger = logging.getLogger(__name__)
 
-READ_OP = "tierscope_read"  # the worker handler that answers a direct read (``tierscope.dask.direct``)
 LOOP_COPY_BYTES = 1 << 20  # direct-read answers up to this size are copied on the worker's event loop
 
 

@@ -16,14 +16,14 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from tierscope import config
-from tierscope.dask.tiers import BlockSpec, WorkerTiers
+from tierscope.dask.tiers import WorkerTiers
+from tierscope.protocol import PLAN_OP, BlockSpec
 from tierscope.grid import BlockIndex
 
-__all__ = ["PLAN_OP", "Plan", "Prefetcher"]
+__all__ = ["Plan", "Prefetcher"]
 
 logger = logging.getLogger(__name__)
 
-PLAN_OP = "tierscope-prefetch"  # the stream message op that carries a Plan to a worker
 # Positions whose newest epoch is remembered (to refuse a late, older plan); the least recent go first.
 MAX_POSITIONS = 1024
 

@@ -26,27 +26,27 @@ import numpy as np
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.serialize import ToPickle
 
-from tierscope.cache import entry_charge
-from tierscope.dask.graph import BlockLoadTask, ReportedBlockLoadTask
-from tierscope.dask.observe import install
-from tierscope.dask.prefetcher import PLAN_OP, Plan
 from tierscope import config
 from tierscope._compat import keep_from_stealing, set_stream_handler
+from tierscope.cache import entry_charge
 from tierscope.config import tier_bytes
-from tierscope.dask.tiers import PLUGIN_NAME, BlockSpec
+from tierscope.dask.graph import BlockLoadTask, ReportedBlockLoadTask
+from tierscope.dask.observe import install
+from tierscope.dask.prefetcher import Plan
+from tierscope.dask.tiers import PLUGIN_NAME
 from tierscope.grid import BlockIndex
 from tierscope.prefetch import Box, Position, check_mode, radius_for
+from tierscope.protocol import PLAN_OP, VIEW_OP, BlockSpec
 from tierscope.server.stats import Distribution
 
 if TYPE_CHECKING:
     from distributed import Scheduler
 
-__all__ = ["SCHEDULER_PLUGIN_NAME", "VIEW_OP", "TierscopeSchedulerPlugin", "owner_of"]
+__all__ = ["SCHEDULER_PLUGIN_NAME", "TierscopeSchedulerPlugin", "owner_of"]
 
 logger = logging.getLogger(__name__)
 
 SCHEDULER_PLUGIN_NAME = "tierscope-prefetch"
-VIEW_OP = "tierscope-view"  # the client stream message that reports a view read directly from L1
 MAX_OWNERS = 1 << 16  # remembered owners (dataset, spatial index) for the current workers
 
 

@@ -24,8 +24,9 @@ from tierscope.config import tier_bytes
 from tierscope.client.source import Source
 from tierscope.grid import BlockGrid, BlockIndex
 from tierscope.prefetch import Box
+from tierscope.protocol import BlockSpec
 
-__all__ = ["BlockSpec", "WorkerTiers", "configure_local_tiers", "current_tiers", "local_tiers"]
+__all__ = ["WorkerTiers", "configure_local_tiers", "current_tiers", "local_tiers"]
 
 PLUGIN_NAME = "tierscope"
 # A view of more blocks is told to the server as its two corners: the same box, a short header.
@@ -33,35 +34,6 @@ MAX_TOLD_BLOCKS = 256
 # Variables (dataset, variable, tol) whose current view a worker remembers; the least recently told go
 # first (their cached blocks then rank as unviewed, farthest, for the distance policy).
 MAX_VIEWS = 256
-
-
-@dataclass(frozen=True)
-class BlockSpec:
-    """Which blocks a load task reads: a dataset's variable at one error bound ``tol``.
-
-    The grid and time axis ride along so the scheduler plugin can place and plan without asking anyone.
-    """
-
-    source: Source
-    variable: str
-    tol: float
-    grid: BlockGrid
-    dtype: str  # numpy dtype string of the raw values (sizes a decoded block)
-    time_axis: int | None = 0
-
-    @property
-    def itemsize(self) -> int:
-        return np.dtype(self.dtype).itemsize
-
-    @property
-    def block_nbytes(self) -> int:
-        """Bytes of one decoded (full) block."""
-        return math.prod(self.grid.block) * self.itemsize
-
-    def block_key(self, index: BlockIndex) -> Hashable:
-        """The brief's block key (dataset, variable, tol, block index), the dataset named by its URL and
-        store version (``Source.cache_id``), so a rewritten store never hits its old contents' blocks."""
-        return (self.source.cache_id, self.variable, self.tol, tuple(index))
 
 
 class WorkerTiers:

@@ -34,7 +34,8 @@ from tierscope.errors import (
     VariableNotFoundError,
 )
 from tierscope.server.limits import ByteBudget, ServerBusyError, stream
-from tierscope.server.service import MAX_POSITION_BLOCKS, BlockResult, BlockService
+from tierscope.protocol import MAX_POSITION_BLOCKS
+from tierscope.server.service import BlockResult, BlockService
 
 __all__ = [
     "AppThread", "BATCH_CONTENT_TYPE", "ServerThread", "create_app", "parse_block_index", "run_server"]

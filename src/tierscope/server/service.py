@@ -38,21 +38,18 @@ from tierscope.errors import BlockIndexError, DatasetNotFoundError
 from tierscope.grid import BlockIndex
 from tierscope.metadata import DatasetInfo, VariableInfo, check_tol
 from tierscope.prefetch import MODES, Box, Position, radius_for
+from tierscope.protocol import MAX_BATCH, MAX_POSITION_BLOCKS
 from tierscope.server.sessions import PLAN_TTL_S, PrefetchItem, PrefetchQueue, Sessions, check_session
 from tierscope.server.stats import ServerStats
 from tierscope.store.origin import Origin
 
-__all__ = ["MAX_BATCH", "MAX_POSITION_BLOCKS", "PURPOSES", "BlockResult", "BlockService",
+__all__ = ["PURPOSES", "BlockResult", "BlockService",
            "check_prefetch", "parse_size"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PURPOSES = ("user", "prefetch")
-MAX_BATCH = 256
-# A position header lists blocks whose box is the view (clients send its two corners): a few suffice,
-# and a short list keeps every request's cost on the loop small.
-MAX_POSITION_BLOCKS = 64
 ANONYMOUS = "-"
 
 

@@ -1,0 +1,69 @@
+"""What the client, the block server and the Dask layer share: value types and protocol names.
+
+A neutral module, so each layer imports it instead of another layer: the HTTP client does not import
+the server, and the codec imports neither. docs/protocol.md describes the wire format these names make.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from tierscope.grid import BlockGrid, BlockIndex
+
+if TYPE_CHECKING:
+    from tierscope.client.source import Source
+
+__all__ = [
+    "ENCODE_MS_HEADER", "MAX_BATCH", "MAX_POSITION_BLOCKS", "PLAN_OP", "POSITION_HEADER", "READ_MS_HEADER",
+    "READ_OP", "SESSION_HEADER", "TIER_HEADER", "VIEW_OP", "BlockSpec",
+]
+
+# Block server HTTP (docs/protocol.md)
+MAX_BATCH = 256  # block indices in one batch request
+# A position header lists blocks whose box is the view (clients send its two corners): a few suffice,
+# and a short list keeps every request's cost on the server's loop small.
+MAX_POSITION_BLOCKS = 64
+SESSION_HEADER = "X-Tierscope-Session"
+POSITION_HEADER = "X-Tierscope-Position"
+TIER_HEADER = "X-Tierscope-Tier"
+READ_MS_HEADER = "X-Tierscope-Read-Ms"
+ENCODE_MS_HEADER = "X-Tierscope-Encode-Ms"
+
+# Dask messages between the plugins and the client
+PLAN_OP = "tierscope-prefetch"  # scheduler -> worker stream message carrying a prefetch Plan
+VIEW_OP = "tierscope-view"  # client -> scheduler stream message reporting a view read directly
+READ_OP = "tierscope_read"  # the worker handler that answers a direct read
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Which blocks a load task reads: a dataset's variable at one error bound ``tol``.
+
+    The grid and time axis ride along so the scheduler plugin can place and plan without asking anyone.
+    """
+
+    source: Source
+    variable: str
+    tol: float
+    grid: BlockGrid
+    dtype: str  # numpy dtype string of the raw values (sizes a decoded block)
+    time_axis: int | None = 0
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.dtype).itemsize
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes of one decoded (full) block."""
+        return math.prod(self.grid.block) * self.itemsize
+
+    def block_key(self, index: BlockIndex) -> Hashable:
+        """The brief's block key (dataset, variable, tol, block index), the dataset named by its URL and
+        store version (``Source.cache_id``), so a rewritten store never hits its old contents' blocks."""
+        return (self.source.cache_id, self.variable, self.tol, tuple(index))
