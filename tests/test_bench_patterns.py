@@ -12,6 +12,7 @@ from tierscope.bench.patterns import (
     generate,
     hops,
     max_distance,
+    jumps,
     playback,
     random_jumps,
     recycle_ratio,
@@ -131,6 +132,18 @@ def test_wandering_moves_one_axis_one_step_and_keeps_direction_with_full_momentu
 def test_random_jumps_without_jumps_stays_local():
     assert max_distance(random_jumps(BIG, 80, 2, jump=0.0).block_sets()) <= 1
     assert max_distance(random_jumps(BIG, 80, 2, jump=1.0).block_sets()) > 3
+
+
+def test_jumps_jump_then_step_time_on_the_whole_plane():
+    seq = jumps(BIG, 12, seed=4, steps=3)
+    assert seq.params["jumps"] == [0, 4, 8]
+    for i, view in enumerate(seq.views):
+        assert (view.y, view.x) == ((0, 64), (0, 64))  # the whole y/x plane
+        if i % 4:
+            prev = seq.views[i - 1]
+            assert (view.t, view.z) == ((prev.t + 1) % 32, prev.z)
+    starts = {(seq.views[i].t, seq.views[i].z) for i in (0, 4, 8)}
+    assert len(starts) == 3  # each jump lands somewhere new (with this seed)
 
 
 def test_zoom_pan_extents_stay_between_the_minimum_and_the_volume():

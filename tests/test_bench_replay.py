@@ -162,7 +162,8 @@ def test_replay_end_to_end(data, cluster, tmp_path):
     from tierscope.bench.plots import plot_results
 
     grid = BlockGrid(SHAPE, BLOCK)
-    seqs = [generate("playback", grid, 4, seed=3), generate("wandering", grid, 3, seed=1)]
+    seqs = [generate("playback", grid, 4, seed=3), generate("wandering", grid, 3, seed=1),
+            generate("jumps", grid, 6, seed=2, steps=2)]
     u = xr.open_zarr(data.zarr, consolidated=False)["u"].values
     tol = 1e-3 * float(np.nanmax(u) - np.nanmin(u))
     cond = Condition(parse_link("1gbit,0.1ms"), think_ms=10.0, tol_rel=1e-3, tol=tol,
@@ -172,9 +173,9 @@ def test_replay_end_to_end(data, cluster, tmp_path):
     with Client(cluster) as client:
         records = replay(seqs, systems, data, client, [cond], repeat=1,
                          progress=lambda label: lambda: ticks.append(label))
-    assert len(ticks) == len(systems) * 7
+    assert len(ticks) == len(systems) * 13
     assert [(r["system"], r["pattern"]) for r in records] == [
-        (s, p) for p in ("playback", "wandering") for s in systems]
+        (s, p) for p in ("playback", "wandering", "jumps") for s in systems]
     for r in records:
         for key in ("system", "pattern", "sequence", "views", "latency_ms", "hit_ratio", "stage_ms",
                     "ratio_to_baseline", "setup_s"):
@@ -193,6 +194,13 @@ def test_replay_end_to_end(data, cluster, tmp_path):
             assert r["stage_ms"] is None and r["hit_ratio"]["origin"] == 1.0
         if r["system"] == "zarr-http":
             assert r["ratio_to_baseline"] == 1.0
+        assert r["first_ms"] == pytest.approx(r["samples_ms"][0], abs=1e-3)  # the first view, apart
+        if r["pattern"] == "jumps":  # views 3 (a jump) and 1, 2, 4, 5 (t+1 after a jump), apart
+            samples = r["samples_ms"]
+            assert r["cold_ms"]["mean"] == pytest.approx(samples[3], abs=1e-3)
+            assert r["warm_ms"]["mean"] == pytest.approx(np.mean([samples[i] for i in (1, 2, 4, 5)]), abs=1e-3)
+        else:
+            assert "cold_ms" not in r
     by = {(r["system"], r["pattern"]): r for r in records}
     for pattern in ("playback", "wandering"):
         assert by[("tierscope-0111", pattern)]["hit_ratio"]["l1"] == 0.0  # L1 off
@@ -208,6 +216,7 @@ def test_replay_end_to_end(data, cluster, tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     table = format_table(records)
     assert "| tierscope-0111 |" in table and "**wandering**, link 1000mbit,0.1ms" in table
+    assert "| first ms | cold ms | warm ms |" in table
 
 
 def test_a_failing_system_is_noted_and_the_others_still_run(data, cluster, tmp_path):
@@ -241,7 +250,7 @@ def test_plots_with_a_sweep_from_hand_made_records(tmp_path):
                 "think_ms": think, "tol_rel": 1e-3, "sweep": {"think": think}, "ratio_to_baseline": None,
                 "latency_ms": {"mean": mean, "std": 1.0, "p50": mean, "p95": mean * 1.5, "p99": mean * 2},
                 "hit_ratio": {t: ratio.get(t, 0.0) for t in ("l1", "l2", "l3", "l4", "origin")},
-                "stage_ms": stages, "setup_s": 0.1, "mismatches": 0, "bounded": True})
+                "stage_ms": stages, "setup_s": 0.1, "mismatches": 0, "bounded": True, "first_ms": mean})
     names = sorted(p.name for p in plot_results({"records": records}, tmp_path))
     assert names == ["hits_1000mbit-0.1ms-think-0.0.png", "hits_1000mbit-0.1ms-think-100.0.png",
                      "latency_1000mbit-0.1ms-think-0.0.png", "latency_1000mbit-0.1ms-think-100.0.png",

@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Replay saved access sequences against every system in one run (see "
                     "docs/benchmarks-harness.md); 'tierscope bench codec' runs the codec benchmark.")
     bench.add_argument("--pattern", default="playback,scanning,wandering",
-                       help="comma-separated: playback, scanning, wandering, random_jumps, zoom_pan "
+                       help="comma-separated: playback, scanning, wandering, random_jumps, jumps (a jump, then "
+                            "3 steps of t+1; cold views reported apart), zoom_pan "
                             "(default: playback,scanning,wandering)")
     bench.add_argument("--views", type=int, default=50, help="views per sequence (default: 50)")
     bench.add_argument("--think", type=float, default=100.0,
@@ -276,8 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="repetitions of each sequence per system (default: 1)")
     bench.add_argument("--sweep", default=None,
                        help="VAR=v1,v2,... with VAR think, tol, l1, l2, l3 or l4 (default: no sweep)")
-    bench.add_argument("--preset", default="laptop", choices=("laptop", "seed"),
-                       help="dataset and tier sizes (default: laptop)")
+    bench.add_argument("--preset", default="laptop", choices=("laptop", "large", "seed"),
+                       help="dataset and tier sizes: laptop (128 MiB), large (2 GiB of 1 MiB blocks, 64 MiB "
+                            "z-slices), seed (64 MiB blocks) (default: laptop)")
     bench.add_argument("--data-dir", default=None,
                        help="where the sample data is made and kept (default: a per-user cache directory)")
     bench.add_argument("--seed", type=int, default=0, help="first sequence seed (default: 0)")

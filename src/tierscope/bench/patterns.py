@@ -442,6 +442,31 @@ def random_jumps(grid: BlockGrid, n: int, seed: int, *, jump: float = 0.3, zstep
     return _sequence("random_jumps", grid, seed, views, params)
 
 
+def jumps(grid: BlockGrid, n: int, seed: int, *, steps: int = 3, window: SequenceABC[int] | None = None
+          ) -> Sequence:
+    """A jump to a random time step and z-slice (a cold view: nothing near it was viewed), then ``steps``
+    views of t+1 there (wrapping), again and again: the views a slider user makes after moving far.
+    The jump views' indices are in ``params["jumps"]`` so results can report them apart. The window
+    defaults to the whole y/x plane."""
+    _check_grid(grid)
+    _check_count(n)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    rng = _rng("jumps", seed)
+    nt, nz, ny, nx = grid.shape
+    wy, wx = _window(grid, window, (ny, nx))
+    views, jumped = [], []
+    for i in range(n):
+        if i % (steps + 1) == 0:
+            t, z = rng.randrange(nt), rng.randrange(nz)
+            y0, x0 = rng.randint(0, ny - wy), rng.randint(0, nx - wx)
+            jumped.append(i)
+        else:
+            t = (t + 1) % nt
+        views.append(View(t, z, (y0, y0 + wy), (x0, x0 + wx)))
+    return _sequence("jumps", grid, seed, views, {"steps": steps, "window": [wy, wx], "jumps": jumped})
+
+
 def zoom_pan(grid: BlockGrid, n: int, seed: int, *, zoom: float = 0.3, t: int | None = None,
              min_extent: SequenceABC[int] | None = None) -> Sequence:
     """Sub-volumes of time step ``t``: with probability ``zoom`` halve or double the extent on every spatial
@@ -492,6 +517,7 @@ PATTERNS: dict[str, Callable[..., Sequence]] = {
     "scanning": scanning,
     "wandering": wandering,
     "random_jumps": random_jumps,
+    "jumps": jumps,
     "zoom_pan": zoom_pan,
 }
 
