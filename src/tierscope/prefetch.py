@@ -193,15 +193,18 @@ class Position:
         """Record a view's blocks (their box); True when it differs from the current view."""
         return self.observe_box(Box.of(self.grid.check(b) for b in blocks))
 
-    def observe_box(self, box: Box) -> bool:
-        """Record a view given as its box; True when it differs from the current view (a new position)."""
+    def observe_box(self, box: Box, score: bool = True) -> bool:
+        """Record a view given as its box; True when it differs from the current view (a new position).
+
+        ``score=False`` skips scoring the predictors on it: only ``auto`` plans use the scores.
+        """
         self.grid.check(box.lo)
         self.grid.check(box.hi)
         if any(lo > hi for lo, hi in zip(box.lo, box.hi, strict=True)):
             raise ValueError(f"a view box needs lo <= hi on every axis, got {box.lo} .. {box.hi}")
         if box == self.box:
             return False
-        if self._boxes:
+        if self._boxes and score:
             self._score(box)
         self._boxes.append(box)
         self.views += 1
@@ -211,6 +214,11 @@ class Position:
         """Hops from ``index`` to the current view (0 inside it; 0 before any view)."""
         box = self.box
         return 0 if box is None else box.distance(index, self.time_axis)
+
+    def within(self, blocks: Sequence[Sequence[int]], radius: int) -> list[bool]:
+        """For each block, whether it lies within ``radius`` hops of the current view (one NumPy pass)."""
+        indices = np.array(blocks, dtype=np.int64).reshape(-1, self.grid.ndim)
+        return (self.box.distances(indices, self.time_axis) <= radius).tolist()
 
     def scores(self) -> dict[str, float]:
         """Recent accuracy of each predictor, 0..1 (0 before it has been scored)."""

@@ -58,13 +58,17 @@ def connect(
 
     client = client_or_cluster if isinstance(client_or_cluster, Client) else Client(client_or_cluster)
     equipped = client.register_plugin(TierscopeWorkerPlugin(l1, l2, policy, device), name=PLUGIN_NAME)
-    try:  # replaced, not overwritten: distributed warns on every overwrite
+    if client.run_on_scheduler(_has_plugin):  # replaced, not overwritten: distributed warns on overwrites
         client.unregister_scheduler_plugin(SCHEDULER_PLUGIN_NAME)
-    except ValueError:  # none there yet
-        pass
     client.register_plugin(TierscopeSchedulerPlugin(prefetch, l1, l2, equipped=sorted(equipped)))
     (enable if direct else disable)(client)
     return client
+
+
+def _has_plugin(dask_scheduler: Any) -> bool:
+    from tierscope.dask.scheduler import SCHEDULER_PLUGIN_NAME
+
+    return SCHEDULER_PLUGIN_NAME in dask_scheduler.plugins
 
 
 def _default_client() -> Any:

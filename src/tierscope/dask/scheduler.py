@@ -22,7 +22,6 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.serialize import ToPickle
 
@@ -207,7 +206,7 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
     ) -> None:
         started = time.perf_counter()
         pos = self._position(client, spec)
-        if not pos.observe_box(view):
+        if not pos.observe_box(view, score=self.mode == "auto"):
             return
         self.counts["views"] += 1
         targets = [w for w in workers if self._handles_plans(scheduler, w)]
@@ -215,9 +214,7 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
             return
         blocks, r1 = self._plan(scheduler, spec, pos)
         shares: dict[str, list[tuple[BlockIndex, bool]]] = {w: [] for w in workers}
-        decode = pos.box.distances(np.array(blocks, dtype=np.int64).reshape(-1, spec.grid.ndim),
-                                   spec.time_axis) <= r1
-        for index, near in zip(blocks, decode.tolist(), strict=True):
+        for index, near in zip(blocks, pos.within(blocks, r1), strict=True):
             shares[self._owner(spec, index, workers)].append((index, near))
         self.epoch += 1
         for worker in targets:

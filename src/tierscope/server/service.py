@@ -364,7 +364,7 @@ class BlockService:
         if dropped is not None:
             self._stats.prefetch["cancelled"] += self.queue.replace(dropped, ())
             self._views_moved(dropped[1:3])
-        if pos.observe_box(view):
+        if pos.observe_box(view, score=self.prefetch_mode == "auto"):
             self.sessions.moved(req.dataset, req.variable.name)
             self._views_moved((req.dataset, req.variable.name))
             if self.prefetch_mode != "off":
@@ -389,9 +389,10 @@ class BlockService:
             return radius_for(var.grid, tier.capacity, average, pos.time_axis, view=extents)
 
         r3 = radius(self.l3)
+        blocks = pos.plan(self.prefetch_mode, max(r3, radius(self.l4)), limit=self.plan_limit)
         items = [  # plan() stays within the larger radius: each block goes to L4, and to L3 when near enough
-            PrefetchItem(req.dataset, var.name, index, req.tol, req.codec, pos.distance(index) <= r3)
-            for index in pos.plan(self.prefetch_mode, max(r3, radius(self.l4)), limit=self.plan_limit)
+            PrefetchItem(req.dataset, var.name, index, req.tol, req.codec, near)
+            for index, near in zip(blocks, pos.within(blocks, r3), strict=True)
         ]
         self._stats.prefetch["planned"] += len(items)
         self._stats.prefetch["cancelled"] += self.queue.replace(key, items)
