@@ -35,7 +35,7 @@ MODES = ("off", *PREDICTORS, "auto")
 # SCORE_BUDGET x (view size) candidates, so a predictor is not rewarded for guessing everything.
 SCORE_BUDGET = 2
 # Views of more blocks score on this many: scoring stays bounded however big a view is.
-SCORE_VIEW_CAP = 256
+SCORE_VIEW_CAP = 64
 
 
 def check_mode(mode: str) -> str:
@@ -254,14 +254,27 @@ class Position:
     def _neighbourhood(self, radius: int) -> Iterator[np.ndarray]:
         """Shell by shell, nearest first; in a shell, time step by time step, each step's spatial ring
         in C order (vectorised). Work is proportional to the blocks yielded, not to the grid."""
-        box, t = self.box, self.time_axis
+        box, t, nblocks = self.box, self.time_axis, self.grid.nblocks
+        spatial = [a for a in range(self.grid.ndim) if a != t]
+        rings: dict[int, np.ndarray] = {}  # spatial ring by hops: the same at every time step
+
+        def at(q: int, step: int | None) -> np.ndarray:
+            ring = rings.get(q)
+            if ring is None:
+                ring = rings[q] = _ring(box, nblocks, spatial, q)
+            if step is None:
+                return ring
+            out = np.empty((len(ring), self.grid.ndim), dtype=np.int64)
+            out[:, spatial] = ring
+            out[:, t] = step
+            return out
+
         for d in range(1, radius + 1):
             if t is None:
-                yield _ring(box, self.grid, d, None, 0)
+                yield at(d, None)
                 continue
-            for step in range(max(box.lo[t] - d, 0), min(box.hi[t] + d + 1, self.grid.nblocks[t])):
-                hops = max(box.lo[t] - step, 0, step - box.hi[t])
-                yield _ring(box, self.grid, d - hops, t, step)
+            for step in range(max(box.lo[t] - d, 0), min(box.hi[t] + d + 1, nblocks[t])):
+                yield at(d - max(box.lo[t] - step, 0, step - box.hi[t]), step)
 
     def _along(self, step: tuple[int, ...], radius: int) -> Iterator[np.ndarray]:
         """The view repeated at ``step``, ``2 * step``, ... while any of it lies within ``radius``."""
@@ -297,24 +310,32 @@ class Position:
 
 
 def _first_unique(chunks: Iterable[np.ndarray], grid: BlockGrid, limit: int | None) -> np.ndarray:
-    """The first ``limit`` distinct block indices of a stream of (n, ndim) chunks, in stream order."""
+    """The first ``limit`` distinct block indices of a stream of (n, ndim) chunks, in stream order.
+
+    Chunks are deduplicated in batches of about twice what is still wanted: a few NumPy passes per plan,
+    however small the shells and rings that make the chunks."""
     taken: list[np.ndarray] = []
     seen = np.empty(0, dtype=np.int64)
-    count = 0
-    for chunk in chunks:
-        if not len(chunk):
-            continue
-        flat = np.ravel_multi_index(chunk.T, grid.nblocks)
+    count, stream = 0, iter(chunks)
+    while limit is None or count < limit:
+        batch, size = [], 0
+        for chunk in stream:
+            batch.append(chunk)
+            size += len(chunk)
+            if limit is not None and size >= 2 * (limit - count):
+                break
+        if not batch:
+            break
+        rows = np.concatenate(batch)
+        flat = np.ravel_multi_index(rows.T, grid.nblocks)
         _, first = np.unique(flat, return_index=True)
         first.sort()
         first = first[~np.isin(flat[first], seen)]
         if limit is not None:
             first = first[: limit - count]
-        taken.append(chunk[first])
+        taken.append(rows[first])
         seen = np.concatenate([seen, flat[first]])
         count += len(first)
-        if limit is not None and count >= limit:
-            break
     return np.concatenate(taken) if taken else np.empty((0, grid.ndim), dtype=np.int64)
 
 
@@ -336,15 +357,11 @@ def _box_indices(box: Box, grid: BlockGrid) -> np.ndarray | None:
     return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, grid.ndim)
 
 
-def _ring(box: Box, grid: BlockGrid, q: int, time_axis: int | None, step: int) -> np.ndarray:
-    """Blocks of one time ``step`` (ignored without a time axis) exactly ``q`` spatial hops (Chebyshev)
-    from the box's spatial part, clipped to the grid, in C order, as an (n, ndim) array."""
-    spatial = [a for a in range(grid.ndim) if a != time_axis]
-    axes = [
-        np.arange(max(0, box.lo[a] - q), min(grid.nblocks[a], box.hi[a] + q + 1)) for a in spatial
-    ]
+def _ring(box: Box, nblocks: Sequence[int], spatial: Sequence[int], q: int) -> np.ndarray:
+    """The ``spatial`` axes' indices exactly ``q`` hops (Chebyshev) from the box's spatial part, clipped
+    to the grid, in C order, as an (n, len(spatial)) array."""
+    axes = [np.arange(max(0, box.lo[a] - q), min(nblocks[a], box.hi[a] + q + 1)) for a in spatial]
     grown = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(spatial))
     lo, hi = np.asarray([box.lo[a] for a in spatial]), np.asarray([box.hi[a] for a in spatial])
     hops = np.maximum(np.maximum(lo - grown, 0), grown - hi).max(axis=1, initial=0)
-    ring = grown[hops == q]
-    return ring if time_axis is None else np.insert(ring, time_axis, step, axis=1)
+    return grown[hops == q]
