@@ -19,11 +19,13 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import threading
 from collections.abc import Callable
 from typing import Any, Self
 
+import numpy as np
 from aiohttp import web
 
 from tierscope.errors import (
@@ -112,13 +114,21 @@ def parse_block_index(text: str, what: str = "block index") -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
-def _parse_position(request: web.Request) -> list[tuple[int, ...]] | None:
+_POSITION = re.compile(r"\d{1,9}(?:\.\d{1,9}){0,31}(?:;\d{1,9}(?:\.\d{1,9}){0,31})*")
+
+
+def _parse_position(request: web.Request) -> np.ndarray | list[tuple[int, ...]] | None:
+    """The header's blocks: one regular expression and one NumPy conversion for a well-formed header (a
+    few microseconds of the loop per request), block by block only to name what is wrong with a bad one."""
     raw = request.headers.get("X-Tierscope-Position")
     if raw is None:
         return None
     parts = raw.split(";")
     if len(parts) > MAX_POSITION_BLOCKS:
         raise ValueError(f"X-Tierscope-Position lists {len(parts)} blocks, at most {MAX_POSITION_BLOCKS}")
+    axes = parts[0].count(".") + 1
+    if _POSITION.fullmatch(raw) and raw.count(".") == len(parts) * (axes - 1):  # every block has `axes` axes
+        return np.array(raw.replace(";", ".").split("."), dtype=np.int64).reshape(len(parts), axes)
     return [parse_block_index(p.strip(), "X-Tierscope-Position block") for p in parts]
 
 
