@@ -105,10 +105,10 @@ async def stream(
     response.content_type = content_type
     response.content_length = sum(len(c) for c, _ in chunks)
     charge.shrink(sum(n for _, n in chunks))
-    await response.prepare(request)
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(WRITE_TIMEOUT_S) as deadline:
+            await response.prepare(request)  # a client gone already fails here
             for data, charged in chunks:
                 view = memoryview(data)
                 for start in range(0, len(view), CHUNK):
