@@ -69,7 +69,7 @@ class Model:
         if key not in self._hops:
             views = self.views.get(key[:3])
             self._hops[key] = float("inf") if views is None else min(
-                Box(lo, hi).distance(key[3], views.time_axis) for lo, hi in views.boxes)
+                box.distance(key[3], views.time_axis) for box in views.boxes)
         return self._hops[key]
 
     def touch(self, key):
@@ -302,5 +302,5 @@ def test_sessions_views_are_the_most_recent_distinct_boxes():
     sessions.moved("d", "u")
     views = sessions.views(("d", "u"))
     assert len(views.boxes) == MAX_VIEWS - 1  # the twin's box once; the 11 least recent left out
-    assert sessions.distance("d", "u", (0, 0, 0, 0)) == 11
+    assert sessions.views(("d", "u")).hops_of((0, 0, 0, 0)) == 11
     assert sessions.views(("d", "v")) is None

@@ -46,6 +46,8 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from tierscope.prefetch import Box
+
 __all__ = ["ENTRY_OVERHEAD", "INDEX_OVERHEAD", "POLICIES", "VALUE_HEADER", "TierCache", "TierStats", "Views",
            "check_policy", "entry_charge", "nbytes_of"]
 
@@ -96,50 +98,29 @@ def nbytes_of(value: Any) -> int:
 
 class Views:
     """Boxes of blocks being viewed (corners inclusive) on one grid: a block's distance is its hops to
-    the nearest box, ``|dt| + max(|dz|, |dy|, |dx|)`` counted outside the box (``prefetch.Box.distance``).
-    """
+    the nearest box (``prefetch.Box.distance``)."""
 
-    __slots__ = ("boxes", "hi", "lo", "time_axis")
+    __slots__ = ("boxes", "time_axis")
 
     def __init__(
         self, boxes: Sequence[tuple[Sequence[int], Sequence[int]]], time_axis: int | None = 0
     ) -> None:
         if not boxes:
             raise ValueError("Views needs at least one box")
-        self.boxes = [(tuple(map(int, lo)), tuple(map(int, hi))) for lo, hi in boxes]
-        self.lo = np.array([lo for lo, _ in self.boxes], np.int64)
-        self.hi = np.array([hi for _, hi in self.boxes], np.int64)
+        self.boxes = [Box(tuple(map(int, lo)), tuple(map(int, hi))) for lo, hi in boxes]
         self.time_axis = time_axis
 
     def hops(self, columns: np.ndarray) -> np.ndarray:
-        """Hops of each column of an (ndim, n) array of block indices, box by box over whole rows."""
+        """Hops of each column of an (ndim, n) array of block indices, to the nearest box."""
         out = None
-        for lo, hi in zip(self.lo.astype(columns.dtype), self.hi.astype(columns.dtype), strict=True):
-            steps = lo[:, None] - columns
-            np.maximum(steps, columns - hi[:, None], out=steps)
-            np.maximum(steps, 0, out=steps)
-            if self.time_axis is None:
-                hops = steps.max(axis=0, initial=0)
-            else:
-                dt = steps[self.time_axis].copy()
-                steps[self.time_axis] = 0
-                hops = steps.max(axis=0) + dt
+        for box in self.boxes:
+            hops = box.distances(columns.T, self.time_axis)
             out = hops if out is None else np.minimum(out, hops, out=out)
         return out
 
-    def hops_of(self, index: Sequence[int]) -> float:
+    def hops_of(self, index: Sequence[int]) -> int:
         """Hops of one block: plain Python, cheaper than NumPy for a few blocks."""
-        best, time_axis = math.inf, self.time_axis
-        for lo, hi in self.boxes:
-            dt = far = 0
-            for axis, (i, low, high) in enumerate(zip(index, lo, hi)):  # not strict: hot path
-                step = low - i if i < low else i - high if i > high else 0
-                if axis == time_axis:
-                    dt = step
-                elif step > far:
-                    far = step
-            best = min(best, dt + far)
-        return best
+        return min(box.distance(index, self.time_axis) for box in self.boxes)
 
 
 @dataclass

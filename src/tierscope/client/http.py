@@ -212,7 +212,7 @@ class HttpTransport(Transport):
         return self._get_json("/stats")
 
     def codec(self) -> str:
-        return str(self._get_json("/stats")["config"]["codec"])
+        return str(self._get_json("/config")["codec"])
 
     def close(self) -> None:
         if self._session is not None and not self._session.closed:

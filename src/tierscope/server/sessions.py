@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import re
 import time
 from collections import OrderedDict, deque
@@ -90,15 +89,6 @@ class Sessions:
         pos = self._positions[key] = Position(grid, time_axis)
         self._by_variable.setdefault(key[1:3], {})[key] = pos
         return pos, dropped
-
-    def distance(self, dataset: str, variable: str, index: Sequence[int]) -> float:
-        """Hops from ``index`` to the nearest current view of any session on the variable (inf: none).
-
-        The same hops as ``Position.distance``: time steps plus the Chebyshev distance over the other
-        axes, counted from the view's box.
-        """
-        views = self.views((dataset, variable))
-        return math.inf if views is None else views.hops_of(index)
 
     def views(self, variable: tuple[str, str]) -> Views | None:
         """The current views on a (dataset, variable), at most ``MAX_VIEWS`` most recent; None: no view."""
