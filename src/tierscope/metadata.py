@@ -47,6 +47,9 @@ class VariableInfo:
     dtype: np.dtype
     block: tuple[int, ...]
     attrs: dict[str, Any] = field(default_factory=dict)
+    # > 0 for a pre-encoded store (``tierscope ingest --tol``): its blocks are frames within this bound of
+    # the original values, so only views with at least this tol can be served from it.
+    stored_tol: float = 0.0
 
     @property
     def grid(self) -> BlockGrid:
@@ -68,7 +71,16 @@ class VariableInfo:
             "dtype": self.dtype.str,
             "block": list(self.block),
             "attrs": jsonable(self.attrs),
+            "stored_tol": self.stored_tol,
         }
+
+    def check_view_tol(self, tol: float) -> None:
+        """A view's tol must be at least what the stored frames hold: a tighter one cannot be honoured."""
+        if tol < self.stored_tol:
+            raise ValueError(
+                f"variable {self.name!r} is stored pre-encoded within {self.stored_tol:g} of the original "
+                f"values (tierscope ingest --tol); views of it need tol >= {self.stored_tol:g}, got {tol:g}"
+            )
 
     @classmethod
     def from_json(cls, name: str, obj: dict[str, Any]) -> VariableInfo:
@@ -79,6 +91,7 @@ class VariableInfo:
             dtype=np.dtype(obj["dtype"]),
             block=tuple(int(b) for b in obj["block"]),
             attrs=dict(obj.get("attrs", {})),
+            stored_tol=float(obj.get("stored_tol", 0.0)),
         )
 
 

@@ -109,6 +109,8 @@ def ingest(
     fmt: str = "zarr",
     overwrite: bool = False,
     progress: Progress | None = None,
+    tol: float = 0.0,
+    codec: str = "lorenzo",
 ) -> Path:
     """Convert ``src`` (netCDF3/4, HDF5, zarr v2/v3; one path, several, or glob patterns) to a ``fmt``
     store (zarr v3, TileDB group, HDF5 file) chunked by ``block``.
@@ -119,9 +121,14 @@ def ingest(
     single chunk. ``overwrite`` replaces an existing store (of any of the three formats; anything else
     at ``out`` is left alone; through a symbolic link, the store it points at) once the new store is
     complete. ``out`` must not be or lie inside a source, and its directory must exist: ingest creates
-    no directories. ``progress(bytes_read, bytes_total)`` hears of each piece read. Returns ``out``."""
+    no directories. ``progress(bytes_read, bytes_total)`` hears of each piece read.
+
+    ``tol > 0`` writes a pre-encoded zarr store: every floating-point data variable's blocks are stored as
+    ``codec`` frames within ``tol`` of the input (``_pre_encoded``), so a block server hands them out as
+    they are, with no encode, to every view whose tol is at least ``tol``. Returns ``out``."""
     if fmt not in FORMATS:
         raise ValueError(f"output format {fmt!r} is not supported; supported: {', '.join(FORMATS)}")
+    tol = _check_store_tol(tol, codec, fmt)
     _check_writer(fmt)
     block = None if block is None else _check_block(block)
     sources = _sources(src)
@@ -130,7 +137,7 @@ def ingest(
     _delete(partial)  # a leftover of a killed ingest of this process id
     with contextlib.ExitStack() as stack:
         datasets = [stack.enter_context(_open_raw(path)) for path in sources]
-        data = _prepare(datasets, sources, block, progress)
+        data = _pre_encoded(_prepare(datasets, sources, block, progress), tol, codec)
         _write_partial(data, partial, fmt)
     _commit(partial, target)
     return Path(out)
@@ -209,6 +216,32 @@ def _prepare(
     data = _combine(datasets, sources, block) if len(datasets) > 1 else datasets[0]
     data = _rechunk(data, block)
     return data if progress is None else _counted(data, progress)
+
+
+def _check_store_tol(tol: float, codec: str, fmt: str) -> float:
+    from tierscope.codec import get_codec
+    from tierscope.metadata import check_tol
+
+    tol = check_tol(tol)
+    if tol and fmt != "zarr":
+        raise ValueError(f"--tol writes pre-encoded zarr stores only, not --format {fmt}")
+    if tol:
+        get_codec(codec)  # names the known codecs
+    return tol
+
+
+def _pre_encoded(ds: xr.Dataset, tol: float, codec: str) -> xr.Dataset:
+    """With ``tol``: each floating-point data variable's chunks stored as one tierscope frame each."""
+    if not tol:
+        return ds
+    from tierscope.codec.zarr3 import TierscopeZarrCodec
+
+    ds = ds.copy()
+    for var in ds.data_vars.values():
+        if var.dtype.kind == "f":
+            var.encoding = {**var.encoding, "serializer": TierscopeZarrCodec(codec=codec, tol=tol),
+                            "compressors": None}
+    return ds
 
 
 def _write_partial(data: xr.Dataset, partial: Path, fmt: str) -> None:

@@ -98,6 +98,11 @@ class Origin(abc.ABC):
     def read_block(self, variable: str, index: BlockIndex) -> np.ndarray:
         """One whole stored block, raw (not CF-decoded)."""
 
+    def read_frame(self, variable: str, index: BlockIndex) -> bytes:
+        """One stored block as the tierscope frame it is stored as (a pre-encoded store: the variable's
+        ``stored_tol`` > 0), so serving it needs no encode."""
+        raise StoreError(f"{self.location!r} holds no pre-encoded frames of {variable!r}")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""
 
@@ -155,6 +160,7 @@ class ZarrOrigin(Origin):
             self._store = ZarrStore.open_group(
                 self.location, mode="r", zarr_format=3, consolidated=False, **options
             )
+            self._arrays: dict[str, Any] = {}  # opened once: a lookup per block would re-read its metadata
             self._info = self._describe()
         except StoreError:
             raise
@@ -170,6 +176,7 @@ class ZarrOrigin(Origin):
                 coords[name] = (_objects(np.asarray(var.values)), dict(var.attrs))
                 continue
             dtype = np.dtype(var.dtype)
+            array = self._arrays[name] = self._store.zarr_group[name]
             variables[name] = VariableInfo(
                 name=name,
                 dims=tuple(var.dims),
@@ -177,6 +184,7 @@ class ZarrOrigin(Origin):
                 dtype=np.dtype(object) if dtype.kind == "T" else dtype,
                 block=tuple(var.encoding["chunks"]),
                 attrs=dict(var.attrs),
+                stored_tol=_stored_tol(array),
             )
         return DatasetInfo(
             name=self.name, attrs=dict(self._store.get_attrs()), variables=variables, coords=coords
@@ -189,15 +197,47 @@ class ZarrOrigin(Origin):
         var = self._info.variable(variable)
         index = var.grid.check(index)
         try:
-            block = self._store.zarr_group[variable].get_block_selection(index)
+            block = self._arrays[variable].get_block_selection(index)
         except Exception as exc:
             raise StoreError(
                 f"reading block {index} of {variable!r} from {self.location!r} failed: {exc}"
             ) from exc
         return _objects(np.asarray(block))
 
+    def read_frame(self, variable: str, index: BlockIndex) -> bytes:
+        var = self._info.variable(variable)
+        if not var.stored_tol:
+            return super().read_frame(variable, index)
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        array = self._arrays[variable]
+        key = array.metadata.encode_chunk_key(var.grid.check(index))
+        try:
+            frame = sync(array.store_path.store.get(f"{array.path}/{key}", default_buffer_prototype()))
+        except Exception as exc:
+            raise StoreError(
+                f"reading frame {index} of {variable!r} from {self.location!r} failed: {exc}"
+            ) from exc
+        if frame is None:
+            raise StoreError(f"frame {index} of {variable!r} is missing from {self.location!r}")
+        return frame.to_bytes()
+
     def close(self) -> None:
         self._store.close()
+
+
+def _stored_tol(array: Any) -> float:
+    """The bound of an array stored as tierscope frames alone (``tierscope ingest --tol``), else 0.
+
+    Only a lone tierscope serializer makes each stored chunk a frame that can be sent as it is.
+    """
+    from tierscope.codec.zarr3 import TierscopeZarrCodec
+
+    codecs = array.metadata.codecs
+    if len(codecs) == 1 and isinstance(codecs[0], TierscopeZarrCodec) and codecs[0].tol > 0:
+        return codecs[0].tol
+    return 0.0
 
 
 def _objects(values: np.ndarray) -> np.ndarray:
