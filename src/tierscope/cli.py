@@ -101,7 +101,8 @@ def _cmd_ingest(args: argparse.Namespace) -> None:
     _refuse_existing(args.out, args.overwrite)
     progress = None if args.quiet else _ProgressLine(
         "ingest", lambda done, n: f"{done / 2**20:.1f} of {n / 2**20:.1f} MiB")
-    out = ingest(args.inputs, args.out, block, fmt=args.format, overwrite=args.overwrite, progress=progress)
+    out = ingest(args.inputs, args.out, block, fmt=args.format, overwrite=args.overwrite, progress=progress,
+                 tol=args.tol)
     print(f"wrote {out}")
 
 
@@ -118,7 +119,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         if not token:
             raise ValueError(f"--token-file {args.token_file!r} is empty")
     service = BlockService([open_origin(path) for path in args.stores], args.codec, l3=args.l3, l4=args.l4,
-                           policy=args.policy, prefetch=args.prefetch, device=args.device)
+                           policy=args.policy, prefetch=args.prefetch, device=args.device,
+                           adapt=args.adapt == "on")
 
     def announce(url: str) -> None:
         for name in service.datasets():
@@ -208,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "chunks halved or doubled to about 1 MiB)")
     p.add_argument("--format", default="zarr", choices=("zarr", "tiledb", "hdf5"),
                    help="output store format (default: zarr v3)")
+    p.add_argument("--tol", type=float, default=0.0,
+                   help="store floating-point variables pre-encoded, as frames within this absolute bound "
+                        "(zarr only): served with no encode to views with at least this tol (default: 0, "
+                        "the values as they are)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it is a store, once the new one is complete")
     p.add_argument("--quiet", action="store_true", help="print no progress on stderr")
@@ -237,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "and interp per block), interp, zstd, raw, fp16, zfp, sz3 (default: %(default)s)")
     p.add_argument("--device", default=config.get("serve.device"), choices=("auto", "cpu", "gpu"),
                    help="where blocks are encoded; auto: the GPU when CuPy sees one (default: %(default)s)")
+    p.add_argument("--adapt", default=config.get("serve.adapt"), choices=("on", "off"),
+                   help="on: answer a user's miss with what reaches the client first on the link it reports "
+                        "(the raw block or a tighter cached frame when encoding would take longer; "
+                        "docs/server.md) (default: %(default)s)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="explore a sample dataset through a local server and cluster")

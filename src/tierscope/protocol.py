@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from tierscope.client.source import Source
 
 __all__ = [
-    "ENCODE_MS_HEADER", "MAX_BATCH", "MAX_POSITION_BLOCKS", "PLAN_OP", "POSITION_HEADER", "READ_MS_HEADER",
-    "READ_OP", "SESSION_HEADER", "TIER_HEADER", "VIEW_OP", "BlockSpec",
+    "ENCODE_MS_HEADER", "LINK_HEADER", "MAX_BATCH", "MAX_POSITION_BLOCKS", "PLAN_OP", "POSITION_HEADER",
+    "READ_MS_HEADER", "READ_OP", "SESSION_HEADER", "TIER_HEADER", "VIEW_OP", "BlockSpec",
 ]
 
 # Block server HTTP (docs/protocol.md)
@@ -33,6 +33,7 @@ POSITION_HEADER = "X-Tierscope-Position"
 TIER_HEADER = "X-Tierscope-Tier"
 READ_MS_HEADER = "X-Tierscope-Read-Ms"
 ENCODE_MS_HEADER = "X-Tierscope-Encode-Ms"
+LINK_HEADER = "X-Tierscope-Link"  # client -> server: the link throughput the client measured, bytes/s
 
 # Dask messages between the plugins and the client
 PLAN_OP = "tierscope-prefetch"  # scheduler -> worker stream message carrying a prefetch Plan

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ from tierscope.errors import (
 )
 from tierscope.grid import BlockIndex
 from tierscope.metadata import DatasetInfo
-from tierscope.protocol import MAX_BATCH
+from tierscope.protocol import LINK_HEADER, MAX_BATCH
 
 __all__ = ["HttpTransport"]
 
@@ -35,6 +36,10 @@ _ERRORS: dict[str, type[Exception]] = {
 # is back within one delay or two).
 _RETRY_STATUS = (502, 503, 504)
 _retries = 0  # in this process, for stats
+# Answers of at least this many bytes measure the link (smaller ones measure mostly the round trip);
+# each measurement moves the estimate by LINK_WEIGHT.
+LINK_SAMPLE_BYTES = 16 << 10
+LINK_WEIGHT = 0.2
 
 
 def retries() -> int:
@@ -87,6 +92,21 @@ class HttpTransport(Transport):
         self.base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session: aiohttp.ClientSession | None = None
+        self.link_bps: float | None = None  # measured on block answers, told to the server with each request
+
+    def _measured(self, nbytes: int, elapsed: float, server_s: float) -> None:
+        """An answer of ``nbytes`` took ``elapsed`` s, ``server_s`` of them on the server: the rest is
+        the link's (a slight underestimate of its throughput: it includes a round trip)."""
+        network_s = elapsed - server_s
+        if nbytes >= LINK_SAMPLE_BYTES and network_s > 0:
+            rate = nbytes / network_s
+            self.link_bps = rate if self.link_bps is None else self.link_bps + LINK_WEIGHT * (rate - self.link_bps)
+
+    def _block_headers(self, session: str | None, position: Sequence[BlockIndex] | None) -> dict[str, str]:
+        headers = view_headers(session, position)
+        if self.link_bps is not None:
+            headers[LINK_HEADER] = f"{self.link_bps:.0f}"
+        return headers
 
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -173,7 +193,9 @@ class HttpTransport(Transport):
     ) -> Fetched:
         path = f"/datasets/{dataset}/blocks/{variable}/{_block_path(index)}"
         params = {"tol": repr(float(tol)), "purpose": purpose}
-        body, headers = _sync.sync(self._request("GET", path, params, view_headers(session, position)))
+        t0 = time.perf_counter()
+        body, headers = _sync.sync(self._request("GET", path, params, self._block_headers(session, position)))
+        elapsed = time.perf_counter() - t0
         try:
             server_ms = float(headers["X-Tierscope-Read-Ms"]) + float(headers["X-Tierscope-Encode-Ms"])
             tier = headers["X-Tierscope-Tier"]
@@ -181,6 +203,7 @@ class HttpTransport(Transport):
             raise ServerUnavailableError(
                 f"{self.base_url} answered block {tuple(index)} without valid X-Tierscope-* headers"
             ) from None
+        self._measured(len(body), elapsed, server_ms / 1e3)
         return Fetched(body, tier, server_ms / 1e3)
 
     def fetch_many(
@@ -202,10 +225,13 @@ class HttpTransport(Transport):
                        "blocks": indices[start:start + MAX_BATCH]}
             if codec is not None:
                 request["codec"] = codec
+            t0 = time.perf_counter()
             body, _ = _sync.sync(self._request("POST", f"/datasets/{dataset}/batch",
-                                               headers=view_headers(session, position),
+                                               headers=self._block_headers(session, position),
                                                json_body=request))
-            frames.extend(block for _, block in split_batch(body))
+            blocks = [block for _, block in split_batch(body)]
+            self._measured(len(body), time.perf_counter() - t0, max(b.server_s for b in blocks))
+            frames.extend(blocks)
         return frames
 
     def server_stats(self) -> dict[str, object]:

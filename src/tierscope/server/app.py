@@ -36,7 +36,7 @@ from tierscope.errors import (
     VariableNotFoundError,
 )
 from tierscope.server.limits import ByteBudget, ServerBusyError, stream
-from tierscope.protocol import MAX_POSITION_BLOCKS
+from tierscope.protocol import LINK_HEADER, MAX_POSITION_BLOCKS
 from tierscope.server.service import BlockResult, BlockService
 
 __all__ = [
@@ -130,6 +130,17 @@ def _parse_position(request: web.Request) -> np.ndarray | list[tuple[int, ...]] 
     if _POSITION.fullmatch(raw) and raw.count(".") == len(parts) * (axes - 1):  # every block has `axes` axes
         return np.array(raw.replace(";", ".").split("."), dtype=np.int64).reshape(len(parts), axes)
     return [parse_block_index(p.strip(), "X-Tierscope-Position block") for p in parts]
+
+
+def _link(request: web.Request) -> float | None:
+    """The client's measured link throughput (``X-Tierscope-Link``, bytes/s), if it sent one."""
+    raw = request.headers.get(LINK_HEADER)
+    if raw is None:
+        return None
+    try:
+        return float(raw[:32])
+    except ValueError:
+        raise ValueError(f"{LINK_HEADER} must be a number of bytes per second, got {raw[:40]!r}") from None
 
 
 def _session(request: web.Request) -> str | None:
@@ -226,6 +237,7 @@ async def block(request: web.Request) -> web.StreamResponse:
             purpose=query.get("purpose", "user"),
             session=_session(request),
             position=_parse_position(request),
+            link_bps=_link(request),
         )
         return await stream(request, [_charged(result)], charge, "application/octet-stream",
                             _result_headers(result))
@@ -258,6 +270,7 @@ async def batch(request: web.Request) -> web.StreamResponse:
             purpose=_optional_str(payload, "purpose") or "user",
             session=_session(request),
             position=_parse_position(request),
+            link_bps=_link(request),
         )
         header = {"blocks": [
             [list(index), r.tier, len(r.frame), round(r.read_s * 1e3, 3), round(r.encode_s * 1e3, 3)]

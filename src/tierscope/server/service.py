@@ -24,6 +24,7 @@ import math
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from tierscope.grid import BlockGrid, BlockIndex
 from tierscope.metadata import DatasetInfo, VariableInfo, check_tol
 from tierscope.prefetch import MODES, Box, Position, radius_for
 from tierscope.protocol import MAX_BATCH, MAX_POSITION_BLOCKS
+from tierscope.server.choice import Costs
 from tierscope.server.sessions import PLAN_TTL_S, PrefetchItem, PrefetchQueue, Sessions, check_session
 from tierscope.server.stats import ServerStats
 from tierscope.store.origin import Origin
@@ -51,6 +53,8 @@ T = TypeVar("T")
 
 PURPOSES = ("user", "prefetch")
 ANONYMOUS = "-"
+STORED = "stored"  # the codec part of an L3 key for a pre-encoded store's frames: one entry answers every tol
+MAX_TOLS = 8  # tols per variable whose L3 frames a looser request looks through
 
 
 def parse_size(value: int | str, name: str) -> int:
@@ -141,10 +145,19 @@ class _Request:
     variable: VariableInfo
     tol: float
     codec: str
+    link_bps: float | None = None  # the client's link throughput, when it said (and the service adapts)
 
     @property
     def dataset(self) -> str:
         return self.origin.name
+
+    def l3_keys(self, index: BlockIndex, tighter: Sequence[float]) -> list[tuple]:
+        """The L3 keys that answer this request, its own first: a pre-encoded store's one frame, else the
+        frame at this tol and those at the ``tighter`` tols (within a tighter bound is within this one)."""
+        dataset, variable = self.dataset, self.variable.name
+        if self.variable.stored_tol:
+            return [(dataset, variable, self.variable.stored_tol, STORED, index)]
+        return [(dataset, variable, tol, self.codec, index) for tol in (self.tol, *tighter)]
 
 
 class BlockService:
@@ -154,7 +167,9 @@ class BlockService:
     lossless (zstd) at ``tol=0`` or for integer data. Tiers default to off (``l3=l4=0``), which is what
     an embedded service next to worker tiers wants; ``tierscope serve`` turns them on. ``device``: where
     blocks are encoded, "auto" (the GPU when CuPy sees one), "cpu" or "gpu" (an error now without one);
-    the frames are the same byte for byte either way.
+    the frames are the same byte for byte either way. ``adapt``: answer a user's L3 miss with whatever
+    reaches the client first given the link throughput it reports (``choice.Costs``): the raw block (then
+    encoded for L3 in the background), a frame at a tighter tol held in L3, or the frame encoded at tol.
     """
 
     def __init__(
@@ -172,8 +187,10 @@ class BlockService:
         plan_limit: int = 512,
         plan_ttl: float = PLAN_TTL_S,
         device: str = "auto",
+        adapt: bool = False,
     ) -> None:
         self.encode_device = resolve_device(device, "device")
+        self.adapt = adapt
         self._origins: dict[str, Origin] = {}
         for origin in origins:
             if origin.name in self._origins:
@@ -194,6 +211,10 @@ class BlockService:
         self.l4.set_distance(lambda key: (key[:2], key[2]), self.sessions.views)
         self._stats = ServerStats()
         self.queue = PrefetchQueue(plan_ttl)
+        self._tols: dict[tuple[str, str], OrderedDict[float, None]] = {}  # recent tols per variable
+        self.costs = Costs(workers)
+        self._background: set[asyncio.Task] = set()  # L3 encodes of blocks answered raw
+        self._user_requests = 0  # running user requests: prefetch waits until there are none
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
 
@@ -207,6 +228,8 @@ class BlockService:
         self._prefetch_pool = ThreadPoolExecutor(self.prefetch_workers,
                                                  thread_name_prefix="tierscope-prefetch")
         self._slots = asyncio.Semaphore(self.prefetch_workers)
+        self._user_idle = asyncio.Event()
+        self._user_idle.set()
         self.queue = PrefetchQueue(self.plan_ttl)
         self._tasks = [asyncio.create_task(self._prefetch_worker()) for _ in range(self.prefetch_workers)]
 
@@ -214,9 +237,10 @@ class BlockService:
         """Stop prefetching and wait for running reads/encodes; the service can be started again."""
         if self._loop is None:
             return
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._background]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         # On the loop, briefly: at most the reads/encodes already running. Not via to_thread: at
         # interpreter exit (the transports' atexit close) the default executor takes no new work.
         for pool in (self._user_pool, self._prefetch_pool):
@@ -245,14 +269,27 @@ class BlockService:
         return self.origin(name).info()
 
     def _request(self, dataset: str, variable: str, tol: float, codec_name: str | None,
-                 purpose: str) -> _Request:
+                 purpose: str, link_bps: float | None = None) -> _Request:
         if purpose not in PURPOSES:
             raise ValueError(f"purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
         tol = check_tol(tol)
         codec_name = self.codec_name if codec_name is None else codec_name
         codec.get_codec(codec_name)
         origin = self.origin(dataset)
-        return _Request(origin, origin.info().variable(variable), tol, codec_name)
+        info = origin.info().variable(variable)
+        info.check_view_tol(tol)
+        if link_bps is not None and not (math.isfinite(link_bps) and link_bps > 0):
+            raise ValueError(f"the link throughput must be a positive number of bytes/s, got {link_bps!r}")
+        return _Request(origin, info, tol, codec_name, link_bps if self.adapt and tol > 0 else None)
+
+    def _tighter(self, req: _Request) -> tuple[float, ...]:
+        """Remember ``req``'s tol for its variable (the ``MAX_TOLS`` most recent); the tighter ones."""
+        tols = self._tols.setdefault((req.dataset, req.variable.name), OrderedDict())
+        tols[req.tol] = None
+        tols.move_to_end(req.tol)
+        while len(tols) > MAX_TOLS:
+            tols.popitem(last=False)
+        return tuple(t for t in tols if t < req.tol)
 
     # ------------------------------------------------------------------ requests
     async def block(
@@ -265,10 +302,11 @@ class BlockService:
         purpose: str = "user",
         session: str | None = None,
         position: Sequence[Sequence[int]] | None = None,
+        link_bps: float | None = None,
     ) -> BlockResult:
         """One encoded block at ``tol``; ``position`` (the session's current view) steers prefetch."""
         return (await self.batch(dataset, variable, [index], tol, codec_name, purpose, session,
-                                 position, batch=False))[0]
+                                 position, link_bps=link_bps, batch=False))[0]
 
     async def batch(
         self,
@@ -281,12 +319,15 @@ class BlockService:
         session: str | None = None,
         position: Sequence[Sequence[int]] | None = None,
         *,
+        link_bps: float | None = None,
         batch: bool = True,
     ) -> list[BlockResult]:
-        """Many blocks of one variable in one call (at most ``MAX_BATCH``), served concurrently."""
+        """Many blocks of one variable in one call (at most ``MAX_BATCH``), served concurrently.
+
+        ``link_bps``: the throughput the client measured on its link to here (bytes/s), for ``adapt``."""
         if self._loop is None:
             raise RuntimeError("BlockService.start() must run on an event loop before serving blocks")
-        req = self._request(dataset, variable, tol, codec_name, purpose)
+        req = self._request(dataset, variable, tol, codec_name, purpose, link_bps)
         if not 0 < len(indices) <= MAX_BATCH:
             raise ValueError(f"blocks must list 1 to {MAX_BATCH} block indices, got {len(indices)}")
         grid = req.variable.grid
@@ -296,36 +337,99 @@ class BlockService:
         self._observe(req, session, position, checked if purpose == "user" else None)
         self._stats.requests[purpose] += len(checked)
         self._stats.batches += batch
-        prefetch = purpose == "prefetch"
-        # shielded: a client that hangs up does not cancel a load other requests may be waiting on
-        return list(await asyncio.shield(asyncio.gather(
-            *(self._serve_request(req, index, prefetch) for index in checked)
-        )))
-
-    async def _serve_request(self, req: _Request, index: BlockIndex, prefetch: bool) -> BlockResult:
-        if prefetch:
-            async with self._slots:
-                result = await self._serve(req, index, prefetch=True)
+        tighter = self._tighter(req)
+        if purpose == "prefetch":
+            serving = asyncio.gather(*(self._serve_prefetch(req, index, tighter) for index in checked))
         else:
-            result = await self._serve(req, index, prefetch=False)
+            serving = self._serve_user(req, checked, tighter)
+        # shielded: a client that hangs up does not cancel a load other requests may be waiting on
+        return list(await asyncio.shield(serving))
+
+    async def _serve_user(self, req: _Request, indices: list[BlockIndex],
+                          tighter: tuple[float, ...]) -> list[BlockResult]:
+        """A user request's blocks; while any runs, no prefetch load starts (they wait for ``_user_idle``)."""
+        self._user_requests += 1
+        self._user_idle.clear()
+        try:
+            results = await asyncio.gather(*(self._serve(req, index, False, tighter) for index in indices))
+        finally:
+            self._user_requests -= 1
+            if not self._user_requests:
+                self._user_idle.set()
+        for result in results:
+            self._stats.served_by[result.tier] += 1
+        return results
+
+    async def _serve_prefetch(self, req: _Request, index: BlockIndex, tighter: tuple[float, ...]) -> BlockResult:
+        await self._user_idle.wait()
+        async with self._slots:
+            result = await self._serve(req, index, True, tighter)
         self._stats.served_by[result.tier] += 1
         return result
 
-    async def _serve(self, req: _Request, index: BlockIndex, prefetch: bool) -> BlockResult:
-        key3 = (req.dataset, req.variable.name, req.tol, req.codec, index)
-        hit = self.l3.peek(key3) is not None  # no await before the lookup: still true there
-        encoded = await self.l3.aget_or_load(key3, lambda: self._encode(req, index, prefetch), prefetch)
-        shared = self.l3.peek(key3) is encoded
-        if hit:
-            return BlockResult(encoded.frame, "l3", 0.0, 0.0, shared)
+    async def _serve(self, req: _Request, index: BlockIndex, prefetch: bool,
+                     tighter: tuple[float, ...] = ()) -> BlockResult:
+        keys = req.l3_keys(index, tighter if req.link_bps is not None else ())
+        cached = self.l3.get_first(keys[:1], prefetch) or self._tighter_frame(req, keys[1:], prefetch)
+        if cached is not None:
+            return BlockResult(cached.frame, "l3", 0.0, 0.0, True)
+        raw_nbytes = math.prod(req.variable.block) * req.variable.dtype.itemsize
+        if (not prefetch and keys[0] not in self.l3
+                and self.costs.send_raw(self._ratio_key(req), raw_nbytes, req.link_bps)):
+            return await self._send_raw(req, index)
+        encoded = await self.l3.aget_or_load(keys[0], lambda: self._load_frame(req, index, prefetch), prefetch)
+        shared = self.l3.peek(keys[0]) is encoded
         return BlockResult(encoded.frame, encoded.tier, encoded.read_s, encoded.encode_s, shared)
 
-    async def _encode(self, req: _Request, index: BlockIndex, prefetch: bool) -> _Encoded:
+    @staticmethod
+    def _ratio_key(req: _Request) -> tuple:
+        return (req.dataset, req.variable.name, req.tol, req.codec)
+
+    def _tighter_frame(self, req: _Request, keys: Sequence[tuple], prefetch: bool) -> _Encoded | None:
+        """The smallest frame at a tighter tol in L3, when sending it beats encoding (a hit: counted)."""
+        frames = [(len(f.frame), key) for key in keys if (f := self.l3.peek(key)) is not None]
+        if not frames:
+            return None
+        size, key = min(frames)
+        raw_nbytes = math.prod(req.variable.block) * req.variable.dtype.itemsize
+        if not self.costs.send_tighter(size, self._ratio_key(req), raw_nbytes, req.link_bps):
+            return None
+        return self.l3.get_first([key], prefetch)
+
+    async def _send_raw(self, req: _Request, index: BlockIndex) -> BlockResult:
+        """Answer with the raw block (lossless: within every tol), then encode it for L3 in the background
+        (as prefetch work: after user requests)."""
+        key4 = (req.dataset, req.variable.name, index)
+        hit = self.l4.peek(key4) is not None
+        raw = await self.l4.aget_or_load(key4, lambda: self._read(req, index, False))
+        frame, encode_s = await self._run(False, codec.encode, raw.array, 0.0, codec="raw")
+        self._stats.raw_sent += 1
+        if len(self._background) < self.plan_limit:
+            task = asyncio.create_task(self._fill_l3(req, index))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return BlockResult(frame, "l4" if hit else "origin", 0.0 if hit else raw.read_s, encode_s)
+
+    async def _fill_l3(self, req: _Request, index: BlockIndex) -> None:
+        await self._user_idle.wait()
+        async with self._slots:
+            try:
+                await self._serve(req, index, True)
+            except Exception:  # the user has the block already; a failed fill only costs a later encode
+                logger.warning("background encode of %s %s failed", req.variable.name, index, exc_info=True)
+
+    async def _load_frame(self, req: _Request, index: BlockIndex, prefetch: bool) -> _Encoded:
+        """An L3 miss: a pre-encoded store's frame as stored, else the raw block (L4) encoded at tol."""
+        if req.variable.stored_tol:
+            frame, read_s = await self._run(prefetch, req.origin.read_frame, req.variable.name, index)
+            self._count_read(read_s)
+            return _Encoded(frame, "origin", read_s, 0.0)
         key4 = (req.dataset, req.variable.name, index)
         hit = self.l4.peek(key4) is not None
         raw = await self.l4.aget_or_load(key4, lambda: self._read(req, index, prefetch), prefetch)
         frame, encode_s = await self._run(prefetch, codec.encode, raw.array, req.tol, codec=req.codec,
                                           device=self.encode_device)
+        self.costs.encoded(self._ratio_key(req), raw.array.nbytes, len(frame), encode_s)
         self._stats.encodes += 1
         self._stats.stages["encode"].add(encode_s)
         return _Encoded(frame, "l4" if hit else "origin", 0.0 if hit else raw.read_s, encode_s)
@@ -334,9 +438,12 @@ class BlockService:
         array, read_s = await self._run(prefetch, req.origin.read_block, req.variable.name, index)
         array = np.asarray(array)
         array.flags.writeable = False  # shared by every later encode of this block
+        self._count_read(read_s)
+        return _Raw(array, read_s)
+
+    def _count_read(self, read_s: float) -> None:
         self._stats.origin_reads += 1
         self._stats.stages["read"].add(read_s)
-        return _Raw(array, read_s)
 
     async def _run(self, prefetch: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]:
         """Run ``fn`` in the user or prefetch pool; record the wait for a thread; return its duration."""
@@ -410,6 +517,7 @@ class BlockService:
     async def _prefetch_worker(self) -> None:
         while True:
             item = await self.queue.get()
+            await self._user_idle.wait()  # user requests first: the item waits, and may expire
             async with self._slots:
                 try:
                     await self._prefetch(item)
@@ -420,12 +528,12 @@ class BlockService:
     async def _prefetch(self, item: PrefetchItem) -> None:
         origin = self.origin(item.dataset)
         req = _Request(origin, origin.info().variable(item.variable), item.tol, item.codec)
-        if item.to_l3:
-            cached = self.l3.peek((item.dataset, item.variable, item.tol, item.codec, item.index))
+        if item.to_l3 or req.variable.stored_tol:  # a stored frame goes to L3 only
+            cached = self.l3.peek(req.l3_keys(item.index, ())[0])
         else:
             cached = self.l4.peek((item.dataset, item.variable, item.index))
         self._stats.prefetch["skipped" if cached is not None else "issued"] += 1
-        if item.to_l3:
+        if item.to_l3 or req.variable.stored_tol:
             await self._serve(req, item.index, prefetch=True)
         else:
             key4 = (item.dataset, item.variable, item.index)
@@ -507,6 +615,7 @@ class BlockService:
         self.prefetch_mode = mode or self.prefetch_mode
         self.sessions.clear()
         self.queue.clear()
+        self._tols.clear()
         dropped = []
         if drop_page_cache:
             for origin in self._origins.values():

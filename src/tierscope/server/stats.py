@@ -58,6 +58,7 @@ class ServerStats:
         self.served_by: Counter[str] = Counter()  # which tier answered each block request
         self.origin_reads = 0  # actual reads from an origin (one per load, however many waited)
         self.encodes = 0
+        self.raw_sent = 0  # user blocks answered raw because that reached the client sooner (adapt)
         self.prefetch: Counter[str] = Counter()  # planned, issued, cancelled, skipped, errors
         self.stages = {stage: Distribution() for stage in STAGES}
 
@@ -68,6 +69,7 @@ class ServerStats:
             "served_by": {t: self.served_by[t] for t in TIERS},
             "origin_reads": self.origin_reads,
             "encodes": self.encodes,
+            "raw_sent": self.raw_sent,
             "prefetch": {k: self.prefetch[k] for k in ("planned", "issued", "cancelled", "skipped",
                                                        "errors")},
             "stages": {stage: d.summary() for stage, d in self.stages.items()},
