@@ -32,7 +32,8 @@ def test_block_load_keys_reach_the_scheduler_unfused(client, dataset_url):
     assert dask.config.get("optimization.fuse.active", None) is None  # dask's default configuration
     client.register_plugin(KeyRecorder())
     ds = xr.open_dataset(dataset_url, engine="tierscope")
-    ds.u.isel(time=1, z=slice(4, 12)).values  # blocks t=1, z 0..1, y 0..1, x 0..1
+    with dask.config.set({"tierscope.direct-read.load": False}):  # a cold view takes the graph
+        ds.u.isel(time=1, z=slice(4, 12)).values  # blocks t=1, z 0..1, y 0..1, x 0..1
     (keys,) = client.run_on_scheduler(recorded)
     loads = [k for k in keys if isinstance(k, tuple) and str(k[0]).startswith("tierscope-u-")]
     assert {k[1:] for k in loads} == {(1, z, y, x) for z in (0, 1) for y in (0, 1) for x in (0, 1)}

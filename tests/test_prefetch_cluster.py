@@ -123,7 +123,7 @@ def test_playback_session_hits_l1_after_three_views(client, url, reference):
     assert stats["scheduler"]["views"] == 12 and stats["scheduler"]["plans"] == 12
     loads = stats["scheduler"]["loads"]
     assert stats["scheduler"]["queue"]["count"] == loads  # every graph load's wait for a worker, measured
-    assert 16 <= loads <= 4 * 16  # views all in L1 were read directly from their owners, without a graph
+    assert loads <= 16  # views are read from their owners directly (a slow cold one may take the graph)
     prefetch = stats["total"]["prefetch"]
     assert prefetch["used"] >= 0.9 * 9 * 16 and prefetch["issued"] >= prefetch["used"]
     # Prefetch work is timed apart from the user's loads: most of the decoding happened in the background.

@@ -54,6 +54,15 @@ def _inside_worker_task() -> bool:
     return True
 
 
+def _warm_workers(source: Source) -> None:
+    """Ready a connected client's workers for the first view (dask/direct.py)."""
+    try:
+        from tierscope.dask import direct
+    except ImportError:  # no distributed installed: nothing to warm
+        return
+    direct.warm(source)
+
+
 def _direct_read(spec: BlockSpec, dtype: np.dtype, key: tuple) -> np.ndarray | None:
     """The view straight from its owners' L1 when a connected Dask client allows it (dask/direct.py)."""
     try:
@@ -100,10 +109,13 @@ class TierscopeDataStore(AbstractDataStore):
         transport = source.acquire()
         try:
             self.info = transport.info(source.dataset)
+            for var in self.info.variables.values():  # a pre-encoded store cannot honour a tighter tol
+                var.check_view_tol(tol)
             self.codec = transport.codec() if tol > 0 else None
         except BaseException:
             source.release()
             raise
+        _warm_workers(source)
         self._closed = False
 
     def get_variables(self) -> dict[str, xr.Variable]:

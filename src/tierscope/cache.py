@@ -249,6 +249,18 @@ class TierCache(Generic[V]):
                 self._touch(key, entry, prefetch=False)
             return [entry.value for entry in entries]
 
+    def get_first(self, keys: Sequence[Hashable], prefetch: bool = False) -> V | None:
+        """The value of the first of ``keys`` held (a lookup that hits: counted, recency kept), else None
+        and nothing counted. For alternatives that all answer the request: a frame within a tighter tol
+        answers a looser view."""
+        with self._lock:
+            for key in keys:
+                entry = self._data.get(key)
+                if entry is not None:
+                    self._touch(key, entry, prefetch)
+                    return entry.value
+            return None
+
     def get_or_load(self, key: Hashable, loader: Callable[[], V], prefetch: bool = False) -> V:
         """Return the value for ``key``, running ``loader`` at most once across threads."""
         value, flight, owner = self._lookup(key, prefetch)
@@ -265,16 +277,18 @@ class TierCache(Generic[V]):
         return value
 
     def load_many(
-        self, keys: Sequence[Hashable], loader: Callable[[list[Hashable]], Sequence[V]]
+        self, keys: Sequence[Hashable], loader: Callable[[list[Hashable]], Sequence[V]],
+        prefetch: bool = True,
     ) -> dict[Hashable, V]:
-        """Prefetch: load, with one ``loader`` call, the ``keys`` neither cached nor in flight.
+        """Load, with one ``loader`` call, the ``keys`` neither cached nor in flight (prefetch, or with
+        ``prefetch=False`` the user's misses of one view: counted as lookups).
 
         Each loaded key is a flight of its own while ``loader`` runs, so a user lookup of it joins the
         batch instead of fetching again. Returns the values this call loaded (also those too big to keep).
         """
         owned: list[tuple[Hashable, _Flight]] = []
         for key in dict.fromkeys(keys):
-            _, flight, owner = self._lookup(key, prefetch=True)
+            _, flight, owner = self._lookup(key, prefetch=prefetch)
             if owner:
                 owned.append((key, flight))
         if not owned:

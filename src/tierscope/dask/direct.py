@@ -1,13 +1,17 @@
-"""Direct reads: a view whose blocks all sit in their owners' L1 or L2 skips the Dask graph.
+"""Direct reads: a view skips the Dask graph; each owner answers for its blocks, loading what it lacks.
 
 A graph is a scheduler round trip — submitted, placed, dispatched to the owners, gathered back — which
 took 30-80 ms per view on a busy 2-core machine even when every block was an L1 hit
-(docs/benchmarks-harness.md). For such a view the client asks each owner worker once, over Dask's own
-connection pool (worker handler ``tierscope_read``), for its blocks' parts. An owner answers only when it
-holds all of its share in its tiers — L1 parts copied at once, L2 frames decoded in a thread — and only
-then counts those lookups; otherwise it answers None and counts nothing. Before the reads the client tells the scheduler plugin the view (stream message
-``tierscope-view``), so prefetch moves on exactly as after a graph. Blocks whose owner did not answer load
-through the usual graph, as ``ReportedBlockLoadTask``s: placed on their owners, not taken for a new view.
+(docs/benchmarks-harness.md), and a cold view through it costs a task, a request and a decode per block,
+one after the other on each worker thread. Instead the client asks each owner worker once, over Dask's
+own connection pool (worker handler ``tierscope_read``), for its blocks' parts. An owner copies L1 parts
+at once; blocks it lacks come in one batch request (the server works on them side by side) and every
+block is decoded in parallel (``WorkerTiers.read_loading``), so a cold view is one pipeline per owner.
+With ``tierscope.direct-read.load`` off, an owner answers only when it holds all of its share, and
+otherwise answers None and counts nothing. Before the reads the client tells the scheduler plugin the view
+(stream message ``tierscope-view``), so prefetch moves on exactly as after a graph. Blocks whose owner did
+not answer (in time) load through the usual graph, as ``ReportedBlockLoadTask``s: placed on their owners,
+not taken for a new view, joining any fetch still in flight there.
 
 Only for clients that ``tierscope.connect`` set up (their workers have the handler) and for basic
 selections with unit steps; every other read takes the graph. The view message rides the client's
@@ -33,13 +37,14 @@ from distributed.protocol.serialize import ToPickle
 
 from tierscope import config
 from tierscope._compat import send_to_scheduler
+from tierscope.client.source import Source
 from tierscope.dask.graph import block_array
 from tierscope.dask.scheduler import owner_of
 from tierscope.grid import BlockGrid, BlockIndex
 from tierscope.prefetch import Box
 from tierscope.protocol import READ_OP, VIEW_OP, BlockSpec
 
-__all__ = ["Piece", "disable", "enable", "pieces", "read"]
+__all__ = ["Piece", "disable", "enable", "pieces", "read", "warm"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,16 +153,21 @@ def _workers(client: Any, refresh: bool = False) -> _Workers | None:
 
 
 async def _ask_owners(
-    client: Any, spec: BlockSpec, shares: dict[str, list[Piece]], timeout: float
+    client: Any, spec: BlockSpec, shares: dict[str, list[Piece]], timeout: float, load: bool, view: list
 ) -> dict[str, Any]:
-    """Each owner's parts (a sequence), None where it lacks some block, False where asking failed."""
+    """Each owner's parts (a sequence); None where it left them to the graph or took too long; False where
+    asking failed (a worker gone, or without the handler: not asked again for a while)."""
 
     async def ask(worker: str, share: list[Piece]) -> Sequence[np.ndarray] | None | bool:
         wire = [[list(p.index), [[s.start, s.stop] for s in p.part]] for p in share]
         try:  # the pool's connect retries a gone worker for 30 s: bounded here
             reply = await asyncio.wait_for(
-                getattr(client.rpc(worker), READ_OP)(spec=ToPickle(spec), parts=wire), timeout)
-        except Exception as exc:  # gone, closing, too slow: its blocks take the graph
+                getattr(client.rpc(worker), READ_OP)(spec=ToPickle(spec), parts=wire, load=load,
+                                                     session=client.id, view=view), timeout)
+        except asyncio.TimeoutError:  # still loading (a slow server?): the graph's loads join its fetches
+            logger.debug("direct read from %s timed out after %.1f s", worker, timeout)
+            return None
+        except Exception as exc:  # gone, closing: its blocks take the graph
             logger.debug("direct read from %s failed: %r", worker, exc)
             return False
         if not isinstance(reply, dict):  # None: the worker has no such handler
@@ -166,6 +176,26 @@ async def _ask_owners(
 
     answers = await asyncio.gather(*(ask(w, s) for w, s in shares.items()))
     return dict(zip(shares, answers, strict=True))
+
+
+def warm(source: Source) -> None:
+    """Ready a connected client's workers for the first view of ``source``, without waiting for them: each
+    opens its transport (a connection to the server, or the store), fetches the dataset's description and
+    starts its decode threads (``WorkerTiers.warm``), so the first view costs what any cold view costs."""
+    client = _client()
+    if client is None:
+        return
+    _workers(client)  # the owner hash's worker list, fetched now rather than on the first view
+    client.run(_warm_worker, source, wait=False)
+
+
+async def _warm_worker(source: Source) -> None:
+    """On a worker's event loop (a coroutine: ``Client.run(wait=False)`` takes only those); the warming
+    runs in a thread of its own."""
+    from tierscope.dask.tiers import current_tiers
+
+    tiers = current_tiers()
+    threading.Thread(target=tiers.warm, args=(source,), name="tierscope-warm", daemon=True).start()
 
 
 def read(spec: BlockSpec, dtype: np.dtype, key: Sequence[int | slice]) -> np.ndarray | None:
@@ -193,7 +223,8 @@ def read(spec: BlockSpec, dtype: np.dtype, key: Sequence[int | slice]) -> np.nda
     asked = {w: share for w, share in shares.items() if w not in skipped}
     timeout = config.get_seconds("direct-read.ask-timeout") + nbytes / config.get_bytes(
         "direct-read.ask-bytes-per-second")
-    answers = client.sync(_ask_owners, client, spec, asked, timeout)
+    answers = client.sync(_ask_owners, client, spec, asked, timeout, bool(config.get("direct-read.load")),
+                          [box.lo, box.hi])
     out = np.empty(shape, dtype=dtype)
     missing = [piece for w in skipped for piece in shares[w]]
     for worker, share in asked.items():

@@ -81,23 +81,33 @@ class TierscopeWorkerPlugin(WorkerPlugin):
         _process_collector().plugins.pop(worker.address, None)
         if self.prefetcher is not None:
             self.prefetcher.close()
+        if self.tiers is not None:
+            self.tiers.close()
         self.tiers = self.prefetcher = None
 
     def _on_plan(self, plan: Plan) -> None:
         if self.prefetcher is not None:
             self.prefetcher.submit(plan)
 
-    async def _on_read(self, spec: BlockSpec, parts: list) -> dict[str, list[Serialize] | None]:
-        """A direct read (``tierscope.dask.direct``): ``{"parts": [...]}`` if every block is in L1 or L2,
-        else ``{"parts": None}`` (and nothing counted).
+    async def _on_read(
+        self, spec: BlockSpec, parts: list, load: bool = False, session: str | None = None,
+        view: list | None = None,
+    ) -> dict[str, list[Serialize] | None]:
+        """A direct read (``tierscope.dask.direct``): ``{"parts": [...]}``, the blocks this worker lacks
+        fetched in one batch and every block decoded in parallel (``WorkerTiers.read_loading``); without
+        ``load`` (the client's ``tierscope.direct-read.load``), only when every block is in L1 or L2. ``{"parts": None}``
+        (nothing counted) leaves the view to the graph, which also meets a failed fetch's error for the user.
 
-        Small L1 answers are copied on the event loop (microseconds); bigger ones, GPU copies and frames
-        held only in L2 (decoded through the user load path, which counts them) go to a thread, so the
-        loop keeps answering heartbeats and plans.
+        Small L1 answers are copied on the event loop (microseconds); bigger ones, GPU copies, decodes and
+        fetches go to a thread, so the loop keeps answering heartbeats and plans. ``session`` and ``view``
+        (the box's corners) say where the reader is now: the fetches tell the server, before the scheduler's
+        plan for this view arrives, so a jump drops the server's prefetch for the old position at once.
         """
         tiers = self.tiers
         if tiers is None:
             return {"parts": None}
+        if load and session is not None and view is not None:
+            tiers.set_view(session, spec, tuple(tuple(int(i) for i in corner) for corner in view))
         pieces = [(tuple(index), tuple(slice(a, b) for a, b in part)) for index, part in parts]
         nbytes = sum(math.prod(s.stop - s.start for s in part) for _, part in pieces) * spec.itemsize
         if nbytes <= LOOP_COPY_BYTES and tiers.device == "cpu":
@@ -105,9 +115,13 @@ class TierscopeWorkerPlugin(WorkerPlugin):
         else:
             got = await asyncio.to_thread(tiers.read_cached, spec, pieces)
         if got is None:
-            if not tiers.held(spec, [index for index, _ in pieces]):
+            if not load and not tiers.held(spec, [index for index, _ in pieces]):
                 return {"parts": None}
-            got = await asyncio.to_thread(tiers.read_loaded, spec, pieces)
+            try:
+                got = await asyncio.to_thread(tiers.read_loading, spec, pieces)
+            except Exception as exc:  # e.g. the server is down: the graph's loads retry and report it
+                logger.info("direct read of %d blocks of %r left to the graph: %r", len(pieces), spec.variable, exc)
+                return {"parts": None}
         return {"parts": [Serialize(values) for values in got]}
 
     def _summary(self) -> dict[str, Any]:

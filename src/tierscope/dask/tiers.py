@@ -6,12 +6,16 @@ elsewhere (dask's local schedulers, or no dask at all). Loads are single-flight 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import functools
 import math
+import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +32,17 @@ from tierscope.protocol import BlockSpec
 
 __all__ = ["WorkerTiers", "configure_local_tiers", "current_tiers", "local_tiers"]
 
+logger = logging.getLogger(__name__)
+
 PLUGIN_NAME = "tierscope"
 # A view of more blocks is told to the server as its two corners: the same box, a short header.
 MAX_TOLD_BLOCKS = 256
 # Variables (dataset, variable, tol) whose current view a worker remembers; the least recently told go
 # first (their cached blocks then rank as unviewed, farthest, for the distance policy).
 MAX_VIEWS = 256
+# Tols per variable whose cached blocks a looser load looks through (a block within a tighter bound is
+# within the looser one too): the most recently loaded.
+MAX_TOLS = 8
 
 
 class WorkerTiers:
@@ -56,6 +65,8 @@ class WorkerTiers:
             tier.set_distance(_locate, self._views_of)
         self._lock = threading.Lock()
         self._views: OrderedDict[tuple, tuple[str, tuple[BlockIndex, ...], Box, Views]] = OrderedDict()
+        self._tols: dict[tuple, OrderedDict[float, None]] = {}  # (dataset, variable) -> recent tols
+        self._pool: ThreadPoolExecutor | None = None
         self._user_loads = 0
         self.user_idle = threading.Event()
         self.user_idle.set()
@@ -65,20 +76,77 @@ class WorkerTiers:
         self.stage_s = {"network": 0.0, "server": 0.0, "decode": 0.0}
         self.prefetch_stage_s = dict(self.stage_s)
 
-    def load(self, spec: BlockSpec, index: BlockIndex) -> np.ndarray:
-        """One decoded block, as a private host copy (a cached block is never handed out)."""
-        key = spec.block_key(index)
+    def load(self, spec: BlockSpec, index: BlockIndex, frame: bytes | None = None) -> np.ndarray:
+        """One decoded block, as a private host copy (a cached block is never handed out); ``frame``: its
+        frame, fetched already."""
+        keys = self._keys(spec, index)
+        with self._user_load():
+            block = self.l1.get_first(keys) if len(keys) > 1 else None
+            if block is None:
+                block = self.l1.get_or_load(keys[0], lambda: self._decode(spec, index, keys, "user", frame))
+            return block.copy() if self._xp is np else _host_copy(self._xp, block, spec.dtype)
+
+    @contextlib.contextmanager
+    def _user_load(self) -> Iterator[None]:
+        """While a user load runs, prefetch waits (``user_idle``)."""
         with self._lock:
             self._user_loads += 1
             self.user_idle.clear()
         try:
-            block = self.l1.get_or_load(key, lambda: self._decode(spec, index, key, "user"))
-            return block.copy() if self._xp is np else _host_copy(self._xp, block, spec.dtype)
+            yield
         finally:
             with self._lock:
                 self._user_loads -= 1
                 if not self._user_loads:
                     self.user_idle.set()
+
+    def read_loading(
+        self, spec: BlockSpec, pieces: Sequence[tuple[BlockIndex, tuple[slice, ...]]]
+    ) -> list[np.ndarray]:
+        """Parts of blocks, the missing ones fetched in one batch round trip (the server works on them
+        side by side) and all decoded in parallel: a cold view's share of one worker, as a pipeline
+        instead of a task, a request and a decode per block one after the other."""
+        indices = list(dict.fromkeys(index for index, _ in pieces))
+        with self._user_load():
+            wanted = {}
+            for index in indices:
+                keys = self._keys(spec, index)
+                if not any(key in self.l1 or key in self.l2 for key in keys):
+                    wanted[keys[0]] = index
+            frames = self.l2.load_many(list(wanted), lambda keys: self._fetch_many(
+                spec, [wanted[k] for k in keys], "user"), prefetch=False) if wanted else {}
+            blocks = dict(zip(indices, self._decoders().map(
+                lambda index: self.load(spec, index, frames.get(spec.block_key(index))), indices)))
+        return [np.ascontiguousarray(blocks[index][part]) for index, part in pieces]
+
+    def warm(self, source: Source) -> None:
+        """Ready this process for the first view of ``source``: its transport connected (the dataset's
+        description fetched), the decode threads started and the codec's code paths loaded."""
+        try:
+            source.transport().info(source.dataset)
+            self._decoders().submit(codec.decode, codec.encode(np.zeros((2, 2), np.float32), 0.5)).result()
+        except Exception as exc:  # only an optimisation: the first view meets (and reports) any problem
+            logger.info("warming for %s failed: %r", source.url, exc)
+
+    def _decoders(self) -> ThreadPoolExecutor:
+        """Threads that decode a view's blocks side by side (the codecs' kernels release the GIL)."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="tierscope-decode")
+            return self._pool
+
+    def _keys(self, spec: BlockSpec, index: BlockIndex) -> list[Hashable]:
+        """The block's key, then its keys at the tighter tols recently loaded of its variable: any of them
+        answers the load (counted as a hit in the tier that holds it)."""
+        key = spec.block_key(index)
+        with self._lock:
+            tols = self._tols.setdefault(key[:2], OrderedDict())
+            tols[spec.tol] = None
+            tols.move_to_end(spec.tol)
+            while len(tols) > MAX_TOLS:
+                tols.popitem(last=False)
+            tighter = [tol for tol in tols if tol < spec.tol]
+        return [key, *((*key[:2], tol, key[3]) for tol in tighter)]
 
     def read_cached(
         self, spec: BlockSpec, pieces: Sequence[tuple[BlockIndex, tuple[slice, ...]]]
@@ -100,12 +168,6 @@ class WorkerTiers:
         keys = [spec.block_key(index) for index in indices]
         return all(key in self.l1 or key in self.l2 for key in keys)
 
-    def read_loaded(
-        self, spec: BlockSpec, pieces: Sequence[tuple[BlockIndex, tuple[slice, ...]]]
-    ) -> list[np.ndarray]:
-        """Parts of blocks through user loads (L2 frames decoded into L1 as needed): off the event loop."""
-        return [np.ascontiguousarray(self.load(spec, index)[part]) for index, part in pieces]
-
     def prefetch(self, spec: BlockSpec, blocks: Sequence[tuple[BlockIndex, bool]]) -> int:
         """Bring blocks into L2, and into L1 those marked ``decode``; returns how many were not there.
 
@@ -119,7 +181,8 @@ class WorkerTiers:
             spec, [indices[k] for k in keys], "prefetch"))
         for key, index, decode in wanted:
             if decode:  # from the batch's own frame: L2 may be too small to have kept it
-                load = functools.partial(self._decode, spec, index, key, "prefetch", frames.get(key))
+                self.user_idle.wait(config.get_seconds("prefetch-batch.user-wait"))  # user decodes first
+                load = functools.partial(self._decode, spec, index, [key], "prefetch", frames.get(key))
                 self.l1.get_or_load(key, load, prefetch=True)
         return len(wanted)
 
@@ -143,11 +206,15 @@ class WorkerTiers:
         return None if entry is None else entry[3]
 
     def _decode(
-        self, spec: BlockSpec, index: BlockIndex, key: Hashable, purpose: str, frame: bytes | None = None
+        self, spec: BlockSpec, index: BlockIndex, keys: Sequence[Hashable], purpose: str,
+        frame: bytes | None = None,
     ) -> Any:
+        """Decode the frame given, else one held in L2 under any of ``keys``, else fetched for ``keys[0]``."""
+        prefetch = purpose == "prefetch"
+        if frame is None and len(keys) > 1:
+            frame = self.l2.get_first(keys, prefetch)
         if frame is None:
-            frame = self.l2.get_or_load(key, lambda: self._fetch(spec, index, purpose),
-                                        prefetch=purpose == "prefetch")
+            frame = self.l2.get_or_load(keys[0], lambda: self._fetch(spec, index, purpose), prefetch=prefetch)
         t0 = time.perf_counter()
         block = codec.decode(frame, device=self.device)
         if self._xp is np:
@@ -194,6 +261,13 @@ class WorkerTiers:
     def _position(self, spec: BlockSpec) -> tuple[str | None, tuple[BlockIndex, ...] | None]:
         entry = self._views.get(_view_key(spec))
         return (None, None) if entry is None else (entry[0], entry[1])
+
+    def close(self) -> None:
+        """Stop the decode threads (a worker plugin's teardown)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> dict[str, object]:
         with self._lock:
