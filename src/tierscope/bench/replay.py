@@ -176,7 +176,7 @@ def prepare_data(data_dir: str | Path, preset: Preset, formats: Iterable[str] = 
             ingest(zarr, out, preset.block, fmt=fmt, overwrite=True)
             marker.touch()
         paths[fmt] = out
-    return DataPaths(zarr, paths["tiledb"], paths["hdf5"], variable)
+    return DataPaths(zarr, paths["tiledb"], paths["hdf5"], variable, preset.block)
 
 
 def value_range(data: DataPaths) -> float:

@@ -59,7 +59,7 @@ __all__ = [
 TIERS = ("l1", "l2", "l3", "l4", "origin")
 STAGES = ("queue", "network", "server", "decode")
 BASELINE = "zarr-http"
-SYSTEMS = ("tierscope", "tierscope-TIERS", "raw", "fp16", "zarr-http", "zarr-local", "tiledb", "hdf5",
+SYSTEMS = ("tierscope", "tierscope-live", "tierscope-TIERS", "raw", "fp16", "zarr-http", "zarr-local", "tiledb", "hdf5",
            "copy-first")
 _TIER_COMBO = re.compile(r"tierscope-([01]{4})")
 _CONTROL_TIMEOUT = 30
@@ -73,10 +73,24 @@ class DataPaths:
     tiledb: Path | None
     hdf5: Path | None
     variable: str = "u"
+    block: tuple[int, ...] | None = None
 
     @property
     def name(self) -> str:
         return self.zarr.name.removesuffix(".zarr")
+
+    def encoded(self, tol: float) -> Path:
+        """The zarr store pre-encoded at ``tol`` (``tierscope ingest --tol``; made once, then kept), under
+        the same dataset name."""
+        from tierscope.store import ingest
+
+        out = self.zarr.parent / f"encoded-tol{tol!r}" / self.zarr.name
+        marker = out.parent / ".complete"
+        if not marker.exists():
+            out.parent.mkdir(exist_ok=True)
+            ingest(self.zarr, out, self.block, tol=tol, overwrite=True)
+            marker.touch()
+        return out
 
 
 @dataclass(frozen=True)
@@ -113,7 +127,7 @@ class Testbed:
 
     def __init__(self, data: DataPaths, client: Any, link: Link | None) -> None:
         self.data, self.client, self.link = data, client, link
-        self._block_servers: dict[str, tuple[Any, str]] = {}
+        self._block_servers: dict[tuple[str, Path], tuple[Any, str]] = {}
         self._static: tuple[StaticServer, str] | None = None
         self._closers: list[Any] = []
 
@@ -124,16 +138,14 @@ class Testbed:
         self._closers.append(proxy.stop)
         return proxy.url
 
-    def block_server(self, codec: str) -> tuple[Any, str]:
-        """(the ServerThread, its base URL through the link) serving the data with ``codec`` frames."""
-        if codec not in self._block_servers:
-            from tierscope.server import BlockService, ServerThread
-            from tierscope.store.origin import ZarrOrigin
-
-            server = ServerThread(BlockService([ZarrOrigin(self.data.zarr)], codec_name=codec)).start()
+    def block_server(self, codec: str, store: Path) -> tuple[Any, str]:
+        """(the ServerProcess, its base URL through the link) serving ``store`` with ``codec`` frames."""
+        key = (codec, store)
+        if key not in self._block_servers:
+            server = ServerProcess(store, codec)
             self._closers.append(server.stop)
-            self._block_servers[codec] = server, self._behind_link(server.host, server.port, server.url)
-        return self._block_servers[codec]
+            self._block_servers[key] = server, self._behind_link(server.host, server.port, server.url)
+        return self._block_servers[key]
 
     def static_url(self) -> str:
         """URL of the zarr store served as static files, through the link."""
@@ -152,6 +164,44 @@ class Testbed:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ServerProcess:
+    """``tierscope serve`` in its own process, as deployed next to the storage: its encodes do not share
+    the GIL (or the event loop) with the client, the link proxy or the baselines' servers."""
+
+    def __init__(self, store: Path, codec: str) -> None:
+        import subprocess
+        import sys
+        import tempfile
+
+        self._errors = tempfile.TemporaryFile(mode="w+")  # a pipe nobody drains could block the server
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "tierscope", "serve", str(store), "--host", "127.0.0.1", "--port", "0",
+             "--codec", codec, "--l3", "0", "--l4", "0", "--prefetch", "off"],
+            stdout=subprocess.PIPE, stderr=self._errors, text=True,
+        )
+        line = self._process.stdout.readline() if self._process.stdout else ""  # then it prints nothing
+        match = re.match(r"serving (http://[^/]+)/datasets/", line)
+        if match is None:
+            self.stop()
+            self._errors.seek(0)
+            raise RuntimeError(f"tierscope serve did not start: {(line + self._errors.read()).strip()[-500:]}")
+        self.url = match.group(1)
+        self.host, _, port = self.url.removeprefix("http://").rpartition(":")
+        self.port = int(port)
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._errors.close()
 
 
 def _http_json(method: str, url: str, body: dict[str, Any] | None = None) -> Any:
@@ -211,13 +261,16 @@ class _XarraySystem(System):
 
 
 class TierscopeSystem(_XarraySystem):
-    """tierscope over HTTP through the link: L1/L2 sized by ``connect``, L3/L4 by ``PUT /config``."""
+    """tierscope over HTTP through the link: L1/L2 sized by ``connect``, L3/L4 by ``PUT /config``.
+
+    ``stored``: a lossy view is served from the store pre-encoded at its tol (``tierscope ingest --tol``,
+    no encode on the server), else from the raw store, encoding on demand."""
 
     def __init__(self, name: str, tiers: str = "1111", codec: str = "lorenzo",
-                 sizes: TierSizes | None = None) -> None:
+                 sizes: TierSizes | None = None, stored: bool = True) -> None:
         if not re.fullmatch(r"[01]{4}", tiers):
             raise ValueError(f"tiers must be four 0/1 digits for L1, L2, L3, L4, got {tiers!r}")
-        self.name, self.tiers, self.codec = name, tiers, codec
+        self.name, self.tiers, self.codec, self.stored = name, tiers, codec, stored
         self.bounded = codec != "fp16"
         self.sizes = sizes or TierSizes()
         self.bed: Testbed | None = None
@@ -234,7 +287,8 @@ class TierscopeSystem(_XarraySystem):
         from tierscope.server.service import parse_size
 
         self.bed = bed
-        self._server, url = bed.block_server(self.codec)
+        store = bed.data.encoded(tol) if self.stored and tol > 0 else bed.data.zarr
+        self._server, url = bed.block_server(self.codec, store)
         t0 = time.perf_counter()
         _http_json("PUT", f"{self._server.url}/config", {
             "l3": parse_size(self._size("l3"), "l3"), "l4": parse_size(self._size("l4"), "l4"),
@@ -405,12 +459,12 @@ def _selection(view: View) -> tuple[int | slice, ...]:
 def make_system(name: str, sizes: TierSizes | None = None) -> System:
     """A fresh system by its ``--systems`` name."""
     sizes = sizes or TierSizes()
-    if name == "tierscope":
-        return TierscopeSystem(name, "1111", sizes=sizes)
+    if name in ("tierscope", "tierscope-live"):
+        return TierscopeSystem(name, "1111", sizes=sizes, stored=name == "tierscope")
     if match := _TIER_COMBO.fullmatch(name):
         return TierscopeSystem(name, match.group(1), sizes=sizes)
     if name in ("raw", "fp16"):
-        return TierscopeSystem(name, "1111", codec=name, sizes=sizes)
+        return TierscopeSystem(name, "1111", codec=name, sizes=sizes, stored=False)
     simple = {"zarr-http": ZarrHttpSystem, "zarr-local": ZarrLocalSystem, "copy-first": CopyFirstSystem,
               "tiledb": TileDBSystem, "hdf5": HDF5System}
     if name not in simple:
