@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 SHAPE = (4, 16, 32, 32)
 BLOCK = (1, 8, 16, 16)
+
+
+def wait_for(predicate, timeout=10.0):
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,8 @@ from tierscope.errors import AuthenticationError, ServerUnavailableError
 from tierscope.server import BlockService, ServerThread
 from tierscope.store.origin import ZarrOrigin
 
+from conftest import wait_for
+
 BLOCK_NBYTES = 8 * 16 * 16 * 4  # conftest's (1, 8, 16, 16) float32 blocks
 
 
@@ -49,15 +51,6 @@ def tier_of(server, path, headers=None):
     status, headers_out, body = call(server, "GET", path, headers=headers)
     assert status == 200, body
     return headers_out["X-Tierscope-Tier"]
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,206 @@
+"""The miss path (issue #10): user misses overtake prefetch at the server and the worker, a jump drops
+the old position's prefetch at both, tighter frames answer looser views, pre-encoded stores serve without
+an encode, and a slow encoder makes the server send raw. Real server on loopback, real LocalCluster."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import xarray as xr
+from distributed import Client, LocalCluster
+
+import tierscope
+from tierscope import codec
+from tierscope.client.http import HttpTransport
+from tierscope.codec.bounded import LorenzoCodec
+from tierscope.codec.registry import register_codec
+from tierscope.dask.prefetcher import Plan, Prefetcher
+from tierscope.dask.tiers import WorkerTiers
+from tierscope.protocol import BlockSpec
+from tierscope.server import BlockService, ServerThread
+from tierscope.store.origin import Origin, ZarrOrigin, open_origin
+
+from conftest import BLOCK, SHAPE, wait_for
+
+
+class RecordingOrigin(Origin):
+    """Another origin's blocks, with the order of reads recorded; reads of blocks at time steps other than
+    ``free_steps`` wait for ``gate`` (so queued work stays queued until the test opens it)."""
+
+    def __init__(self, origin, free_steps=()):
+        self.origin, self.name, self.location, self.path = origin, origin.name, origin.location, None
+        self.gate, self.held, self.free_steps = threading.Event(), threading.Event(), set(free_steps)
+        self.reads: list[tuple[int, ...]] = []
+        self._lock = threading.Lock()
+
+    def info(self):
+        return self.origin.info()
+
+    def read_block(self, variable, index):
+        if index[0] not in self.free_steps:
+            self.held.set()
+            self.gate.wait(20)
+        with self._lock:
+            self.reads.append(tuple(index))
+        return self.origin.read_block(variable, index)
+
+
+def spec_of(url: str, tol: float = 0.0, variable: str = "u") -> BlockSpec:
+    from tierscope.client.source import Source
+    from tierscope.grid import BlockGrid
+
+    return BlockSpec(Source.parse(url), variable, tol, BlockGrid(SHAPE, BLOCK), "<f4", 0)
+
+
+def test_a_user_miss_overtakes_the_prefetch_backlog_on_the_worker_and_the_server(sample_store):
+    origin = RecordingOrigin(ZarrOrigin(sample_store))
+    with ServerThread(BlockService([origin], prefetch_workers=1)) as server:
+        url = f"{server.url}/datasets/turb"
+        tiers = WorkerTiers(64 << 20, 64 << 20, device="cpu")
+        prefetcher = Prefetcher(tiers)
+        try:
+            spec = spec_of(url)
+            backlog = tuple((t, z, y, x) for t in (1, 2) for z in (0, 1) for y in (0, 1) for x in (0, 1))
+            with tierscope_config(blocks=4):
+                prefetcher.submit(Plan(1, "s", spec, ((0, 0, 0, 0), (0, 0, 0, 0)), backlog, (True,) * 16))
+                assert origin.held.wait(10)  # the first prefetch batch (4 blocks) is stuck at the origin
+                user = threading.Thread(target=tiers.load, args=(spec, (3, 1, 1, 1)))
+                user.start()
+                assert wait_for(lambda: server.service.stats()["requests"]["user"] == 1)
+                origin.gate.set()
+                user.join(20)
+                assert wait_for(lambda: prefetcher.queued() == 0 and len(origin.reads) == 17)
+        finally:
+            prefetcher.close()
+    # The user's block is read right after the batch that was already running, before the 12 queued ones:
+    # neither the worker's prefetch thread nor the server's prefetch slot took more while it waited.
+    assert origin.reads.index((3, 1, 1, 1)) <= 4
+    assert set(origin.reads[:5]) - {(3, 1, 1, 1)} <= set(backlog[:4])
+
+
+class tierscope_config:
+    """dask.config for the prefetch batch size, in this process (the worker tiers run here)."""
+
+    def __init__(self, blocks):
+        import dask
+
+        self._set = dask.config.set({"tierscope.prefetch-batch.blocks": blocks})
+
+    def __enter__(self):
+        return self._set.__enter__()
+
+    def __exit__(self, *exc):
+        return self._set.__exit__(*exc)
+
+
+@pytest.fixture
+def one_worker():
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as c:
+        yield c
+
+
+def test_a_jump_drops_the_old_positions_prefetch_at_the_server_and_the_worker(one_worker):
+    origin = RecordingOrigin(open_origin("sample://walk?shape=32,32,64,64&block=1,16,16,16"),
+                             free_steps=(0, 20))
+    service = BlockService([origin], l3="64MiB", l4="64MiB", prefetch="neighbourhood", prefetch_workers=1)
+    with ServerThread(service) as server:
+        tierscope.connect(one_worker, l1="64MiB", l2="64MiB", prefetch="neighbourhood")
+        ds = xr.open_dataset(f"{server.url}/datasets/walk", engine="tierscope")
+        ds.u.isel(time=0, z=slice(0, 16)).values  # 16 blocks; prefetch of their neighbours is now queued
+        assert origin.held.wait(10)  # behind the closed gate
+        queued = service.stats()["prefetch"]["queued"]
+        assert queued > 0
+        assert wait_for(lambda: tierscope.stats(one_worker)["total"]["prefetch"]["queued"] > 0)
+        ds.u.isel(time=20, z=slice(16, 32)).values  # a jump, far from where prefetch was heading
+        assert service.stats()["prefetch"]["cancelled"] >= queued  # the server dropped the old plan at once
+        worker = tierscope.stats(one_worker)["total"]["prefetch"]
+        assert worker["cancelled"] > 0  # and so did the worker
+        origin.gate.set()
+        ds.close()
+
+
+def test_a_tighter_cached_frame_answers_a_looser_view_without_a_fetch(dataset_url, client):
+    tight = xr.open_dataset(dataset_url, engine="tierscope", tol=1e-3)
+    loose = xr.open_dataset(dataset_url, engine="tierscope", tol=1e-2)
+    a = tight.u.isel(time=2, z=slice(0, 8)).values  # 4 blocks
+    fetched = tierscope.stats(client)["total"]["fetches"]
+    b = loose.u.isel(time=2, z=slice(0, 8)).values
+    stats = tierscope.stats(client)["total"]
+    assert stats["fetches"] == fetched == 4  # the looser view fetched nothing ...
+    assert stats["l1"]["hits"] == 4  # ... its 4 blocks were L1 hits on the tighter frames
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_pre_encoded_store_serves_within_tol_without_encoding(sample_store, tmp_path, client):
+    out = tmp_path / "turb.zarr"
+    subprocess.run([sys.executable, "-m", "tierscope", "ingest", str(sample_store), str(out), "--block",
+                    ",".join(map(str, BLOCK)), "--tol", "0.01", "--quiet"], check=True)
+    service = BlockService([ZarrOrigin(out)], l3="16MiB")
+    with ServerThread(service) as server:
+        url = f"{server.url}/datasets/turb"
+        ref = xr.open_zarr(sample_store, consolidated=False).load()
+        for tol in (0.01, 0.05):
+            ds = xr.open_dataset(url, engine="tierscope", tol=tol)
+            for name in ("u", "v", "p"):
+                err = np.abs(ds[name].values.astype(np.float64) - ref[name].values)
+                assert 0 < err.max() <= 0.01
+            ds.close()
+        stats = service.stats()
+        assert stats["encodes"] == 0 and stats["origin_reads"] == 3 * 32  # each stored frame read once
+        # the tol=0.05 views asked nothing: the workers held those frames (within 0.01) already
+        assert stats["requests"]["user"] == 3 * 32
+        assert tierscope.stats(client)["total"]["l1"]["hits"] >= 3 * 32
+        with pytest.raises(ValueError, match=r"pre-encoded within 0\.01 .* need tol >= 0\.01, got 0\.001"):
+            xr.open_dataset(url, engine="tierscope", tol=1e-3)
+
+
+@register_codec
+@dataclass(frozen=True)
+class _SlowLorenzo(LorenzoCodec):
+    """lorenzo at a fraction of its speed: an encoder that cannot keep up with the link."""
+
+    name: ClassVar[str] = "slow-lorenzo-test"
+    codec_id: ClassVar[str] = "tierscope.test.slow-lorenzo"
+
+    def encode_payload(self, array, tol):  # noqa: ANN001, ANN201
+        time.sleep(0.2)
+        return super().encode_payload(array, tol)
+
+
+def test_a_throttled_encoder_sends_raw_then_encodes_for_l3_in_the_background(tmp_path):
+    from tierscope.store import write_sample
+
+    store = write_sample(tmp_path / "turb.zarr", shape=(2, 32, 64, 64), block=(1, 16, 32, 32))  # 64 KiB
+    service = BlockService([ZarrOrigin(store)], "slow-lorenzo-test", l3="16MiB", l4="16MiB", adapt=True)
+    ref = xr.open_zarr(store, consolidated=False).u.values
+    with ServerThread(service) as server:
+        transport = HttpTransport(server.url)
+        try:
+            transport.fetch("turb", "u", (0, 0, 0, 0), 0.0)  # a lossless answer measures the link
+            assert transport.link_bps is not None
+            tol = 0.05
+            blocks = [(1, z, y, x) for z in (0, 1) for y in (0, 1) for x in (0, 1)]
+            frames = {index: transport.fetch("turb", "u", index, tol).frame for index in blocks}
+            stats = service.stats()
+            assert stats["raw_sent"] >= 1  # once one encode was timed, raw reached the client sooner
+            assert stats["raw_sent"] + stats["encodes"] >= len(blocks)
+            for (t, z, y, x), frame in frames.items():
+                got = codec.decode(frame)
+                want = ref[t:t + 1, z * 16:(z + 1) * 16, y * 32:(y + 1) * 32, x * 32:(x + 1) * 32]
+                assert np.abs(got.astype(np.float64) - want).max() <= tol
+                if codec.read_header(frame).codec == "raw":
+                    np.testing.assert_array_equal(got, want)
+            # the blocks sent raw were encoded for L3 in the background: asked again, they are L3 hits
+            assert wait_for(lambda: service.stats()["encodes"] == 1 + len(blocks))  # the lossless one too
+            for index in blocks:
+                assert transport.fetch("turb", "u", index, tol).tier == "l3"
+        finally:
+            transport.close()
