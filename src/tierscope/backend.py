@@ -232,8 +232,8 @@ class TierscopeBackendEntrypoint(BackendEntrypoint):
         **decoders: Any,
     ) -> xr.DataTree:
         """Children ``"0"``, ``"1"``, ... are the levels (``open_groups_as_dict``)."""
-        groups = self.open_groups_as_dict(filename_or_obj, drop_variables=drop_variables, tol=tol, token=token,
-                                          storage_options=storage_options, **decoders)
+        groups = self.open_groups_as_dict(filename_or_obj, drop_variables=drop_variables, tol=tol,
+                                          token=token, storage_options=storage_options, **decoders)
         tree = xr.DataTree.from_dict(groups)
         for path, ds in groups.items():
             tree[path].set_close(ds.close)  # tree.close() releases every level's store

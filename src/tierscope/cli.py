@@ -101,7 +101,8 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     )
     levels = 1
     if args.levels:
-        progress = None if args.quiet else _ProgressLine("sample: levels", lambda done, n: f"{_mib(done, n)} read")
+        progress = None if args.quiet else _ProgressLine("sample: levels",
+                                                         lambda done, n: f"{_mib(done, n)} read")
         levels = pyramid(out, args.levels, progress=progress)
     print(_wrote(out, levels))
 
@@ -137,8 +138,12 @@ def _cmd_pyramid(args: argparse.Namespace) -> None:
             origin.close()
     progress = None if args.quiet else _ProgressLine("pyramid", lambda done, n: f"{_mib(done, n)} read")
     levels = pyramid(args.store, args.levels, overwrite=args.overwrite, progress=progress)
-    print(_wrote(args.store, levels) if levels > 1 else
-          f"{args.store} fits in one block per time step already: no coarse levels to add")
+    if levels > 1:
+        print(_wrote(args.store, levels))
+    elif args.levels == 0:
+        print(f"{args.store} has level 0 only")
+    else:
+        print(f"{args.store} fits in one block per time step already: no coarse levels to add")
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
@@ -238,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same data "
                                                        "(default: 0)")
     p.add_argument("--levels", type=_count, default=0, metavar="N",
-                   help="also write N coarse levels (level k: 2^k coarser in z, y, x), at most until one block "
-                        "per time step; 0 = none (default: 0)")
+                   help="also write N coarse levels (level k: 2^k coarser in z, y, x), at most until one "
+                        "block per time step; 0 = none (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="print no progress on stderr")
     p.set_defaults(func=_cmd_sample)
@@ -258,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="zarr", choices=("zarr", "tiledb", "hdf5"),
                    help="output store format (default: zarr v3)")
     p.add_argument("--levels", type=_count, default=0, metavar="N",
-                   help="also write N coarse levels (level k: 2^k coarser along the spatial dimensions, in the "
-                        "same pass), at most until one block per time step; 0 = none (default: 0)")
+                   help="also write N coarse levels (level k: 2^k coarser along the spatial dimensions, in "
+                        "the same pass), at most until one block per time step; 0 = none (default: 0)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it is a store, once the new one is complete")
     p.add_argument("--quiet", action="store_true", help="print no progress on stderr")

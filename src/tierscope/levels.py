@@ -37,8 +37,8 @@ import xarray as xr
 from tierscope.metadata import DatasetInfo, VariableInfo, time_axis
 
 __all__ = [
-    "Layout", "check_level", "coarsen_block", "coarsen_coord", "count_levels", "level_info", "level_name",
-    "level_shape", "missing_values", "spatial_dims", "split_level", "windows",
+    "Layout", "check_level", "coarsen_block", "coarsen_coord", "count_levels", "layouts", "level_info",
+    "level_name", "level_shape", "missing_values", "spatial_dims", "split_level", "windows",
 ]
 
 _LEVEL_NAME = re.compile(r"^(.+)@([0-9]+)$")
@@ -54,6 +54,7 @@ class Layout(NamedTuple):
 
 
 def layouts(info: DatasetInfo) -> list[Layout]:
+    """The layouts of a dataset's block-served variables."""
     return [Layout(v.dims, v.shape, v.dtype, v.block) for v in info.variables.values()]
 
 
@@ -79,7 +80,8 @@ def level_shape(shape: Sequence[int], axes: Mapping[int, int]) -> tuple[int, ...
 
 def count_levels(variables: Iterable[Layout], spatial: Sequence[str]) -> int:
     """Levels 0..k up to the first at which every spatial axis of every variable fits in one block."""
-    sizes = [(n, b) for v in variables for d, n, b in zip(v.dims, v.shape, v.block, strict=True) if d in spatial]
+    sizes = [(n, b) for v in variables
+             for d, n, b in zip(v.dims, v.shape, v.block, strict=True) if d in spatial]
     k = 0
     while any(-(-n // 2**k) > b for n, b in sizes):
         k += 1
@@ -176,7 +178,8 @@ def level_info(info: DatasetInfo, k: int, name: str) -> DatasetInfo:
     variables = {}
     for var_name, var in info.variables.items():
         shape = level_shape(var.shape, windows(var.dims, var.shape, spatial, k))
-        block = tuple(min(b, n) if d in spatial else b for d, b, n in zip(var.dims, var.block, shape, strict=True))
+        block = tuple(min(b, n) if d in spatial else b
+                      for d, b, n in zip(var.dims, var.block, shape, strict=True))
         variables[var_name] = VariableInfo(var_name, var.dims, shape, var.dtype, block, var.attrs)
     coords = {
         dim: (coarsen_coord(values, 2**k) if dim in spatial else values, attrs)

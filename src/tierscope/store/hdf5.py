@@ -120,7 +120,8 @@ class HDF5Origin(Origin):
     (``level()`` opens them with the root's count)."""
 
     def __init__(
-        self, path: str | os.PathLike[str], name: str | None = None, group: str = "/", levels: int | None = None
+        self, path: str | os.PathLike[str], name: str | None = None, group: str = "/",
+        levels: int | None = None,
     ) -> None:
         self._locate(Path(path), name, Path(path))
         self._group = group
@@ -144,7 +145,8 @@ class HDF5Origin(Origin):
             return handle[1], handle[2]
 
     def _describe(self, node: h5py.Group, levels: int | None) -> DatasetInfo:
-        attrs, bookkeeping = unpack(dict(node.attrs.items()), f"HDF5 group {self._group!r} of {self.location!r}")
+        where = f"HDF5 group {self._group!r} of {self.location!r}"
+        attrs, bookkeeping = unpack(dict(node.attrs.items()), where)
         variables, coords = {}, {}
         for name in bookkeeping.get("variables", []):
             dataset = node[name]

@@ -58,7 +58,8 @@ __all__ = ["check_count", "level_datasets", "multiscales", "pyramid", "set_level
 def check_count(levels: int | None) -> int | None:
     """How many coarse levels were asked for: an integer >= 0, or None for all that fit."""
     if levels is not None and (isinstance(levels, bool) or not isinstance(levels, int) or levels < 0):
-        raise ValueError(f"levels must be a non-negative integer (coarse levels beyond level 0), got {levels!r}")
+        raise ValueError(f"levels must be a non-negative integer (coarse levels beyond level 0), "
+                         f"got {levels!r}")
     return levels
 
 
@@ -76,7 +77,8 @@ def level_datasets(ds: xr.Dataset, levels: int | None = None) -> list[xr.Dataset
     count = count_levels(found.values(), spatial) - 1
     count = count if levels is None else min(count, levels)
     if count and any(str(name).isdigit() for name in ds.variables):
-        raise ValueError(f"variable names that are numbers clash with the levels' groups: {list(ds.variables)}")
+        raise ValueError(f"variable names that are numbers clash with the levels' groups: "
+                         f"{list(ds.variables)}")
     out: list[dict[Hashable, xr.Variable]] = [{} for _ in range(count)]
     for name, var in ds.variables.items():
         for k in range(1, count + 1):
@@ -85,7 +87,9 @@ def level_datasets(ds: xr.Dataset, levels: int | None = None) -> list[xr.Dataset
             for v in out]
 
 
-def _coarse_variable(name: Hashable, var: xr.Variable, spatial: Sequence[str], k: int, top: int) -> xr.Variable:
+def _coarse_variable(name: Hashable, var: xr.Variable, spatial: Sequence[str], k: int,
+                     top: int) -> xr.Variable:
+    """Level ``k`` of one variable; ``top``: the coarsest level written (pieces align to its windows)."""
     if var.dims == (name,):
         values = coarsen_coord(var.values, 2**k) if str(name) in spatial else var.values
         return xr.Variable(var.dims, values, var.attrs, {"chunks": values.shape, "_FillValue": None})
@@ -93,7 +97,8 @@ def _coarse_variable(name: Hashable, var: xr.Variable, spatial: Sequence[str], k
     if not axes:
         return var
     shape = level_shape(var.shape, axes)
-    block = tuple(min(b, n) if a in axes else b for a, (b, n) in enumerate(zip(var.encoding["chunks"], shape)))
+    block = tuple(min(b, n) if a in axes else b
+                  for a, (b, n) in enumerate(zip(var.encoding["chunks"], shape, strict=True)))
     missing = missing_values(var.attrs) if var.dtype.kind in "fc" else []
     if isinstance(var.data, da.Array):
         data = _coarse_pieces(_aligned(var.data, axes, 2**top), axes, missing, block)
@@ -138,12 +143,12 @@ def multiscales(variables: Mapping[Hashable, Layout], levels: int) -> dict[str, 
         datasets = []
         for k in range(levels):
             coarsened = windows(var.dims, var.shape, spatial, k)
-            transforms: list[dict[str, Any]] = [
-                {"type": "scale", "scale": [float(coarsened.get(a, 1)) for a in range(len(var.dims))]}]
+            factors = [coarsened.get(a, 1) for a in range(len(var.dims))]
+            transforms: list[dict[str, Any]] = [{"type": "scale", "scale": [float(f) for f in factors]}]
             if k:  # a window's centre, in level-0 pixels
-                transforms.append({"type": "translation",
-                                   "translation": [(coarsened.get(a, 1) - 1) / 2 for a in range(len(var.dims))]})
-            datasets.append({"path": f"{k}/{name}" if k else str(name), "coordinateTransformations": transforms})
+                transforms.append({"type": "translation", "translation": [(f - 1) / 2 for f in factors]})
+            path = f"{k}/{name}" if k else str(name)
+            datasets.append({"path": path, "coordinateTransformations": transforms})
         entries.append({"name": str(name), "axes": axes, "datasets": datasets,
                         "type": "mean" if var.dtype.kind in "fc" else "nearest"})
     entries.sort(key=lambda entry: not _is_image(entry["axes"]))

@@ -1,7 +1,7 @@
 """The synthetic origin: the sample's turbulence-like field, computed block by block on read.
 
-``sample://NAME?shape=T,Z,Y,X[&block=t,z,y,x][&variables=u,v,w,p][&seed=0][&period=128][&levels=N]`` is a dataset
-of any size that costs no disk: ``tierscope serve 'sample://turb?shape=10000,1024,2048,2048'`` serves a
+``sample://NAME?shape=T,Z,Y,X[&block=t,z,y,x][&variables=u,v,w,p][&seed=0][&period=128][&levels=N]`` is a
+dataset of any size that costs no disk: ``tierscope serve 'sample://turb?shape=10000,1024,2048,2048'`` serves a
 ~170 TB float32 variable. The sample generator (``store/sample.py``) needs one FFT over the whole space
 per step, which no 2048^3 space affords per block; so the field here is periodic in space with a tile of
 ``min(n, period)`` points per spatial axis. Each (variable, step) tile is exactly what ``write_sample``

@@ -71,7 +71,8 @@ class SyntheticLevel(Origin):
         self._info = level_info(base.info(), k, name)
         var = next(iter(base.info().variables.values()))
         axes = windows(var.dims, var.shape, var.dims[1:], k)
-        self._axes = [_Axis(n, p, axes.get(a + 1, 1)) for a, (n, p) in enumerate(zip(base.shape[1:], base.tile))]
+        self._axes = [_Axis(n, p, axes.get(a + 1, 1))
+                      for a, (n, p) in enumerate(zip(base.shape[1:], base.tile, strict=True))]
 
     def info(self) -> DatasetInfo:
         return self._info

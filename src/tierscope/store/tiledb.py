@@ -196,7 +196,9 @@ class TileDBOrigin(Origin):
     """A TileDB group written by ``write_tiledb``; arrays stay open per process after first use.
     ``levels``: a coarse level's group, opened by ``level()`` with the count of the root."""
 
-    def __init__(self, path: str | os.PathLike[str], name: str | None = None, levels: int | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], name: str | None = None, levels: int | None = None
+    ) -> None:
         self._locate(Path(path), name, Path(path))
         self._arrays: tuple[int, dict[str, tiledb.Array]] = (os.getpid(), {})
         try:
