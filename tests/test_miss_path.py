@@ -142,7 +142,7 @@ def test_a_tighter_cached_frame_answers_a_looser_view_without_a_fetch(dataset_ur
 def test_a_pre_encoded_store_serves_within_tol_without_encoding(sample_store, tmp_path, client):
     out = tmp_path / "turb.zarr"
     subprocess.run([sys.executable, "-m", "tierscope", "ingest", str(sample_store), str(out), "--block",
-                    ",".join(map(str, BLOCK)), "--tol", "0.01", "--quiet"], check=True)
+                    ",".join(map(str, BLOCK)), "--tol", "0.01", "--levels", "1", "--quiet"], check=True)
     service = BlockService([ZarrOrigin(out)], l3="16MiB")
     with ServerThread(service) as server:
         url = f"{server.url}/datasets/turb"
@@ -160,6 +160,10 @@ def test_a_pre_encoded_store_serves_within_tol_without_encoding(sample_store, tm
         assert tierscope.stats(client)["total"]["l1"]["hits"] >= 3 * 32
         with pytest.raises(ValueError, match=r"pre-encoded within 0\.01 .* need tol >= 0\.01, got 0\.001"):
             xr.open_dataset(url, engine="tierscope", tol=1e-3)
+        coarse = xr.open_dataset(url, engine="tierscope", tol=0.01, level=1).load()  # levels are frames too
+        expected = ref.coarsen(z=2, y=2, x=2, boundary="pad").mean()
+        assert np.abs(coarse.u.values.astype(np.float64) - expected.u.values).max() <= 0.01
+        assert service.stats()["encodes"] == 0
 
 
 @register_codec

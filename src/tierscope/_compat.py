@@ -16,9 +16,12 @@ from typing import Any
 from dask._task_spec import Task
 # A lazily materialised layer: a variable of 10^7 blocks must not build a task per block.
 from dask.highlevelgraph import Layer, MaterializedLayer
+# The values xarray's zarr writer stores for a variable: several zarr groups written by one ``da.store``
+# (each ``to_zarr`` optimises its own graph, so a level-0 piece feeding three groups was read three times).
+from xarray.backends.zarr import encode_zarr_variable
 
-__all__ = ["Layer", "MaterializedLayer", "Task", "keep_from_stealing", "send_to_scheduler", "set_handler",
-           "set_stream_handler", "unset_handler"]
+__all__ = ["Layer", "MaterializedLayer", "Task", "encode_zarr_variable", "keep_from_stealing",
+           "send_to_scheduler", "set_handler", "set_stream_handler", "unset_handler"]
 
 
 def send_to_scheduler(client: Any, msg: dict[str, Any]) -> None:

@@ -8,6 +8,12 @@ goes through the worker's L1/L2 tiers; a view whose blocks all sit in their owne
 directly, without a graph (``tierscope.dask.direct``). ``chunks={}`` gives dask arrays chunked by the
 stored blocks.
 
+Levels (``tierscope.levels``): ``level=k`` opens level ``k`` of the dataset (the dataset ``NAME@k``: every
+tier, tol, prefetch and statistic applies as to any dataset), and ``xr.open_datatree(..., engine=
+"tierscope")`` gives every level, children ``"0"``, ``"1"``, ... of an empty root. Each opened dataset says
+which level it is and how many there are in ``ds.encoding["tierscope_level"]`` and
+``["tierscope_levels"]``.
+
 A lossy view (``tol > 0``) says so on each block-served variable: attributes ``tierscope_tol`` (the bound,
 on the stored raw values) and ``tierscope_codec``, so ``to_netcdf``/``to_zarr`` of the view carry its
 provenance, and the same two keys in ``encoding``. A lossless view's values are the stored ones: only
@@ -36,6 +42,7 @@ from xarray.core import indexing
 from tierscope.client.source import Source
 from tierscope.dask.graph import block_array
 from tierscope.dask.tiers import BlockSpec
+from tierscope.levels import split_level
 from tierscope.metadata import VariableInfo, check_tol
 from tierscope.store.origin import is_synthetic
 
@@ -154,19 +161,22 @@ class TierscopeDataStore(AbstractDataStore):
 class TierscopeBackendEntrypoint(BackendEntrypoint):
     """Open a tierscope dataset: ``http(s)://host:port/datasets/NAME``, a local store (a path or
     ``file://`` URL), a zarr store at an fsspec URL (``memory://``, ``s3://``, ... with
-    ``storage_options=``) or a synthetic ``sample://NAME?shape=T,Z,Y,X`` dataset (docs/stores.md).
+    ``storage_options=``) or a synthetic ``sample://NAME?shape=T,Z,Y,X`` dataset (docs/stores.md);
+    ``level=k`` for one of its coarse levels, ``xr.open_datatree`` for all of them.
 
     Pass ``engine="tierscope"``: with netCDF4 installed, xarray hands every URL to netCDF4 before asking
     any other engine, so ``guess_can_open`` is only consulted without it.
     """
 
     description = "Explore block-served arrays through tiered caches on Dask workers (tierscope)"
+    supports_groups = True
     open_dataset_parameters = (
         "filename_or_obj",
         "drop_variables",
         "tol",
         "token",
         "storage_options",
+        "level",
         "mask_and_scale",
         "decode_times",
         "concat_characters",
@@ -183,6 +193,7 @@ class TierscopeBackendEntrypoint(BackendEntrypoint):
         tol: float = 0.0,
         token: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        level: int = 0,
         mask_and_scale: bool = True,
         decode_times: bool = True,
         concat_characters: bool = True,
@@ -190,30 +201,85 @@ class TierscopeBackendEntrypoint(BackendEntrypoint):
         use_cftime: bool | None = None,
         decode_timedelta: bool | None = None,
     ) -> xr.Dataset:
-        if not isinstance(filename_or_obj, str | os.PathLike):
-            raise TypeError(
-                f"engine='tierscope' opens a URL or a store path, got {type(filename_or_obj).__name__}"
-            )
         # token: the server's bearer token (default: the TIERSCOPE_TOKEN environment variable);
         # storage_options: fsspec's options for a store URL (credentials, endpoint)
-        source = Source.parse(filename_or_obj, token=token, storage_options=storage_options)
-        store = TierscopeDataStore(source, check_tol(tol))
+        source = _source(filename_or_obj, token, storage_options).level(_check_level(level))
+        return _open(source, check_tol(tol), drop_variables=drop_variables, mask_and_scale=mask_and_scale,
+                     decode_times=decode_times, concat_characters=concat_characters,
+                     decode_coords=decode_coords, use_cftime=use_cftime, decode_timedelta=decode_timedelta)
+
+    def open_groups_as_dict(  # type: ignore[override]
+        self,
+        filename_or_obj: str | os.PathLike[str],
+        *,
+        drop_variables: str | Iterable[str] | None = None,
+        tol: float = 0.0,
+        token: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        **decoders: Any,
+    ) -> dict[str, xr.Dataset]:
+        """Every level of the dataset: ``{"/": empty root, "/0": level 0, "/1": level 1, ...}``."""
+        source = _source(filename_or_obj, token, storage_options)
+        if split_level(source.dataset)[1]:
+            raise ValueError(f"{source.url} names one level; open the dataset's URL for all its levels")
+        tol = check_tol(tol)
+        groups = {"/0": _open(source, tol, drop_variables=drop_variables, **decoders)}
         try:
-            return StoreBackendEntrypoint().open_dataset(
-                store,
-                mask_and_scale=mask_and_scale,
-                decode_times=decode_times,
-                concat_characters=concat_characters,
-                decode_coords=decode_coords,
-                drop_variables=drop_variables,
-                use_cftime=use_cftime,
-                decode_timedelta=decode_timedelta,
-            )
-        except BaseException:  # no dataset to close later: release the store now
-            store.close()
+            for k in range(1, groups["/0"].encoding["tierscope_levels"]):
+                groups[f"/{k}"] = _open(source.level(k), tol, drop_variables=drop_variables, **decoders)
+        except BaseException:
+            for ds in groups.values():
+                ds.close()
             raise
+        return {"/": xr.Dataset(), **groups}
+
+    def open_datatree(  # type: ignore[override]
+        self,
+        filename_or_obj: str | os.PathLike[str],
+        *,
+        drop_variables: str | Iterable[str] | None = None,
+        tol: float = 0.0,
+        token: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        **decoders: Any,
+    ) -> xr.DataTree:
+        """Children ``"0"``, ``"1"``, ... are the levels (``open_groups_as_dict``)."""
+        groups = self.open_groups_as_dict(filename_or_obj, drop_variables=drop_variables, tol=tol,
+                                          token=token, storage_options=storage_options, **decoders)
+        tree = xr.DataTree.from_dict(groups)
+        for path, ds in groups.items():
+            tree[path].set_close(ds.close)  # tree.close() releases every level's store
+        return tree
 
     def guess_can_open(self, filename_or_obj: Any) -> bool:
         return isinstance(filename_or_obj, str) and (
             bool(_DATASET_URL.match(filename_or_obj)) or is_synthetic(filename_or_obj)
         )
+
+
+def _source(filename_or_obj: Any, token: str | None, storage_options: Mapping[str, Any] | None) -> Source:
+    if not isinstance(filename_or_obj, str | os.PathLike):
+        raise TypeError(
+            f"engine='tierscope' opens a URL or a store path, got {type(filename_or_obj).__name__}"
+        )
+    return Source.parse(filename_or_obj, token=token, storage_options=storage_options)
+
+
+def _check_level(level: object) -> int:
+    """The level's type and sign here; its range where the dataset is (the server or store knows it)."""
+    if isinstance(level, bool) or not isinstance(level, int | np.integer):
+        raise TypeError(f"level must be an integer (0 = full resolution), got {level!r}")
+    if level < 0:
+        raise ValueError(f"level must be >= 0 (0 = full resolution), got {level}")
+    return int(level)
+
+
+def _open(source: Source, tol: float, **decoders: Any) -> xr.Dataset:
+    store = TierscopeDataStore(source, tol)
+    try:
+        ds = StoreBackendEntrypoint().open_dataset(store, **decoders)
+    except BaseException:  # no dataset to close later: release the store now
+        store.close()
+        raise
+    ds.encoding.update(tierscope_level=split_level(store.info.name)[1], tierscope_levels=store.info.levels)
+    return ds

@@ -1,4 +1,4 @@
-"""The ``tierscope`` command: sample, ingest, serve, demo, bench."""
+"""The ``tierscope`` command: sample, ingest, pyramid, serve, demo, bench."""
 
 from __future__ import annotations
 
@@ -82,8 +82,16 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _mib(done: int, total: int) -> str:
+    return f"{done / 2**20:.1f} of {total / 2**20:.1f} MiB"
+
+
+def _wrote(out: Path | str, levels: int) -> str:
+    return f"wrote {out}" + (f" with levels 0..{levels - 1}" if levels > 1 else "")
+
+
 def _cmd_sample(args: argparse.Namespace) -> None:
-    from tierscope.store import write_sample
+    from tierscope.store import pyramid, write_sample
 
     _refuse_existing(args.out, args.overwrite)
     progress = None if args.quiet else _ProgressLine("sample", lambda done, n: f"{done} of {n} time steps")
@@ -91,19 +99,51 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         args.out, shape=args.shape, block=args.block, variables=tuple(args.variables.split(",")),
         seed=args.seed, overwrite=args.overwrite, progress=progress,
     )
-    print(f"wrote {out}")
+    levels = 1
+    if args.levels:
+        progress = None if args.quiet else _ProgressLine("sample: levels",
+                                                         lambda done, n: f"{_mib(done, n)} read")
+        levels = pyramid(out, args.levels, progress=progress)
+    print(_wrote(out, levels))
 
 
 def _cmd_ingest(args: argparse.Namespace) -> None:
     from tierscope.store import ingest, parse_block_spec
+    from tierscope.store.origin import open_origin
 
     block = None if args.block is None else parse_block_spec(args.block)
     _refuse_existing(args.out, args.overwrite)
-    progress = None if args.quiet else _ProgressLine(
-        "ingest", lambda done, n: f"{done / 2**20:.1f} of {n / 2**20:.1f} MiB")
+    progress = None if args.quiet else _ProgressLine("ingest", _mib)
     out = ingest(args.inputs, args.out, block, fmt=args.format, overwrite=args.overwrite, progress=progress,
-                 tol=args.tol)
-    print(f"wrote {out}")
+                 levels=args.levels, tol=args.tol)
+    origin = open_origin(out)
+    try:
+        print(_wrote(out, origin.info().levels))
+    finally:
+        origin.close()
+
+
+def _cmd_pyramid(args: argparse.Namespace) -> None:
+    from tierscope.store import pyramid
+
+    if not args.overwrite:  # the library's message names its overwrite=True argument
+        from tierscope.store.origin import open_origin
+
+        origin = open_origin(args.store)
+        try:
+            if origin.info().levels > 1:
+                raise FileExistsError(f"{args.store} already has levels 0..{origin.info().levels - 1}; "
+                                      "pass --overwrite to rebuild them")
+        finally:
+            origin.close()
+    progress = None if args.quiet else _ProgressLine("pyramid", lambda done, n: f"{_mib(done, n)} read")
+    levels = pyramid(args.store, args.levels, overwrite=args.overwrite, progress=progress)
+    if levels > 1:
+        print(_wrote(args.store, levels))
+    elif args.levels == 0:
+        print(f"{args.store} has level 0 only")
+    else:
+        print(f"{args.store} fits in one block per time step already: no coarse levels to add")
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
@@ -134,6 +174,16 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
     run_demo(cache_dir=args.cache_dir, shape=args.shape, block=args.block, workers=args.workers,
              think=args.think / 1e3)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -193,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variables", default="u,v,w,p", help="comma-separated variable names (default: u,v,w,p)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same data "
                                                        "(default: 0)")
+    p.add_argument("--levels", type=_count, default=0, metavar="N",
+                   help="also write N coarse levels (level k: 2^k coarser in z, y, x), at most until one "
+                        "block per time step; 0 = none (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="print no progress on stderr")
     p.set_defaults(func=_cmd_sample)
@@ -214,10 +267,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store floating-point variables pre-encoded, as frames within this absolute bound "
                         "(zarr only): served with no encode to views with at least this tol (default: 0, "
                         "the values as they are)")
+    p.add_argument("--levels", type=_count, default=0, metavar="N",
+                   help="also write N coarse levels (level k: 2^k coarser along the spatial dimensions, in "
+                        "the same pass), at most until one block per time step; 0 = none (default: 0)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it is a store, once the new one is complete")
     p.add_argument("--quiet", action="store_true", help="print no progress on stderr")
     p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser(
+        "pyramid", help="add coarse levels (a multiscale pyramid) to a store",
+        description="Add coarse levels to a zarr v3, TileDB or HDF5 store from its level 0: level k is 2^k "
+                    "coarser along the spatial dimensions (never time), block means (the first value for "
+                    "integers), on the same block shape; served as NAME@k. zarr stores get OME-Zarr "
+                    "multiscales metadata. See docs/stores.md.")
+    p.add_argument("store", metavar="STORE", help="the store (its level 0 is read, never changed)")
+    p.add_argument("--levels", type=_count, default=None, metavar="N",
+                   help="how many coarse levels beyond level 0 (default: all until one block per time step)")
+    p.add_argument("--overwrite", action="store_true", help="replace the levels the store has")
+    p.add_argument("--quiet", action="store_true", help="print no progress on stderr")
+    p.set_defaults(func=_cmd_pyramid)
 
     p = sub.add_parser("serve", help="serve stores over HTTP as a block server",
                        description="Serve stores (zarr v3, TileDB, HDF5, sample:// URLs) as a block server.")

@@ -19,7 +19,7 @@ from tierscope import codec
 from tierscope.errors import VariableNotFoundError
 from tierscope.grid import BlockGrid
 
-__all__ = ["DatasetInfo", "VariableInfo", "check_tol", "jsonable"]
+__all__ = ["DatasetInfo", "VariableInfo", "check_tol", "jsonable", "time_axis"]
 
 
 def jsonable(value: Any) -> Any:
@@ -35,6 +35,16 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     return value
+
+
+def time_axis(dims: tuple[str, ...]) -> int | None:
+    """The time-like axis of ``dims``: one named ``time``/``t``, else the first whose name starts with
+    ``time``; None without one."""
+    names = [str(d).lower() for d in dims]
+    for candidate in ("time", "t"):
+        if candidate in names:
+            return names.index(candidate)
+    return next((i for i, d in enumerate(names) if d.startswith("time")), None)
 
 
 @dataclass(frozen=True)
@@ -58,11 +68,7 @@ class VariableInfo:
     @property
     def time_axis(self) -> int | None:
         """The time-like axis (a dim named ``time``/``t``, else one whose name starts with ``time``)."""
-        names = [d.lower() for d in self.dims]
-        for candidate in ("time", "t"):
-            if candidate in names:
-                return names.index(candidate)
-        return next((i for i, d in enumerate(names) if d.startswith("time")), None)
+        return time_axis(self.dims)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -112,12 +118,17 @@ def _coord_from_json(obj: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Everything about one dataset except its block data."""
+    """Everything about one dataset except its block data.
+
+    ``levels``: how many resolution levels the dataset has, level 0 (this data) included; level ``k`` is
+    served as the dataset ``NAME@k`` (``tierscope.levels``), whose info has the same ``levels``.
+    """
 
     name: str
     attrs: dict[str, Any]
     variables: dict[str, VariableInfo]
     coords: dict[str, tuple[np.ndarray, dict[str, Any]]]  # dimension coordinate -> (raw values, attrs)
+    levels: int = 1
 
     @property
     def dims(self) -> dict[str, int]:
@@ -142,6 +153,7 @@ class DatasetInfo:
             "attrs": jsonable(self.attrs),
             "variables": {k: v.to_json() for k, v in self.variables.items()},
             "coords": {k: _coord_to_json(v, a) for k, (v, a) in self.coords.items()},
+            "levels": self.levels,
         }
 
     @classmethod
@@ -151,6 +163,7 @@ class DatasetInfo:
             attrs=dict(obj.get("attrs", {})),
             variables={k: VariableInfo.from_json(k, v) for k, v in obj["variables"].items()},
             coords={k: _coord_from_json(v) for k, v in obj.get("coords", {}).items()},
+            levels=int(obj.get("levels", 1)),
         )
 
 

@@ -19,7 +19,7 @@ import json
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -144,12 +144,25 @@ class Source:
         token = token if token is not None else os.environ.get("TIERSCOPE_TOKEN") or None
         return cls("http", f"{parts.scheme}://{parts.netloc}", segments[1], token)
 
+    def level(self, k: int) -> Source:
+        """Level ``k`` of this dataset: the dataset ``NAME@k`` (``tierscope.levels``) of the same server or
+        store; level 0 is this source."""
+        from tierscope.levels import level_name, split_level
+
+        base, current = split_level(self.dataset)
+        if k == 0 or current == k:
+            return self
+        if current:
+            raise ValueError(f"{self.url} names level {current} already; level={k} asks for another")
+        return replace(self, dataset=level_name(base, k))
+
     @property
     def url(self) -> str:
-        """Where this dataset is, for error messages."""
+        """Where this dataset is, for error messages (and cache keys: a store's coarse level is
+        ``LOCATION#NAME@k``, apart from level 0's blocks)."""
         if self.kind == "http":
             return f"{self.location}/datasets/{self.dataset}"
-        return self.location
+        return f"{self.location}#{self.dataset}" if "@" in self.dataset else self.location
 
     @property
     def cache_id(self) -> str:

@@ -37,6 +37,7 @@ from tierscope.cache import TierCache, check_policy, entry_charge
 from tierscope.codec.device import resolve_device
 from tierscope.errors import BlockIndexError, DatasetNotFoundError
 from tierscope.grid import BlockGrid, BlockIndex
+from tierscope.levels import split_level
 from tierscope.metadata import DatasetInfo, VariableInfo, check_tol
 from tierscope.prefetch import MODES, Box, Position, radius_for
 from tierscope.protocol import MAX_BATCH, MAX_POSITION_BLOCKS
@@ -257,13 +258,18 @@ class BlockService:
         return sorted(self._origins)
 
     def origin(self, name: str) -> Origin:
-        try:
-            return self._origins[name]
-        except KeyError:
-            known = ", ".join(self.datasets()) or "none"
-            raise DatasetNotFoundError(
-                f"no dataset named {name!r} is served here (datasets: {known})"
-            ) from None
+        """A served dataset, or level ``k`` of one by the name ``NAME@k`` (``tierscope.levels``)."""
+        origin = self._origins.get(name)
+        if origin is not None:
+            return origin
+        base, k = split_level(name)
+        if base in self._origins:
+            try:
+                return self._origins[base].level(k)
+            except ValueError as exc:
+                raise DatasetNotFoundError(f"no dataset named {name!r} is served here: {exc}") from None
+        known = ", ".join(self.datasets()) or "none"
+        raise DatasetNotFoundError(f"no dataset named {name!r} is served here (datasets: {known})")
 
     def info(self, name: str) -> DatasetInfo:
         return self.origin(name).info()

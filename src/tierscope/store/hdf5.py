@@ -6,6 +6,8 @@ Layout (``NAME.h5``, written by ``tierscope ingest --format hdf5``):
 - ``/VAR``: the raw values, chunked by the block (shuffle + gzip level 1: any HDF5 reader decodes it),
   with the variable attributes and ``_tierscope`` (JSON: the dims) as HDF5 attributes. Dimension
   coordinates are 1-D datasets like any other variable; a 0-d variable is a scalar dataset.
+- levels (``tierscope.levels``): level ``k`` is the group ``/k``, laid out like the root (every variable,
+  coarsened, and the same attributes); the root's ``_tierscope`` records ``levels``, the count with level 0.
 
 h5py holds one global lock, so threads gain nothing by reading one file concurrently: each origin
 reads under one lock of its own, through a file handle opened once per process (HDF5 handles must not
@@ -14,9 +16,10 @@ cross a fork).
 
 from __future__ import annotations
 
+import json
 import os
 import threading
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +31,14 @@ import xarray as xr
 from tierscope.errors import StoreError
 from tierscope.grid import BlockIndex
 from tierscope.metadata import DatasetInfo, VariableInfo
-from tierscope.store.attrs import pack, unpack
+from tierscope.store.attrs import RESERVED, _text, pack, unpack
 from tierscope.store.origin import Origin
 
-__all__ = ["HDF5Origin", "write_hdf5"]
+__all__ = ["HDF5Origin", "copy_root", "set_levels", "write_hdf5"]
+
+Group = tuple[str, Mapping[Hashable, xr.Variable], Mapping[Any, Any]]
+"""One group to write: its name (``""``: the root), raw variables (``encoding["chunks"]`` = block),
+attributes."""
 
 _STRING = h5py.string_dtype()
 _opening = threading.Lock()
@@ -46,27 +53,54 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def write_hdf5(out: Path, variables: Mapping[Hashable, xr.Variable], attrs: Mapping[Any, Any]) -> None:
-    """Write raw variables (``encoding["chunks"]`` = block) as a new HDF5 file at ``out``."""
-    with h5py.File(out, "w-") as file:
-        names = []
-        for key, var in variables.items():
-            name = str(key)
-            if not name or "/" in name or name in (".", ".."):
-                raise StoreError(f"variable name {name!r} cannot name an HDF5 dataset")
-            dataset = _create(file, name, var)
-            for attr_key, value in pack(var.attrs, dims=[str(d) for d in var.dims]).items():
-                dataset.attrs[attr_key] = value
-            if isinstance(var.data, da.Array):  # threads: an open h5py dataset cannot leave the process
-                da.store(var.data, dataset, lock=True, scheduler="threads")
-            else:
-                dataset[()] = var.values.astype(object) if var.dtype.kind in "UST" else var.values
-            names.append(name)
-        for attr_key, value in pack(attrs, variables=names).items():
-            file.attrs[attr_key] = value
+def write_hdf5(out: Path, groups: Sequence[Group], mode: str = "w-") -> None:
+    """Write each ``(name, variables, attrs)`` as a group of the HDF5 file ``out`` (``mode`` "w-": a new
+    file; "a": add groups to one), every piece of every group in one dask pass: a dataset and its levels,
+    computed from the same pieces of level 0, read the source once."""
+    with h5py.File(out, mode) as file:
+        sources, targets = [], []
+        for group_name, variables, attrs in groups:
+            node = file.create_group(group_name) if group_name else file
+            names = []
+            for key, var in variables.items():
+                name = str(key)
+                if not name or "/" in name or name in (".", ".."):
+                    raise StoreError(f"variable name {name!r} cannot name an HDF5 dataset")
+                dataset = _create(node, name, var)
+                for attr_key, value in pack(var.attrs, dims=[str(d) for d in var.dims]).items():
+                    dataset.attrs[attr_key] = value
+                if isinstance(var.data, da.Array):
+                    sources.append(var.data)
+                    targets.append(dataset)
+                else:
+                    dataset[()] = var.values.astype(object) if var.dtype.kind in "UST" else var.values
+                names.append(name)
+            for attr_key, value in pack(attrs, variables=names).items():
+                node.attrs[attr_key] = value
+        if sources:  # threads: an open h5py dataset cannot leave the process
+            da.store(sources, targets, lock=True, scheduler="threads")
 
 
-def _create(file: h5py.File, name: str, var: xr.Variable) -> h5py.Dataset:
+def set_levels(path: Path, levels: int) -> None:
+    """Record in the root's ``_tierscope`` that the file has ``levels`` levels (groups ``/1``...)."""
+    with h5py.File(path, "a") as file:
+        bookkeeping = json.loads(_text(file.attrs[RESERVED]))
+        bookkeeping["levels"] = levels
+        file.attrs[RESERVED] = json.dumps(bookkeeping)
+
+
+def copy_root(src: Path, out: Path) -> None:
+    """A new file ``out`` holding ``src``'s level 0 only (root attributes and variables, chunks copied as
+    stored, not decoded): where ``tierscope pyramid`` adds levels without touching ``src``."""
+    with h5py.File(src, "r") as source, h5py.File(out, "w-") as target:
+        for key, value in source.attrs.items():
+            target.attrs[key] = value
+        _, bookkeeping = unpack(dict(source.attrs.items()), f"HDF5 file {str(src)!r}")
+        for name in bookkeeping.get("variables", []):
+            source.copy(source[name], target, name=name)
+
+
+def _create(file: h5py.Group, name: str, var: xr.Variable) -> h5py.Dataset:
     chunks = tuple(var.encoding["chunks"]) if var.ndim and 0 not in var.shape else None
     options: dict[str, Any] = {}
     if var.dtype.kind in "OUST":
@@ -82,15 +116,20 @@ def _create(file: h5py.File, name: str, var: xr.Variable) -> h5py.Dataset:
 
 
 class HDF5Origin(Origin):
-    """An HDF5 file written by ``write_hdf5``."""
+    """An HDF5 file written by ``write_hdf5``. ``group``/``levels``: a coarse level, the group ``/k``
+    (``level()`` opens them with the root's count)."""
 
-    def __init__(self, path: str | os.PathLike[str], name: str | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], name: str | None = None, group: str = "/",
+        levels: int | None = None,
+    ) -> None:
         self._locate(Path(path), name, Path(path))
+        self._group = group
         self._handle: tuple[int, h5py.File, threading.Lock] | None = None
         try:
             file, lock = self._file()
             with lock:
-                self._info = self._describe(file)
+                self._info = self._describe(file[group], levels)
         except (OSError, KeyError) as exc:  # KeyError: bookkeeping naming what the file lacks
             self.close()
             if isinstance(exc, StoreError):
@@ -105,11 +144,12 @@ class HDF5Origin(Origin):
                 handle = self._handle = (os.getpid(), h5py.File(self.path, "r"), threading.Lock())
             return handle[1], handle[2]
 
-    def _describe(self, file: h5py.File) -> DatasetInfo:
-        attrs, bookkeeping = unpack(dict(file.attrs.items()), f"HDF5 file {self.location!r}")
+    def _describe(self, node: h5py.Group, levels: int | None) -> DatasetInfo:
+        where = f"HDF5 group {self._group!r} of {self.location!r}"
+        attrs, bookkeeping = unpack(dict(node.attrs.items()), where)
         variables, coords = {}, {}
         for name in bookkeeping.get("variables", []):
-            dataset = file[name]
+            dataset = node[name]
             where = f"HDF5 dataset {name!r} of {self.location!r}"
             var_attrs, var_bookkeeping = unpack(dict(dataset.attrs.items()), where)
             dims = tuple(var_bookkeeping["dims"])
@@ -125,10 +165,14 @@ class HDF5Origin(Origin):
                 block=tuple(dataset.chunks or (max(1, n) for n in dataset.shape)),  # unchunked: one block
                 attrs=var_attrs,
             )
-        return DatasetInfo(name=self.name, attrs=attrs, variables=variables, coords=coords)
+        levels = int(bookkeeping.get("levels", 1)) if levels is None else levels
+        return DatasetInfo(name=self.name, attrs=attrs, variables=variables, coords=coords, levels=levels)
 
     def info(self) -> DatasetInfo:
         return self._info
+
+    def _open_level(self, k: int, name: str) -> Origin:
+        return HDF5Origin(self.path, name, group=f"/{k}", levels=self._info.levels)
 
     def read_block(self, variable: str, index: BlockIndex) -> np.ndarray:
         var = self._info.variable(variable)
@@ -136,13 +180,14 @@ class HDF5Origin(Origin):
         try:
             file, lock = self._file()
             with lock:
-                return _read(file[variable], selection)
+                return _read(file[self._group][variable], selection)
         except (OSError, KeyError) as exc:
             raise StoreError(
                 f"reading block {tuple(index)} of {variable!r} from {self.location!r} failed: {exc}"
             ) from exc
 
     def close(self) -> None:
+        super().close()
         handle, self._handle = self._handle, None
         if handle is not None and handle[0] == os.getpid():
             with handle[2]:

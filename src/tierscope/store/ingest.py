@@ -10,6 +10,9 @@ stays bounded and parallel writes never share a stored chunk. TileDB and HDF5 ge
 and attributes exactly as xarray hands them to its zarr writer, so the three origins describe one
 ingested dataset identically.
 
+With ``levels``, the coarse levels (``tierscope.levels``, ``store/pyramid.py``) are computed from the same
+pieces as level 0 and written in the same pass: the source is read once.
+
 Several inputs (paths or glob patterns) are combined by their coordinates, as ``xr.open_mfdataset(...,
 combine="by_coords")`` would. The store is written as a hidden ``.NAME.partial-PID`` beside ``out`` and
 renamed into place when complete: a failure or an interrupt (KeyboardInterrupt, or any exception the
@@ -111,6 +114,7 @@ def ingest(
     progress: Progress | None = None,
     tol: float = 0.0,
     codec: str = "lorenzo",
+    levels: int = 0,
 ) -> Path:
     """Convert ``src`` (netCDF3/4, HDF5, zarr v2/v3; one path, several, or glob patterns) to a ``fmt``
     store (zarr v3, TileDB group, HDF5 file) chunked by ``block``.
@@ -121,13 +125,18 @@ def ingest(
     single chunk. ``overwrite`` replaces an existing store (of any of the three formats; anything else
     at ``out`` is left alone; through a symbolic link, the store it points at) once the new store is
     complete. ``out`` must not be or lie inside a source, and its directory must exist: ingest creates
-    no directories. ``progress(bytes_read, bytes_total)`` hears of each piece read.
+    no directories. ``progress(bytes_read, bytes_total)`` hears of each piece read. ``levels``: how many
+    coarse levels to add beyond level 0, at most as many as fit (``tierscope.levels``).
 
-    ``tol > 0`` writes a pre-encoded zarr store: every floating-point data variable's blocks are stored as
-    ``codec`` frames within ``tol`` of the input (``_pre_encoded``), so a block server hands them out as
-    they are, with no encode, to every view whose tol is at least ``tol``. Returns ``out``."""
+    ``tol > 0`` writes a pre-encoded zarr store: every floating-point data variable's blocks (at every
+    level) are stored as ``codec`` frames within ``tol`` of the values (``_pre_encoded``), so a block
+    server hands them out as they are, with no encode, to every view whose tol is at least ``tol``.
+    Returns ``out``."""
+    from tierscope.store.pyramid import check_count, level_datasets, set_levels  # builds on this module
+
     if fmt not in FORMATS:
         raise ValueError(f"output format {fmt!r} is not supported; supported: {', '.join(FORMATS)}")
+    levels = check_count(levels)
     tol = _check_store_tol(tol, codec, fmt)
     _check_writer(fmt)
     block = None if block is None else _check_block(block)
@@ -137,8 +146,12 @@ def ingest(
     _delete(partial)  # a leftover of a killed ingest of this process id
     with contextlib.ExitStack() as stack:
         datasets = [stack.enter_context(_open_raw(path)) for path in sources]
-        data = _pre_encoded(_prepare(datasets, sources, block, progress), tol, codec)
-        _write_partial(data, partial, fmt)
+        data = _prepare(datasets, sources, block, progress)
+        coarse = [(str(k), _pre_encoded(ds, tol, codec)) for k, ds in enumerate(level_datasets(data, levels), 1)]
+        groups = [("", _pre_encoded(data, tol, codec)), *coarse]
+        _write_partial(partial, lambda: write_groups(fmt, partial, groups))
+        if coarse:
+            set_levels(partial, fmt, data, 1 + len(coarse))
     _commit(partial, target)
     return Path(out)
 
@@ -244,14 +257,14 @@ def _pre_encoded(ds: xr.Dataset, tol: float, codec: str) -> xr.Dataset:
     return ds
 
 
-def _write_partial(data: xr.Dataset, partial: Path, fmt: str) -> None:
-    """Write on a thread pool of our own: on a failure or an interrupt, the pieces being written finish,
-    the queued ones are dropped, and only then is the partial removed (a thread still writing would
-    refill it, and removing it would fail with "Directory not empty")."""
+def _write_partial(partial: Path, write: Callable[[], None]) -> None:
+    """Run ``write`` on a thread pool of our own: on a failure or an interrupt, the pieces being written
+    finish, the queued ones are dropped, and only then is the partial removed (a thread still writing
+    would refill it, and removing it would fail with "Directory not empty")."""
     pool = ThreadPoolExecutor(CPU_COUNT, thread_name_prefix="tierscope-ingest")
     try:
         with dask.config.set(scheduler="threads", pool=pool):
-            _write(data, partial, fmt)
+            write()
     except BaseException:
         with _signals_held():
             pool.shutdown(wait=True, cancel_futures=True)
@@ -298,25 +311,47 @@ def _delete(path: Path) -> None:
         path.unlink()
 
 
-def _write(ds: xr.Dataset, out: Path, fmt: str) -> None:
+def write_groups(fmt: str, out: Path, groups: Sequence[tuple[str, xr.Dataset]]) -> None:
+    """Write raw datasets into one store in one dask pass: the name ``""`` is the store ``out`` itself
+    (new), ``"k"`` its group ``k`` (zarr, TileDB: the directory ``out/k``; HDF5: the group ``/k``)."""
     if fmt == "zarr":
-        # zarr writes the layout from its own event loop thread, which an interrupt of this thread does
-        # not stop: it would keep adding files to the partial being removed ("Directory not empty")
-        with _signals_held():
-            writes = ds.to_zarr(out, zarr_format=3, consolidated=False, mode="w-", compute=False)
-        writes.compute()
+        _write_zarr(out, groups)
         return
     # the variables and attributes xarray's own writers start from: non-index coordinates named
     # in each variable's ``coordinates`` attribute (or the dataset's)
-    variables, attrs = conventions.encode_dataset_coordinates(ds)
+    encoded = [(name, *conventions.encode_dataset_coordinates(ds)) for name, ds in groups]
     if fmt == "tiledb":
         from tierscope.store.tiledb import write_tiledb
 
-        write_tiledb(out, variables, attrs)
+        write_tiledb([(out / name if name else out, variables, attrs) for name, variables, attrs in encoded])
     else:
         from tierscope.store.hdf5 import write_hdf5
 
-        write_hdf5(out, variables, attrs)
+        write_hdf5(out, encoded, mode="a" if out.exists() else "w-")
+
+
+def _write_zarr(out: Path, groups: Sequence[tuple[str, xr.Dataset]]) -> None:
+    """xarray writes each group's layout, attributes and in-memory variables; the streamed variables
+    (encoded as xarray would) go through one ``da.store``, so every level reads the same pieces."""
+    import zarr
+
+    from tierscope._compat import encode_zarr_variable
+
+    sources, targets = [], []
+    # zarr writes the layout from its own event loop thread, which an interrupt of this thread does
+    # not stop: it would keep adding files to the partial being removed ("Directory not empty")
+    with _signals_held():
+        for name, ds in groups:
+            path = out / name if name else out
+            ds.to_zarr(path, zarr_format=3, consolidated=False, mode="w-", compute=False)
+            variables, _ = conventions.encode_dataset_coordinates(ds)
+            group = zarr.open_group(path, mode="r+", zarr_format=3)
+            for key, var in variables.items():
+                if isinstance(var.data, da.Array):
+                    sources.append(encode_zarr_variable(var, name=key, zarr_format=3).data)
+                    targets.append(group[str(key)])
+    if sources:  # pieces are whole chunks: no two tasks write one chunk
+        da.store(sources, targets, lock=False)
 
 
 def _check_writer(fmt: str) -> None:

@@ -7,6 +7,11 @@ of chunked datasets, ``store/hdf5.py``). ``open_origin`` tells them apart by wha
 ``tierscope serve`` and ``xr.open_dataset(path, engine="tierscope")`` take any of them. A
 ``sample://NAME?shape=...`` URL is the synthetic origin (``store/synthetic.py``): blocks computed on
 read, nothing on disk.
+
+A dataset's coarse levels (``tierscope.levels``) are origins too: ``origin.level(k)``, one object per
+level, opened on first use and closed with the dataset's origin. A store keeps level ``k`` beside level 0
+(zarr and TileDB: the group ``k`` inside the store; HDF5: the group ``/k``), written by
+``store/pyramid.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import abc
 import logging
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,7 @@ import numpy as np
 
 from tierscope.errors import StoreError
 from tierscope.grid import BlockIndex
+from tierscope.levels import check_level, level_name
 from tierscope.metadata import DatasetInfo, VariableInfo
 
 __all__ = [
@@ -38,6 +45,10 @@ SUFFIXES = (".zarr", ".tiledb", ".tdb", ".hdf5", ".h5")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 SYNTHETIC_SCHEME = "sample"
 """The URL scheme of the synthetic origin: ``sample://NAME?shape=T,Z,Y,X&...``."""
+OME = "ome"
+"""The zarr root attribute holding the levels as OME-Zarr ``multiscales`` (``store/pyramid.py``): store
+metadata, not a dataset attribute."""
+_levels_lock = threading.Lock()
 
 
 def _is_url(location: str | os.PathLike[str]) -> bool:
@@ -82,13 +93,34 @@ class Origin(abc.ABC):
     """Where the store is (path or URL), for messages."""
     path: Path | None = None
     """The local file or directory holding the store; None for a remote one."""
+    base: Origin | None = None
+    """Level 0's origin, for a coarse level's origin; None for level 0 itself."""
 
     def _locate(self, location: str | os.PathLike[str], name: str | None, path: Path | None) -> None:
         """Where the store is and what it is called; a local store must exist."""
         self.location, self.path = str(location), path
         self.name = name or dataset_name(location)
+        self._levels: dict[int, Origin] = {}
         if path is not None and not path.exists():
             raise StoreError(f"cannot open store {self.location!r}: no such file or directory")
+
+    def level(self, k: int) -> Origin:
+        """Level ``k`` of the dataset (``tierscope.levels``): this origin for 0, else one origin per level,
+        opened on first use; a ``ValueError`` naming the valid levels otherwise."""
+        base = self.base or self
+        k = check_level(k, base.info().levels, base.name)
+        if k == 0:
+            return base
+        with _levels_lock:
+            origin = base._levels.get(k)
+            if origin is None:
+                origin = base._levels[k] = base._open_level(k, level_name(base.name, k))
+                origin.base = base
+            return origin
+
+    def _open_level(self, k: int, name: str) -> Origin:
+        """Level ``k >= 1`` (< ``info().levels``) as an origin named ``name``."""
+        raise NotImplementedError(f"{type(self).__name__} has no coarse levels")
 
     @abc.abstractmethod
     def info(self) -> DatasetInfo:
@@ -103,8 +135,12 @@ class Origin(abc.ABC):
         ``stored_tol`` > 0), so serving it needs no encode."""
         raise StoreError(f"{self.location!r} holds no pre-encoded frames of {variable!r}")
 
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release file handles."""
+    def close(self) -> None:
+        """Release file handles, the levels' too (subclasses extend this)."""
+        with _levels_lock:
+            levels, self._levels = list(self._levels.values()), {}
+        for origin in levels:
+            origin.close()
 
     def drop_page_cache(self) -> int:
         """Ask the kernel to evict this store's files from the page cache, so that the next reads
@@ -149,19 +185,23 @@ class ZarrOrigin(Origin):
         location: str | os.PathLike[str],
         name: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        group: str | None = None,
+        levels: int | None = None,
     ) -> None:
+        """``group``/``levels``: a coarse level, the store's group ``k`` (``level()`` opens them)."""
         from xarray.backends.zarr import ZarrStore
 
         self._locate(location, name, _local_path(location))
         if storage_options is not None and not _is_url(location):
             raise ValueError(f"storage_options apply to URLs only, not to the path {self.location!r}")
+        self._storage_options = storage_options
         options = {"storage_options": dict(storage_options or {})} if _is_url(location) else {}
         try:
             self._store = ZarrStore.open_group(
-                self.location, mode="r", zarr_format=3, consolidated=False, **options
+                self.location, group=group, mode="r", zarr_format=3, consolidated=False, **options
             )
             self._arrays: dict[str, Any] = {}  # opened once: a lookup per block would re-read its metadata
-            self._info = self._describe()
+            self._info = self._describe(levels)
         except StoreError:
             raise
         except Exception as exc:
@@ -169,7 +209,7 @@ class ZarrOrigin(Origin):
                 f"cannot open store {self.location!r} as a zarr v3 dataset: {exc}"
             ) from exc
 
-    def _describe(self) -> DatasetInfo:
+    def _describe(self, levels: int | None) -> DatasetInfo:
         variables, coords = {}, {}
         for name, var in self._store.get_variables().items():
             if var.dims == (name,):
@@ -186,12 +226,17 @@ class ZarrOrigin(Origin):
                 attrs=dict(var.attrs),
                 stored_tol=_stored_tol(array),
             )
-        return DatasetInfo(
-            name=self.name, attrs=dict(self._store.get_attrs()), variables=variables, coords=coords
-        )
+        attrs = dict(self._store.get_attrs())
+        ome = attrs.pop(OME, None)
+        if levels is None:
+            levels = _ome_levels(ome, self.location)
+        return DatasetInfo(name=self.name, attrs=attrs, variables=variables, coords=coords, levels=levels)
 
     def info(self) -> DatasetInfo:
         return self._info
+
+    def _open_level(self, k: int, name: str) -> Origin:
+        return ZarrOrigin(self.location, name, self._storage_options, group=str(k), levels=self._info.levels)
 
     def read_block(self, variable: str, index: BlockIndex) -> np.ndarray:
         var = self._info.variable(variable)
@@ -224,6 +269,7 @@ class ZarrOrigin(Origin):
         return frame.to_bytes()
 
     def close(self) -> None:
+        super().close()
         self._store.close()
 
 
@@ -238,6 +284,16 @@ def _stored_tol(array: Any) -> float:
     if len(codecs) == 1 and isinstance(codecs[0], TierscopeZarrCodec) and codecs[0].tol > 0:
         return codecs[0].tol
     return 0.0
+
+
+def _ome_levels(ome: Any, location: str) -> int:
+    """How many levels the root's OME-Zarr ``multiscales`` lists (1 without them)."""
+    if ome is None:
+        return 1
+    try:
+        return len(ome["multiscales"][0]["datasets"])
+    except (KeyError, IndexError, TypeError):
+        raise StoreError(f"{location!r} has malformed OME-Zarr multiscales metadata: {ome!r}"[:300]) from None
 
 
 def _objects(values: np.ndarray) -> np.ndarray:

@@ -1,13 +1,16 @@
 """The synthetic origin: the sample's turbulence-like field, computed block by block on read.
 
-``sample://NAME?shape=T,Z,Y,X[&block=t,z,y,x][&variables=u,v,w,p][&seed=0][&period=128]`` is a dataset
-of any size that costs no disk: ``tierscope serve 'sample://turb?shape=10000,1024,2048,2048'`` serves a
+``sample://NAME?shape=T,Z,Y,X[&block=t,z,y,x][&variables=u,v,w,p][&seed=0][&period=128][&levels=N]`` is a
+dataset of any size that costs no disk: ``tierscope serve 'sample://turb?shape=10000,1024,2048,2048'`` serves a
 ~170 TB float32 variable. The sample generator (``store/sample.py``) needs one FFT over the whole space
 per step, which no 2048^3 space affords per block; so the field here is periodic in space with a tile of
 ``min(n, period)`` points per spatial axis. Each (variable, step) tile is exactly what ``write_sample``
 computes for a dataset whose space is the tile, and a block is the tile repeated periodically (a block
 may straddle tile borders). When no spatial axis exceeds ``period``, the tile is the whole space and the
 dataset is bit-identical to the store ``tierscope sample`` writes with the same shape, variables and seed.
+
+Levels (``tierscope.levels``): all of them until one block per time step, or ``levels=N`` coarse ones at
+most; computed on read from the same tiles (``store/synthetic_levels.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import re
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
@@ -23,6 +27,7 @@ import numpy as np
 
 from tierscope.cache import TierCache
 from tierscope.grid import BlockIndex
+from tierscope.levels import count_levels, layouts
 from tierscope.metadata import DatasetInfo, VariableInfo
 from tierscope.store.ingest import _positive_ints
 from tierscope.store.origin import SYNTHETIC_SCHEME, Origin, is_synthetic
@@ -43,7 +48,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BLOCK = (1, 64, 64, 64)
 DEFAULT_PERIOD = 128
 DEFAULT_VARIABLES = ("u", "v", "w", "p")
-PARAMETERS = ("shape", "block", "variables", "seed", "period")
+PARAMETERS = ("shape", "block", "variables", "seed", "period", "levels")
 TILE_CACHE_BYTES = 256 * 2**20
 """Tiles kept: 32 of the default 8 MiB tile, so the steps that a few views and their prefetch touch across
 four variables are computed once, not once per block; at least two tiles whatever the period (below)."""
@@ -59,7 +64,7 @@ class SyntheticOrigin(Origin):
         except ValueError as exc:
             raise ValueError(f"bad synthetic dataset URL {url!r}: {exc}") from None
         self._locate(url, name, None)
-        self.shape, self.block, self.variables, self.seed, self.period = params
+        self.shape, self.block, self.variables, self.seed, self.period, self.coarse_levels = params
         self.tile = tuple(min(n, self.period) for n in self.shape[1:])
         self._info = self._describe()
         self._lock = threading.Lock()
@@ -79,7 +84,11 @@ class SyntheticOrigin(Origin):
             for name in self.variables
         }
         attrs = {**_dataset_attrs(self.seed), "origin": "synthetic", "period": self.period}
-        return DatasetInfo(self.name, attrs, variables, sample_coords(self.shape))
+        info = DatasetInfo(self.name, attrs, variables, sample_coords(self.shape))
+        levels = count_levels(layouts(info), DIMS[1:])
+        if self.coarse_levels is not None:
+            levels = min(levels, 1 + self.coarse_levels)
+        return replace(info, levels=levels)
 
     def info(self) -> DatasetInfo:
         return self._info
@@ -88,9 +97,17 @@ class SyntheticOrigin(Origin):
         steps, *space = self._info.variable(variable).grid.slices(index)
         block = np.empty([s.stop - s.start for s in (steps, *space)], dtype=np.float32)
         for i, step in enumerate(range(steps.start, steps.stop)):
-            tile = self.tiles.get_or_load((variable, step), lambda s=step: self._compute(variable, s))
-            block[i] = _periodic(tile, space)
+            block[i] = _periodic(self.tile_of(variable, step), space)
         return block
+
+    def tile_of(self, variable: str, step: int) -> np.ndarray:
+        """The variable's tile at ``step`` (read-only, cached)."""
+        return self.tiles.get_or_load((variable, step), lambda: self._compute(variable, step))
+
+    def _open_level(self, k: int, name: str) -> Origin:
+        from tierscope.store.synthetic_levels import SyntheticLevel
+
+        return SyntheticLevel(self, k, name)
 
     def _compute(self, variable: str, step: int) -> np.ndarray:
         tile = self._generator(variable).step(step)
@@ -110,6 +127,7 @@ class SyntheticOrigin(Origin):
         return 0
 
     def close(self) -> None:
+        super().close()
         self.tiles.clear()
 
 
@@ -132,6 +150,7 @@ class _Params(NamedTuple):
     variables: tuple[str, ...]
     seed: int
     period: int
+    levels: int | None
 
 
 def _parse(url: str) -> _Params:
@@ -166,7 +185,10 @@ def _parse(url: str) -> _Params:
     period = _int(query.get("period", str(DEFAULT_PERIOD)), "period")
     if period < 2:
         raise ValueError(f"period must be an integer >= 2, got {period}")
-    return _Params(shape, block, variables, seed, period)
+    levels = _int(query["levels"], "levels") if "levels" in query else None
+    if levels is not None and levels < 0:
+        raise ValueError(f"levels (coarse levels beyond level 0) must be an integer >= 0, got {levels}")
+    return _Params(shape, block, variables, seed, period, levels)
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:

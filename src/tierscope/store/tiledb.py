@@ -9,6 +9,10 @@ Layout (``NAME.tdb/``, written by ``tierscope ingest --format tiledb``):
   A dimension coordinate's TileDB dimension is ``VAR_index`` (a dimension and an attribute cannot
   share a name); a 0-d variable is a one-cell array on a dimension ``VAR_scalar``.
 
+Levels (``tierscope.levels``): level ``k`` is the TileDB group ``NAME.tdb/k``, laid out like the root
+(every variable, coarsened), and a member of the root group; the root's ``_tierscope`` records
+``levels``, the count with level 0.
+
 Why a group rather than one array with an attribute per variable: the variables of a real dataset
 differ in dimensions, shape and block (bounds, auxiliary coordinates, scalars), and a TileDB array has
 one domain and one tiling. A block read is one slice read of exactly one tile.
@@ -20,9 +24,11 @@ context must not cross a fork.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import threading
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +40,13 @@ import xarray as xr
 from tierscope.errors import StoreError
 from tierscope.grid import BlockIndex
 from tierscope.metadata import DatasetInfo, VariableInfo
-from tierscope.store.attrs import pack, unpack
+from tierscope.store.attrs import RESERVED, pack, unpack
 from tierscope.store.origin import Origin
 
-__all__ = ["TileDBOrigin", "context", "is_group", "write_tiledb"]
+__all__ = ["TileDBOrigin", "context", "is_group", "set_levels", "write_tiledb"]
+
+Group = tuple[Path, Mapping[Hashable, xr.Variable], Mapping[Any, Any]]
+"""One TileDB group to write: where, its raw variables (``encoding["chunks"]`` = block), its attributes."""
 
 _lock = threading.RLock()
 """Guards the context and every origin's open arrays; re-made in a forked child (where another
@@ -73,31 +82,68 @@ def _tiledb_dims(name: str, dims: tuple[str, ...]) -> list[str]:
     return [f"{dim}_index" if dim == name else dim for dim in dims]
 
 
-def write_tiledb(out: Path, variables: Mapping[Hashable, xr.Variable], attrs: Mapping[Any, Any]) -> None:
-    """Write raw variables (``encoding["chunks"]`` = block) as a new TileDB group at ``out``."""
+def write_tiledb(groups: Sequence[Group]) -> None:
+    """Write each ``(path, variables, attrs)`` as a new TileDB group, every piece of every group in one dask
+    pass: a dataset and its levels, computed from the same pieces of level 0, read the source once."""
     ctx = context()
-    tiledb.group_create(str(out), ctx=ctx)
-    names = []
-    for key, var in variables.items():
-        name = _check_name(key)
-        uri = str(out / name)
-        try:
-            tiledb.DenseArray.create(uri, _schema(name, var, ctx), ctx=ctx)
-        except tiledb.TileDBError as exc:
-            raise StoreError(f"cannot store variable {name!r} ({var.dtype}) in TileDB: {exc}") from exc
-        with tiledb.open(uri, mode="w", ctx=ctx) as array:
-            for meta_key, value in pack(var.attrs, dims=[str(d) for d in var.dims]).items():
-                array.meta[meta_key] = value
-            _write_values(array, var)
-        # one read then opens one consolidated fragment-metadata file, however many pieces were written
-        config = tiledb.Config({"sm.consolidation.mode": "fragment_meta"})
-        tiledb.consolidate(uri, ctx=ctx, config=config)
-        names.append(name)
-    with tiledb.Group(str(out), mode="w", ctx=ctx) as group:
-        for name in names:
-            group.add(name, name=name, relative=True)
-        for meta_key, value in pack(attrs, variables=names).items():
-            group.meta[meta_key] = value
+    with contextlib.ExitStack() as stack:
+        sources, targets, names = [], [], []
+        for out, variables, _ in groups:
+            tiledb.group_create(str(out), ctx=ctx)
+            names.append([])
+            for key, var in variables.items():
+                name = _check_name(key)
+                array = stack.enter_context(_create(out / name, name, var, ctx))
+                names[-1].append(name)
+                if isinstance(var.data, da.Array):
+                    sources.append(var.data)
+                    targets.append(_Cells(array, var.ndim))
+                else:
+                    _Cells(array, var.ndim)[tuple(slice(0, n) for n in var.shape)] = var.values
+        # one write per piece (the lock serialises the writes while reads of the source run in
+        # parallel); threads, even under a distributed client: an open array cannot leave the process
+        if sources:
+            da.store(sources, targets, lock=True, scheduler="threads")
+    # one read then opens one consolidated fragment-metadata file, however many pieces were written
+    config = tiledb.Config({"sm.consolidation.mode": "fragment_meta"})
+    for (out, _, attrs), members in zip(groups, names, strict=True):
+        for name in members:
+            tiledb.consolidate(str(out / name), ctx=ctx, config=config)
+        with tiledb.Group(str(out), mode="w", ctx=ctx) as group:
+            for name in members:
+                group.add(name, name=name, relative=True)
+            for meta_key, value in pack(attrs, variables=members).items():
+                group.meta[meta_key] = value
+
+
+@contextlib.contextmanager
+def _create(uri: Path, name: str, var: xr.Variable, ctx: tiledb.Ctx) -> Iterator[tiledb.Array]:
+    """A new dense array for ``var`` with its attributes, open for writing."""
+    try:
+        tiledb.DenseArray.create(str(uri), _schema(name, var, ctx), ctx=ctx)
+    except tiledb.TileDBError as exc:
+        raise StoreError(f"cannot store variable {name!r} ({var.dtype}) in TileDB: {exc}") from exc
+    with tiledb.open(str(uri), mode="w", ctx=ctx) as array:
+        for meta_key, value in pack(var.attrs, dims=[str(d) for d in var.dims]).items():
+            array.meta[meta_key] = value
+        yield array
+
+
+def set_levels(root: Path, levels: int) -> None:
+    """Record that the group at ``root`` has ``levels`` levels: groups ``root/1``... become members (and
+    members beyond the count are dropped); ``_tierscope`` says how many."""
+    ctx = context()
+    with tiledb.Group(str(root), ctx=ctx) as group:
+        present = {member.name for member in group if member.name and member.name.isdigit()}
+        bookkeeping = json.loads(group.meta[RESERVED])
+    bookkeeping["levels"] = levels
+    with tiledb.Group(str(root), mode="w", ctx=ctx) as group:
+        for name in sorted(present - {str(k) for k in range(1, levels)}):
+            group.remove(name)
+        for k in range(1, levels):
+            if str(k) not in present:
+                group.add(str(k), name=str(k), relative=True)
+        group.meta[RESERVED] = json.dumps(bookkeeping)
 
 
 def _check_name(key: Hashable) -> str:
@@ -146,31 +192,23 @@ class _Cells:
         self._array[region] = values
 
 
-def _write_values(array: tiledb.Array, var: xr.Variable) -> None:
-    """Stream dask-backed data piece by piece (one write each; the lock serialises the writes while
-    reads of the source run in parallel); in-memory data (index coordinates) in one write. Threads,
-    even under a distributed client: an open array cannot travel to another process."""
-    cells = _Cells(array, var.ndim)
-    if isinstance(var.data, da.Array):
-        da.store(var.data, cells, lock=True, scheduler="threads")
-    else:
-        cells[tuple(slice(0, n) for n in var.shape)] = var.values
-
-
 class TileDBOrigin(Origin):
-    """A TileDB group written by ``write_tiledb``; arrays stay open per process after first use."""
+    """A TileDB group written by ``write_tiledb``; arrays stay open per process after first use.
+    ``levels``: a coarse level's group, opened by ``level()`` with the count of the root."""
 
-    def __init__(self, path: str | os.PathLike[str], name: str | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], name: str | None = None, levels: int | None = None
+    ) -> None:
         self._locate(Path(path), name, Path(path))
         self._arrays: tuple[int, dict[str, tiledb.Array]] = (os.getpid(), {})
         try:
             if not is_group(self.path):
                 raise StoreError(f"cannot open store {self.location!r}: not a TileDB group")
-            self._info = self._describe()
+            self._info = self._describe(levels)
         except (tiledb.TileDBError, KeyError) as exc:  # KeyError: bookkeeping naming what the group lacks
             raise StoreError(f"cannot open store {self.location!r} as a TileDB dataset: {exc!s}") from exc
 
-    def _describe(self) -> DatasetInfo:
+    def _describe(self, levels: int | None) -> DatasetInfo:
         ctx = context()
         with tiledb.Group(self.location, ctx=ctx) as group:
             where = f"TileDB group {self.location!r}"
@@ -190,10 +228,14 @@ class TileDBOrigin(Origin):
                 attr = array.schema.attr(0)
                 dtype = np.dtype(object) if attr.isvar else np.dtype(attr.dtype)
                 variables[name] = VariableInfo(name, dims, shape, dtype, block, var_attrs)
-        return DatasetInfo(name=self.name, attrs=attrs, variables=variables, coords=coords)
+        levels = int(bookkeeping.get("levels", 1)) if levels is None else levels
+        return DatasetInfo(name=self.name, attrs=attrs, variables=variables, coords=coords, levels=levels)
 
     def info(self) -> DatasetInfo:
         return self._info
+
+    def _open_level(self, k: int, name: str) -> Origin:
+        return TileDBOrigin(self.path / str(k), name, levels=self._info.levels)
 
     def read_block(self, variable: str, index: BlockIndex) -> np.ndarray:
         var = self._info.variable(variable)
@@ -218,6 +260,7 @@ class TileDBOrigin(Origin):
             return array
 
     def close(self) -> None:
+        super().close()
         with _lock:
             pid, arrays = self._arrays
             self._arrays = (os.getpid(), {})

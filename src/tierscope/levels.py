@@ -1,0 +1,188 @@
+"""Levels: a dataset's multiscale pyramid, and the one coarsening rule that stores, the synthetic origin
+and the tests all follow.
+
+Level 0 is the stored data. Level ``k`` is level 0 coarsened by ``2**k`` along the *spatial* dimensions
+(never time), on the same block shape, and it is served as the dataset ``NAME@k``:
+
+- spatial dimensions: those of the dataset's largest variable (most dimensions, then bytes) except its
+  time axis, so auxiliary dimensions (a ``bound`` of 2) stay; a dimension of length 1 never shrinks;
+- floating-point values: the mean of each window, exactly as ``xr.Variable.coarsen(windows, "mean",
+  boundary="pad")`` computes it with NumPy — NaN skipped, so a partial window at the far edge averages
+  what is there — so a level equals ``ds.coarsen(...).mean()`` of level 0 bit for bit. Raw values are
+  averaged: a float ``_FillValue``/``missing_value`` counts as missing (as xarray's decoding makes it),
+  and a window with nothing but missing values stores the fill value;
+- other values (integers, booleans, strings): the first element of each window ("nearest"), since a
+  mean of category codes or packed integers means nothing;
+- coordinates of spatial dimensions: the mean of the level-0 values each window covers (xarray's
+  ``coord_func="mean"``); the first value for non-numeric ones;
+- blocks: the level-0 block, clipped to the level's (smaller) shape like any block;
+- how many: levels 0, 1, ... up to the first at which every spatial axis of every variable fits in one
+  block; a caller may ask for fewer.
+
+Each level is computed from level 0 directly, never from level ``k - 1``: a mean of means rounds
+differently from the mean of the same values.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, NamedTuple
+
+import numpy as np
+import xarray as xr
+
+from tierscope.metadata import DatasetInfo, VariableInfo, time_axis
+
+__all__ = [
+    "Layout", "check_level", "coarsen_block", "coarsen_coord", "count_levels", "layouts", "level_info",
+    "level_name", "level_shape", "missing_values", "spatial_dims", "split_level", "windows",
+]
+
+_LEVEL_NAME = re.compile(r"^(.+)@([0-9]+)$")
+
+
+class Layout(NamedTuple):
+    """What the rule needs to know of one variable."""
+
+    dims: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    block: tuple[int, ...]
+
+
+def layouts(info: DatasetInfo) -> list[Layout]:
+    """The layouts of a dataset's block-served variables."""
+    return [Layout(v.dims, v.shape, v.dtype, v.block) for v in info.variables.values()]
+
+
+def spatial_dims(variables: Iterable[Layout]) -> tuple[str, ...]:
+    """The dimensions levels coarsen: the largest variable's (most dims, then bytes) but its time axis."""
+    largest = max(variables, key=lambda v: (len(v.dims), math.prod(v.shape) * v.dtype.itemsize),
+                  default=None)
+    if largest is None:
+        return ()
+    t = time_axis(largest.dims)
+    return tuple(d for i, d in enumerate(largest.dims) if i != t)
+
+
+def windows(dims: Sequence[str], shape: Sequence[int], spatial: Sequence[str], k: int) -> dict[int, int]:
+    """Axis -> window of level ``k`` for one variable: spatial axes longer than 1 (a window over a single
+    element would change nothing)."""
+    return {axis: 2**k for axis, (d, n) in enumerate(zip(dims, shape, strict=True)) if d in spatial and n > 1}
+
+
+def level_shape(shape: Sequence[int], axes: Mapping[int, int]) -> tuple[int, ...]:
+    return tuple(-(-n // axes.get(axis, 1)) for axis, n in enumerate(shape))
+
+
+def count_levels(variables: Iterable[Layout], spatial: Sequence[str]) -> int:
+    """Levels 0..k up to the first at which every spatial axis of every variable fits in one block."""
+    sizes = [(n, b) for v in variables
+             for d, n, b in zip(v.dims, v.shape, v.block, strict=True) if d in spatial]
+    k = 0
+    while any(-(-n // 2**k) > b for n, b in sizes):
+        k += 1
+    return k + 1
+
+
+def level_name(name: str, k: int) -> str:
+    """The dataset name level ``k`` is served under: ``NAME@k``, level 0 plain ``NAME``."""
+    return name if k == 0 else f"{name}@{k}"
+
+
+def split_level(name: str) -> tuple[str, int]:
+    """``"turb@2"`` -> ``("turb", 2)``; a name without ``@DIGITS`` is level 0 of itself."""
+    match = _LEVEL_NAME.match(name)
+    return (match[1], int(match[2])) if match else (name, 0)
+
+
+def check_level(level: object, levels: int, name: str) -> int:
+    """A valid level of a dataset with ``levels`` levels, or an error naming the valid range."""
+    if isinstance(level, bool) or not isinstance(level, int | np.integer):
+        raise TypeError(f"level must be an integer, got {level!r}")
+    if not 0 <= level < levels:
+        valid = "0 only (it has no coarse levels)" if levels == 1 else f"0..{levels - 1}"
+        raise ValueError(f"dataset {name!r} has no level {level}: its levels are {valid}")
+    return int(level)
+
+
+def missing_values(attrs: Mapping[str, Any]) -> list[float]:
+    """The non-NaN ``_FillValue``/``missing_value`` numbers of a float variable's raw attributes."""
+    found: list[float] = []
+    for key in ("_FillValue", "missing_value"):
+        raw = np.asarray(attrs.get(key, []))
+        if raw.dtype.kind in "iuf":
+            found += [float(v) for v in raw.ravel().tolist() if not math.isnan(v)]
+    return found
+
+
+def coarsen_block(values: np.ndarray, axes: Mapping[int, int], missing: Sequence[float] = ()) -> np.ndarray:
+    """Coarsen ``values`` by ``axes`` (axis -> window) under the rule. ``values`` is a piece of level 0
+    whose start is window-aligned on every coarsened axis; only its end may cut a window (the far edge)."""
+    axes = {a: w for a, w in axes.items() if w > 1}
+    if not axes:
+        return values
+    if values.dtype.kind not in "fc":
+        return values[tuple(slice(None, None, axes.get(a, 1)) for a in range(values.ndim))]
+    values = np.ascontiguousarray(values)
+    if missing:
+        values = np.where(np.isin(values, missing), np.nan, values).astype(values.dtype, copy=False)
+    whole = all(values.shape[a] % w == 0 for a, w in axes.items())
+    if whole and not np.isnan(values).any():
+        out = _mean_whole(values, axes)
+    else:
+        dims = [f"d{a}" for a in range(values.ndim)]
+        out = xr.Variable(dims, values).coarsen({dims[a]: w for a, w in axes.items()}, "mean",
+                                                boundary="pad").values.astype(values.dtype, copy=False)
+    if missing:
+        out = np.where(np.isnan(out), missing[0], out).astype(values.dtype, copy=False)
+    return out
+
+
+def _mean_whole(values: np.ndarray, axes: Mapping[int, int]) -> np.ndarray:
+    """xarray's mean for NaN-free whole windows, at a third of its cost: ``np.nanmean`` sums a NaN-free
+    contiguous copy over the reshaped window axes and divides by an integer count; so does this, on the
+    array itself (same shape and strides, so the same summation order and the same bits)."""
+    shape: list[int] = []
+    reduce: list[int] = []
+    for axis, n in enumerate(values.shape):
+        w = axes.get(axis)
+        if w is None:
+            shape.append(n)
+        else:
+            shape += [n // w, w]
+            reduce.append(len(shape) - 1)
+    total = np.add.reduce(values.reshape(shape), axis=tuple(reduce))
+    return np.true_divide(total, np.intp(math.prod(axes.values())), out=total, casting="unsafe")
+
+
+def coarsen_coord(values: np.ndarray, window: int) -> np.ndarray:
+    """A spatial coordinate at a level: the mean of the values each window covers (the first, when they
+    are not numbers)."""
+    if window <= 1 or len(values) <= 1:
+        return values
+    if values.dtype.kind not in "iuf":
+        return values[::window]
+    return xr.Variable(("d",), values).coarsen({"d": window}, "mean", boundary="pad").values
+
+
+def level_info(info: DatasetInfo, k: int, name: str) -> DatasetInfo:
+    """Level ``k``'s description, derived from level 0's: what every format's stored level, and the
+    synthetic origin's computed one, must describe."""
+    if k == 0:
+        return info
+    spatial = spatial_dims(layouts(info))
+    variables = {}
+    for var_name, var in info.variables.items():
+        shape = level_shape(var.shape, windows(var.dims, var.shape, spatial, k))
+        block = tuple(min(b, n) if d in spatial else b
+                      for d, b, n in zip(var.dims, var.block, shape, strict=True))
+        variables[var_name] = VariableInfo(var_name, var.dims, shape, var.dtype, block, var.attrs)
+    coords = {
+        dim: (coarsen_coord(values, 2**k) if dim in spatial else values, attrs)
+        for dim, (values, attrs) in info.coords.items()
+    }
+    return replace(info, name=name, variables=variables, coords=coords)
