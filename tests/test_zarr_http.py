@@ -182,6 +182,21 @@ def test_chunks_and_documents_carry_etags_and_cache_control(server):
         server, "GET", "/zarr/turb/u/c/0/0/0/0")[1]["ETag"]
 
 
+def test_head_sends_no_body_on_a_kept_alive_connection(server):
+    parts = urlsplit(server.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    for path in ("/zarr/turb/u/c/0/0/0/0", "/datasets/turb/blocks/u/0.0.0.0"):
+        conn.request("GET", path)
+        body = conn.getresponse().read()
+        conn.request("HEAD", path)
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"")
+        assert int(response.getheader("Content-Length")) == len(body)
+        conn.request("GET", path)  # the same connection: nothing of the HEAD answer's body is left on it
+        assert conn.getresponse().read() == body
+    conn.close()
+
+
 def test_cors_for_browsers(server):
     status, headers, _ = request(server, "OPTIONS", "/zarr/turb/u/c/0/0/0/0", {
         "Origin": "https://viewer.example", "Access-Control-Request-Method": "GET",
