@@ -41,7 +41,8 @@ class _LeveledOrigin(ZarrOrigin):
 
     def info(self) -> DatasetInfo:
         info = super().info()
-        return _LeveledInfo(**{f.name: getattr(info, f.name) for f in dataclasses.fields(info)}, levels=2)
+        fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(info) if f.name != "levels"}
+        return _LeveledInfo(**fields, levels=2)
 
 
 def _cf_store(path):

@@ -10,8 +10,8 @@ consolidated metadata, so a reader needs no directory listing (plain HTTP has no
 
 One chunk is one block, lossless: the raw block from L4 or the origin (``BlockService.raw_block``),
 padded to the full chunk shape at the array's edges (zarr chunks are always full-size), C-order bytes in
-their own byte order (``bytes`` codec; text as ``vlen-utf8``), then ``zstd``, all on the service's user
-pool. A dimension coordinate is one chunk. Values and attributes are raw, as stored, with ``_FillValue``
+their own byte order (``bytes`` codec; text as ``vlen-utf8``), then ``zstd``, on the service's user
+pool. A dimension coordinate is one chunk, from the dataset's description (compressed in a thread). Values and attributes are raw, as stored, with ``_FillValue``
 in xarray's zarr v3 form, so xarray's CF decoding gives what ``xr.open_zarr`` gives on the store itself
 (a datetime coordinate is its stored integers with ``units``/``calendar``).
 
