@@ -38,6 +38,7 @@ from tierscope.errors import (
 from tierscope.server.limits import ByteBudget, ServerBusyError, stream
 from tierscope.protocol import LINK_HEADER, MAX_POSITION_BLOCKS
 from tierscope.server.service import BlockResult, BlockService
+from tierscope.server.zarr_http import add_zarr_routes
 
 __all__ = [
     "AppThread", "BATCH_CONTENT_TYPE", "ServerThread", "create_app", "parse_block_index", "run_server"]
@@ -333,6 +334,7 @@ def create_app(service: BlockService, *, token: str | None = None) -> web.Applic
 
     app.cleanup_ctx.append(service_ctx)
     app.add_routes(routes)
+    add_zarr_routes(app, service, app[BUDGET])  # /zarr/{name}/...: plain zarr v3 readers
     return app
 
 

@@ -109,7 +109,9 @@ async def stream(
     try:
         async with asyncio.timeout(WRITE_TIMEOUT_S) as deadline:
             await response.prepare(request)  # a client gone already fails here
-            for data, charged in chunks:
+            # a HEAD answer is the headers alone: aiohttp would send a stream's body, which the client
+            # then reads as the start of its next answer on the connection
+            for data, charged in chunks if request.method != "HEAD" else ():
                 view = memoryview(data)
                 for start in range(0, len(view), CHUNK):
                     await response.write(view[start : start + CHUNK])

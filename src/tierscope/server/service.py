@@ -351,6 +351,27 @@ class BlockService:
         # shielded: a client that hangs up does not cancel a load other requests may be waiting on
         return list(await asyncio.shield(serving))
 
+    async def raw_block(
+        self, dataset: str, variable: str, index: BlockIndex, encode: Callable[[np.ndarray], T]
+    ) -> tuple[T, str]:
+        """One raw block through L4 and the origin (single flight, user pool), turned into ``encode(block)``
+        on the same pool, and the tier that answered (``"l4"`` or ``"origin"``).
+
+        For readers of the stored values in their own encoding rather than a frame (the zarr view,
+        ``server/zarr_http.py``). It counts as a user request; it moves no position and plans no prefetch.
+        """
+        if self._loop is None:
+            raise RuntimeError("BlockService.start() must run on an event loop before serving blocks")
+        req = self._request(dataset, variable, 0.0, None, "user")
+        index = req.variable.grid.check(index)
+        key4 = (req.dataset, req.variable.name, index)
+        hit = self.l4.peek(key4) is not None
+        self._stats.requests["user"] += 1
+        raw = await asyncio.shield(self.l4.aget_or_load(key4, lambda: self._read(req, index, False)))
+        self._stats.served_by["l4" if hit else "origin"] += 1
+        encoded, _ = await self._run(False, encode, raw.array)
+        return encoded, "l4" if hit else "origin"
+
     async def _serve_user(self, req: _Request, indices: list[BlockIndex],
                           tighter: tuple[float, ...]) -> list[BlockResult]:
         """A user request's blocks; while any runs, no prefetch load starts (they wait for ``_user_idle``)."""
