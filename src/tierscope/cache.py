@@ -39,7 +39,7 @@ import math
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, TypeVar
@@ -305,6 +305,32 @@ class TierCache(Generic[V]):
         for (key, flight), value in zip(owned, values, strict=True):
             self._finish(key, flight, value)
         return {key: value for (key, _), value in zip(owned, values, strict=True)}
+
+    def load_stream(
+        self, keys: Sequence[Hashable], loader: Callable[[list[Hashable]], Iterable[tuple[Hashable, V]]],
+        prefetch: bool = True,
+    ) -> Iterator[tuple[Hashable, V]]:
+        """``load_many`` for a loader that delivers (key, value) pairs one by one, in any order: each is
+        kept and handed on as it arrives. Keys the loader leaves out, or that it had not delivered when it
+        failed or the caller stopped, fail their flights (their waiters load again)."""
+        owned: dict[Hashable, _Flight] = {}
+        for key in dict.fromkeys(keys):
+            _, flight, owner = self._lookup(key, prefetch=prefetch)
+            if owner:
+                owned[key] = flight
+        try:
+            if owned:
+                for key, value in loader(list(owned)):
+                    flight = owned.pop(key, None)
+                    if flight is not None:
+                        self._finish(key, flight, value)
+                        yield key, value
+            if owned:
+                raise ValueError(f"{self.name}: the loader left {len(owned)} of its keys unloaded")
+        except BaseException as exc:
+            for key, flight in owned.items():
+                self._fail(key, flight, exc)
+            raise
 
     async def aget_or_load(
         self, key: Hashable, loader: Callable[[], Awaitable[V]], prefetch: bool = False

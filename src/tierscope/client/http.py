@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -87,6 +88,15 @@ def split_batch(body: bytes) -> list[tuple[tuple[int, ...], Fetched]]:
     return out
 
 
+def _record(line: bytes, url: str) -> tuple[tuple[int, ...], str, int, float]:
+    """A streamed batch's record line: (index, tier, frame size, server ms)."""
+    try:
+        entry = json.loads(line)
+        return tuple(int(i) for i in entry[0]), str(entry[1]), int(entry[2]), float(entry[3]) + float(entry[4])
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise ServerUnavailableError(f"malformed streamed batch from {url}: {line[:80]!r}") from None
+
+
 class HttpTransport(Transport):
     def __init__(self, base_url: str, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
@@ -146,13 +156,8 @@ class HttpTransport(Transport):
             async with session.request(method, url, params=params, json=json_body,
                                        headers={**self._headers, **(headers or {})}) as response:
                 body = await response.read()
-                if response.status in _RETRY_STATUS:
-                    try:
-                        self._raise(url, response.status, body)
-                    except Exception as exc:
-                        raise _Transient(exc) from None
                 if response.status >= 400:
-                    self._raise(url, response.status, body)
+                    self._raise_for(url, response.status, body)
                 return body, response.headers
         except asyncio.TimeoutError as exc:  # the whole request ran out of time: not worth repeating
             raise ServerUnavailableError(f"tierscope server at {url} did not answer in time") from exc
@@ -233,6 +238,82 @@ class HttpTransport(Transport):
             self._measured(len(body), time.perf_counter() - t0, max(b.server_s for b in blocks))
             frames.extend(blocks)
         return frames
+
+    def fetch_each(
+        self,
+        dataset: str,
+        variable: str,
+        indices: Sequence[BlockIndex],
+        tol: float,
+        purpose: str = "user",
+        session: str | None = None,
+        position: Sequence[BlockIndex] | None = None,
+    ) -> Iterator[tuple[BlockIndex, Fetched]]:
+        """Streamed batches (``"stream": true``, docs/protocol.md): each block as the server has it ready,
+        so the caller decodes one while the next is still being read, encoded or sent."""
+        indices = [[int(i) for i in index] for index in indices]
+        for start in range(0, len(indices), MAX_BATCH):
+            request = {"variable": variable, "tol": float(tol), "purpose": purpose, "stream": True,
+                       "blocks": indices[start:start + MAX_BATCH]}
+            arrived: queue.SimpleQueue = queue.SimpleQueue()
+            done = asyncio.run_coroutine_threadsafe(
+                self._stream(f"/datasets/{dataset}/batch", self._block_headers(session, position), request,
+                             arrived), _sync.loop())
+            try:
+                for _ in range(len(request["blocks"])):
+                    item = arrived.get()
+                    if item is None:  # the stream ended early: its error is the future's
+                        break
+                    yield item
+                done.result()
+            finally:
+                done.cancel()  # a caller that stopped early: stop reading
+
+    async def _stream(self, path: str, headers: dict[str, str], body: Any, arrived: queue.SimpleQueue) -> None:
+        """Read a streamed batch, putting each (index, block) on ``arrived``; None when it ends. Retried
+        like any request while nothing has arrived; a failure after that is the caller's."""
+        global _retries
+        url, given = f"{self.base_url}{path}", 0
+        try:
+            for delay in (*config.get("http.retry-delays"), None):
+                try:
+                    t0, nbytes, server_s = time.perf_counter(), 0, 0.0
+                    session = await self._get_session()
+                    async with session.post(url, json=body, headers={**self._headers, **headers}) as response:
+                        if response.status >= 400:
+                            self._raise_for(url, response.status, await response.read())
+                        while line := await response.content.readline():
+                            index, tier, size, server_ms = _record(line, url)
+                            block = Fetched(await response.content.readexactly(size), tier, server_ms / 1e3)
+                            nbytes, server_s = nbytes + size, max(server_s, block.server_s)
+                            arrived.put((index, block))
+                            given += 1
+                    self._measured(nbytes, time.perf_counter() - t0, server_s)
+                    return
+                except _Transient as transient:
+                    if delay is None or given:
+                        raise transient.error from transient.error.__cause__
+                    _retries += 1
+                    await asyncio.sleep(delay)
+                except asyncio.TimeoutError as exc:
+                    raise ServerUnavailableError(f"tierscope server at {url} did not answer in time") from exc
+                except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
+                    error = ServerUnavailableError(f"cannot reach tierscope server at {url}: {exc!r}")
+                    if delay is None or given:
+                        raise error from exc
+                    _retries += 1
+                    await asyncio.sleep(delay)
+        finally:
+            arrived.put(None)
+
+    def _raise_for(self, url: str, status: int, body: bytes) -> None:
+        """An error answer: ``_Transient`` for a status worth another try, else the error itself."""
+        if status in _RETRY_STATUS:
+            try:
+                self._raise(url, status, body)
+            except Exception as exc:
+                raise _Transient(exc) from None
+        self._raise(url, status, body)
 
     def server_stats(self) -> dict[str, object]:
         return self._get_json("/stats")

@@ -76,6 +76,21 @@ class Transport(abc.ABC):
         """Encoded blocks of one variable, in order (one round trip where possible)."""
         return [self.fetch(dataset, variable, i, tol, purpose, session, position) for i in indices]
 
+    def fetch_each(
+        self,
+        dataset: str,
+        variable: str,
+        indices: Sequence[BlockIndex],
+        tol: float,
+        purpose: str = "user",
+        session: str | None = None,
+        position: Sequence[BlockIndex] | None = None,
+    ) -> Iterator[tuple[BlockIndex, Fetched]]:
+        """(index, block) pairs of one variable, each as soon as it arrives, in any order (a transport
+        that cannot stream gives them when all arrived)."""
+        fetched = self.fetch_many(dataset, variable, indices, tol, purpose, session, position)
+        yield from zip((tuple(i) for i in indices), fetched, strict=True)
+
     @abc.abstractmethod
     def server_stats(self) -> dict[str, object]: ...
 

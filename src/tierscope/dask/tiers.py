@@ -103,20 +103,29 @@ class WorkerTiers:
     def read_loading(
         self, spec: BlockSpec, pieces: Sequence[tuple[BlockIndex, tuple[slice, ...]]]
     ) -> list[np.ndarray]:
-        """Parts of blocks, the missing ones fetched in one batch round trip (the server works on them
-        side by side) and all decoded in parallel: a cold view's share of one worker, as a pipeline
-        instead of a task, a request and a decode per block one after the other."""
+        """Parts of blocks, the missing ones fetched in one streamed batch (the server works on them side by
+        side and sends each when ready) and each decoded as it arrives, all in parallel: a cold view's
+        share of one worker as a pipeline, instead of a task, a request and a decode per block one after
+        the other."""
         indices = list(dict.fromkeys(index for index, _ in pieces))
+        pool = self._decoders()
         with self._user_load():
-            wanted = {}
+            wanted: dict[Hashable, BlockIndex] = {}
+            decoding = {}
             for index in indices:
                 keys = self._keys(spec, index)
-                if not any(key in self.l1 or key in self.l2 for key in keys):
+                if any(key in self.l1 or key in self.l2 for key in keys):
+                    decoding[index] = pool.submit(self.load, spec, index)
+                else:
                     wanted[keys[0]] = index
-            frames = self.l2.load_many(list(wanted), lambda keys: self._fetch_many(
-                spec, [wanted[k] for k in keys], "user"), prefetch=False) if wanted else {}
-            blocks = dict(zip(indices, self._decoders().map(
-                lambda index: self.load(spec, index, frames.get(spec.block_key(index))), indices)))
+            arriving = self.l2.load_stream(list(wanted), lambda keys: self._fetch_each(
+                spec, [wanted[k] for k in keys], "user"), prefetch=False) if wanted else ()
+            for key, frame in arriving:
+                decoding[wanted[key]] = pool.submit(self.load, spec, wanted[key], frame)
+            for index in indices:  # one another load had in flight: joined by this load
+                if index not in decoding:
+                    decoding[index] = pool.submit(self.load, spec, index)
+            blocks = {index: future.result() for index, future in decoding.items()}
         return [np.ascontiguousarray(blocks[index][part]) for index, part in pieces]
 
     def warm(self, source: Source) -> None:
@@ -246,6 +255,21 @@ class WorkerTiers:
         )
         self._count_fetch(purpose, len(fetched), time.perf_counter() - t0, max(f.server_s for f in fetched))
         return [f.frame for f in fetched]
+
+    def _fetch_each(self, spec: BlockSpec, indices: list[BlockIndex], purpose: str) -> Iterator[tuple[Hashable, bytes]]:
+        """(block key, frame) pairs as they arrive from one streamed batch."""
+        session, view = self._position(spec)
+        t0, count, server_s = time.perf_counter(), 0, 0.0
+        try:
+            for index, fetched in spec.source.transport().fetch_each(
+                spec.source.dataset, spec.variable, indices, spec.tol, purpose=purpose, session=session,
+                position=view,
+            ):
+                count, server_s = count + 1, max(server_s, fetched.server_s)
+                yield spec.block_key(index), fetched.frame
+        finally:
+            if count:
+                self._count_fetch(purpose, count, time.perf_counter() - t0, server_s)
 
     def _count_fetch(self, purpose: str, blocks: int, elapsed: float, server_s: float) -> None:
         """A round trip's blocks, and its time split into the server's and the network's share."""

@@ -22,7 +22,7 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Self
 
 import numpy as np
@@ -35,7 +35,7 @@ from tierscope.errors import (
     TierscopeError,
     VariableNotFoundError,
 )
-from tierscope.server.limits import ByteBudget, ServerBusyError, stream
+from tierscope.server.limits import ByteBudget, ServerBusyError, stream, stream_each
 from tierscope.protocol import LINK_HEADER, MAX_POSITION_BLOCKS
 from tierscope.server.service import BlockResult, BlockService
 from tierscope.server.zarr_http import add_zarr_routes
@@ -53,6 +53,7 @@ MAX_INDEX_LEN = 32
 MAX_BODY = 64 << 10  # batch and config bodies are small JSON documents
 SHUTDOWN_TIMEOUT = 10.0
 BATCH_CONTENT_TYPE = "application/x-tierscope-batch"
+STREAM_CONTENT_TYPE = "application/x-tierscope-stream"
 _STATUS = {
     DatasetNotFoundError: 404,
     VariableNotFoundError: 404,
@@ -61,7 +62,7 @@ _STATUS = {
     ServerBusyError: 503,
 }
 _BLOCK_QUERY = ("tol", "codec", "purpose")
-_BATCH_FIELDS = ("variable", "tol", "codec", "purpose", "blocks")
+_BATCH_FIELDS = ("variable", "tol", "codec", "purpose", "blocks", "stream")
 _CONFIG_FIELDS = ("l3", "l4", "policy", "prefetch", "drop_page_cache")
 
 routes = web.RouteTableDef()
@@ -247,7 +248,8 @@ async def block(request: web.Request) -> web.StreamResponse:
 @routes.post("/datasets/{name}/batch")
 async def batch(request: web.Request) -> web.StreamResponse:
     """Body: one JSON header line ``{"blocks": [[index, tier, nbytes, read_ms, encode_ms], ...]}``, then
-    the frames back to back in that order."""
+    the frames back to back in that order. With ``"stream": true``: each block as soon as it is ready, as
+    its own ``[index, tier, nbytes, read_ms, encode_ms]`` line followed by its frame."""
     _query(request, ())
     payload = await _json_body(request, _BATCH_FIELDS)
     variable = _optional_str(payload, "variable")
@@ -260,25 +262,37 @@ async def batch(request: web.Request) -> web.StreamResponse:
         for b in blocks
     ):
         raise ValueError("blocks must be a list of block indices, each a list of non-negative integers")
+    streamed = payload.get("stream", False)
+    if not isinstance(streamed, bool):
+        raise ValueError(f"stream must be true or false, got {streamed!r}"[:200])
     service, name = request.app[SERVICE], request.match_info["name"]
-    async with request.app[BUDGET].hold(len(blocks) * _block_nbytes(service, name, variable)) as charge:
-        results = await service.batch(
-            name,
-            variable,
-            [tuple(b) for b in blocks],
-            tol=_tol(payload.get("tol", 0)),
-            codec_name=_optional_str(payload, "codec"),
-            purpose=_optional_str(payload, "purpose") or "user",
-            session=_session(request),
-            position=_parse_position(request),
-            link_bps=_link(request),
-        )
+    block_nbytes = _block_nbytes(service, name, variable)
+    args = (name, variable, [tuple(b) for b in blocks])
+    kwargs = {"tol": _tol(payload.get("tol", 0)), "codec_name": _optional_str(payload, "codec"),
+              "purpose": _optional_str(payload, "purpose") or "user", "session": _session(request),
+              "position": _parse_position(request), "link_bps": _link(request)}
+    async with request.app[BUDGET].hold(len(blocks) * block_nbytes) as charge:
+        if streamed:
+            results = await service.batch_stream(*args, **kwargs)
+            return await stream_each(request, _records(blocks, results, charge.nbytes, block_nbytes),
+                                     charge, STREAM_CONTENT_TYPE)
+        results = await service.batch(*args, **kwargs)
         header = {"blocks": [
             [list(index), r.tier, len(r.frame), round(r.read_s * 1e3, 3), round(r.encode_s * 1e3, 3)]
             for index, r in zip(blocks, results, strict=True)
         ]}
         head = json.dumps(header, separators=(",", ":")).encode() + b"\n"
         return await stream(request, [(head, 0), *map(_charged, results)], charge, BATCH_CONTENT_TYPE)
+
+
+async def _records(blocks: list[list[int]], results: AsyncIterator[tuple[int, BlockResult]], charged: int,
+                   block_nbytes: int) -> AsyncIterator[tuple[bytes, int]]:
+    """A streamed batch's chunks: per block, its line and its frame; the charge left after each."""
+    async for place, r in results:
+        line = json.dumps([blocks[place], r.tier, len(r.frame), round(r.read_s * 1e3, 3),
+                           round(r.encode_s * 1e3, 3)], separators=(",", ":")).encode() + b"\n"
+        charged = max(0, charged - block_nbytes)
+        yield line + r.frame, charged
 
 
 @routes.get("/stats")

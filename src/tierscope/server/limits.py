@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 
 from aiohttp import web
 
 from tierscope.errors import TierscopeError
 
 __all__ = ["BUSY_WAIT_S", "RESPONSE_BUDGET", "WRITE_TIMEOUT_S", "ByteBudget", "Charge", "ServerBusyError",
-           "stream"]
+           "stream", "stream_each"]
 
 RESPONSE_BUDGET = 256 << 20  # one full batch of 1 MiB blocks at a time, at worst
 BUSY_WAIT_S = 30.0
@@ -117,6 +117,34 @@ async def stream(
                     await response.write(view[start : start + CHUNK])
                     deadline.reschedule(loop.time() + WRITE_TIMEOUT_S)  # it took bytes: not stalled
                 charge.shrink(charge.nbytes - charged)
+            await response.write_eof()
+    except (TimeoutError, ConnectionResetError):  # a stalled or gone client: drop its connection
+        if request.transport is not None:
+            request.transport.abort()
+    return response
+
+
+async def stream_each(
+    request: web.Request,
+    chunks: AsyncIterable[tuple[bytes, int]],
+    charge: Charge,
+    content_type: str,
+) -> web.StreamResponse:
+    """``stream`` for chunks that become ready one by one (chunked transfer: no length up front), each sent
+    as soon as it is ready; after each, ``freed`` bytes of the charge go. Only writing is timed: waiting
+    for the next chunk is the server's own work, not a stalled client."""
+    response = web.StreamResponse()
+    response.content_type = content_type
+    try:
+        async with asyncio.timeout(WRITE_TIMEOUT_S):
+            await response.prepare(request)  # a client gone already fails here
+        async for data, freed in chunks:
+            view = memoryview(data)
+            for start in range(0, len(view), CHUNK):
+                async with asyncio.timeout(WRITE_TIMEOUT_S):
+                    await response.write(view[start : start + CHUNK])
+            charge.shrink(charge.nbytes - freed)
+        async with asyncio.timeout(WRITE_TIMEOUT_S):
             await response.write_eof()
     except (TimeoutError, ConnectionResetError):  # a stalled or gone client: drop its connection
         if request.transport is not None:

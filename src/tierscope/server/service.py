@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -331,6 +331,49 @@ class BlockService:
         """Many blocks of one variable in one call (at most ``MAX_BATCH``), served concurrently.
 
         ``link_bps``: the throughput the client measured on its link to here (bytes/s), for ``adapt``."""
+        tasks = self._start(dataset, variable, indices, tol, codec_name, purpose, session, position,
+                            link_bps, batch)
+        # shielded: a client that hangs up does not cancel a load other requests may be waiting on
+        return list(await asyncio.shield(asyncio.gather(*tasks)))
+
+    async def batch_stream(
+        self,
+        dataset: str,
+        variable: str,
+        indices: Sequence[BlockIndex],
+        tol: float = 0.0,
+        codec_name: str | None = None,
+        purpose: str = "user",
+        session: str | None = None,
+        position: Sequence[Sequence[int]] | None = None,
+        *,
+        link_bps: float | None = None,
+    ) -> AsyncIterator[tuple[int, BlockResult]]:
+        """``batch``, each block as soon as it is ready: (its place in ``indices``, its result), so no
+        block waits for an unrelated one. Validation errors raise before the first."""
+        tasks = self._start(dataset, variable, indices, tol, codec_name, purpose, session, position,
+                            link_bps, True)
+        return self._as_completed(tasks)
+
+    @staticmethod
+    async def _as_completed(tasks: list[asyncio.Task]) -> AsyncIterator[tuple[int, BlockResult]]:
+        async def numbered(place: int, task: asyncio.Task) -> tuple[int, BlockResult]:
+            return place, await asyncio.shield(task)  # a gone client does not cancel a shared load
+
+        try:
+            for next_done in asyncio.as_completed([numbered(i, t) for i, t in enumerate(tasks)]):
+                yield await next_done
+        finally:  # the client left early: the loads run on; their errors are not worth a warning
+            for task in tasks:
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _start(
+        self, dataset: str, variable: str, indices: Sequence[BlockIndex], tol: float, codec_name: str | None,
+        purpose: str, session: str | None, position: Sequence[Sequence[int]] | None, link_bps: float | None,
+        batch: bool,
+    ) -> list[asyncio.Task]:
+        """Validate a request, move its session's position, and start one task per block. While a user
+        request's tasks run, no prefetch load starts (prefetch waits for ``_user_idle``)."""
         if self._loop is None:
             raise RuntimeError("BlockService.start() must run on an event loop before serving blocks")
         req = self._request(dataset, variable, tol, codec_name, purpose, link_bps)
@@ -345,11 +388,22 @@ class BlockService:
         self._stats.batches += batch
         tighter = self._tighter(req)
         if purpose == "prefetch":
-            serving = asyncio.gather(*(self._serve_prefetch(req, index, tighter) for index in checked))
-        else:
-            serving = self._serve_user(req, checked, tighter)
-        # shielded: a client that hangs up does not cancel a load other requests may be waiting on
-        return list(await asyncio.shield(serving))
+            return [asyncio.ensure_future(self._serve_prefetch(req, index, tighter)) for index in checked]
+        tasks = [asyncio.ensure_future(self._serve_user(req, index, tighter)) for index in checked]
+        self._user_requests += 1
+        self._user_idle.clear()
+        remaining = [len(tasks)]
+
+        def finished(_: asyncio.Task) -> None:
+            remaining[0] -= 1
+            if not remaining[0]:
+                self._user_requests -= 1
+                if not self._user_requests:
+                    self._user_idle.set()
+
+        for task in tasks:
+            task.add_done_callback(finished)
+        return tasks
 
     async def raw_block(
         self, dataset: str, variable: str, index: BlockIndex, encode: Callable[[np.ndarray], T]
@@ -372,20 +426,10 @@ class BlockService:
         encoded, _ = await self._run(False, encode, raw.array)
         return encoded, "l4" if hit else "origin"
 
-    async def _serve_user(self, req: _Request, indices: list[BlockIndex],
-                          tighter: tuple[float, ...]) -> list[BlockResult]:
-        """A user request's blocks; while any runs, no prefetch load starts (they wait for ``_user_idle``)."""
-        self._user_requests += 1
-        self._user_idle.clear()
-        try:
-            results = await asyncio.gather(*(self._serve(req, index, False, tighter) for index in indices))
-        finally:
-            self._user_requests -= 1
-            if not self._user_requests:
-                self._user_idle.set()
-        for result in results:
-            self._stats.served_by[result.tier] += 1
-        return results
+    async def _serve_user(self, req: _Request, index: BlockIndex, tighter: tuple[float, ...]) -> BlockResult:
+        result = await self._serve(req, index, False, tighter)
+        self._stats.served_by[result.tier] += 1
+        return result
 
     async def _serve_prefetch(self, req: _Request, index: BlockIndex, tighter: tuple[float, ...]) -> BlockResult:
         await self._user_idle.wait()
