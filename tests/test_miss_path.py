@@ -208,3 +208,29 @@ def test_a_throttled_encoder_sends_raw_then_encodes_for_l3_in_the_background(tmp
                 assert transport.fetch("turb", "u", index, tol).tier == "l3"
         finally:
             transport.close()
+
+
+def test_a_streamed_batch_sends_each_block_as_soon_as_it_is_ready(sample_store):
+    import json
+    import urllib.error
+    import urllib.request
+
+    origin = RecordingOrigin(ZarrOrigin(sample_store), free_steps=(1,))
+    ref = xr.open_zarr(sample_store, consolidated=False).u.values
+    with ServerThread(BlockService([origin])) as server:
+        transport = HttpTransport(server.url)
+        try:
+            arriving = transport.fetch_each("turb", "u", [(0, 0, 0, 0), (1, 0, 0, 0)], 0.0)
+            index, block = next(arriving)  # (0, 0, 0, 0) is still held at the origin: (1, 0, 0, 0) comes first
+            assert index == (1, 0, 0, 0) and origin.reads == [(1, 0, 0, 0)]
+            origin.gate.set()
+            rest = list(arriving)
+            assert [i for i, _ in rest] == [(0, 0, 0, 0)]
+            for (t, *_), got in ((index, block), *rest):
+                np.testing.assert_array_equal(codec.decode(got.frame)[0], ref[t, :8, :16, :16])
+        finally:
+            transport.close()
+        body = json.dumps({"variable": "u", "blocks": [[0, 0, 0, 0]], "stream": 1}).encode()
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(urllib.request.Request(f"{server.url}/datasets/turb/batch", data=body))
+        assert error.value.code == 400 and "stream must be true or false" in json.load(error.value)["error"]
