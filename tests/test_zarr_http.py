@@ -1,8 +1,8 @@
-"""The block server's plain zarr v3 view (/zarr/NAME) read by zarr-python and xarray, no tierscope client."""
+"""The block server's plain zarr v3 view (/zarr/NAME) read by zarr-python and xarray, no tierscope client:
+every level of stored pyramids (zarr, HDF5) and of a sample:// dataset, and the OME-Zarr multiscales."""
 
 from __future__ import annotations
 
-import dataclasses
 import http.client
 import json
 import math
@@ -15,34 +15,18 @@ import xarray as xr
 import zarr
 import zstandard
 
-from tierscope.metadata import DatasetInfo
 from tierscope.server import BlockService, ServerThread
 from tierscope.server.zarr_http import CHUNK_CACHE_CONTROL, METADATA_CACHE_CONTROL
-from tierscope.store import write_sample
+from tierscope.store import ingest, pyramid, write_sample
 from tierscope.store.origin import ZarrOrigin, open_origin
 
-SHAPE, BLOCK = (3, 5, 6, 7), (2, 4, 4, 4)  # partial blocks at every edge
-SYNTHETIC = "sample://syn?shape=3,5,6,7&block=2,4,4,4&variables=u,w&seed=2"
+SHAPE, BLOCK = (3, 9, 6, 7), (2, 4, 4, 4)  # partial blocks at every edge, at every level
+LEVELS = 3  # z: 9, 5, 3 -> one block of 4 at level 2
+SYNTHETIC = "sample://syn?shape=3,9,6,7&block=2,4,4,4&variables=u,w&seed=2"  # its levels: computed
+LEVELED = ("turb", "turbh5", "syn")  # pyramid on zarr, ingest --levels to HDF5, sample://
 TOKEN = "zarr-token"
 # xarray writes <U coordinates as zarr-python's fixed_length_utf32, which warns that it has no v3 spec yet
 pytestmark = pytest.mark.filterwarnings("ignore:The data type .FixedLengthUTF32")
-
-
-@dataclasses.dataclass(frozen=True)
-class _LeveledInfo(DatasetInfo):
-    """Until levels land: a DatasetInfo with the levels branch's ``levels`` field."""
-
-    levels: int = 1
-
-
-class _LeveledOrigin(ZarrOrigin):
-    """Until levels land: a real zarr store that says it has two levels; level 1 is served as NAME@1
-    (the levels branch's names). After the merge, write the store with levels instead."""
-
-    def info(self) -> DatasetInfo:
-        info = super().info()
-        fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(info) if f.name != "levels"}
-        return _LeveledInfo(**fields, levels=2)
 
 
 def _cf_store(path):
@@ -66,20 +50,17 @@ def _cf_store(path):
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
+    """Where each served dataset is: stores written with their levels, and the sample:// URL."""
     root = tmp_path_factory.mktemp("zarrhttp")
     turb = write_sample(root / "turb.zarr", shape=SHAPE, block=BLOCK, variables=("u", "p"), seed=1)
-    level1 = root / "turb1.zarr"
-    coarse = xr.open_zarr(turb, consolidated=False).coarsen(z=2, y=2, x=2, boundary="pad").mean().load()
-    for name in coarse.data_vars:
-        coarse[name].encoding = {"chunks": BLOCK}
-    coarse.to_zarr(level1, zarr_format=3, consolidated=False)
-    return {"turb": turb, "turb1": level1, "cf": _cf_store(root / "cf.zarr")}
+    turbh5 = ingest(turb, root / "turbh5.h5", BLOCK, fmt="hdf5", levels=LEVELS)  # from level 0 alone
+    assert pyramid(turb) == LEVELS
+    return {"turb": turb, "turbh5": turbh5, "cf": _cf_store(root / "cf.zarr"), "syn": SYNTHETIC}
 
 
 @pytest.fixture(scope="module")
 def server(stores):
-    origins = [_LeveledOrigin(stores["turb"]), ZarrOrigin(stores["turb1"], name="turb@1"),
-               ZarrOrigin(stores["cf"]), open_origin(SYNTHETIC)]
+    origins = [open_origin(stores[name]) for name in ("turb", "turbh5", "cf", "syn")]
     with ServerThread(BlockService(origins, l4="64MiB")) as running:
         yield running
 
@@ -98,6 +79,19 @@ def _open_zarr(url, **kwargs):
     return xr.open_zarr(url, **kwargs).load()
 
 
+def _group(k):
+    """Level k's group for ``xr.open_zarr``: the root for level 0."""
+    return str(k) if k else None
+
+
+def _level(group, k):
+    return group[str(k)] if k else group
+
+
+def _path(k, name):
+    return f"{k}/{name}" if k else name
+
+
 def _without_ome(ds):
     ome = ds.attrs.pop("ome")
     assert ome["version"] == "0.5"
@@ -107,60 +101,92 @@ def _without_ome(ds):
 def test_plain_zarr_reads_every_array_as_stored(server, stores):
     remote = zarr.open_group(f"{server.url}/zarr/turb", mode="r")
     local = zarr.open_group(stores["turb"], mode="r")
-    assert sorted(remote.array_keys()) == sorted(local.array_keys()) == ["p", "time", "u", "x", "y", "z"]
-    for key in local.array_keys():
-        got, want = remote[key], local[key]
-        assert (got.shape, got.chunks, got.dtype) == (want.shape, want.chunks, want.dtype), key
-        assert got.metadata.dimension_names == want.metadata.dimension_names
-        assert got.attrs.asdict() == want.attrs.asdict(), key  # _FillValue in xarray's zarr v3 form
-        np.testing.assert_array_equal(got[:], want[:])  # every chunk, the partial edge ones included
+    assert sorted(remote.group_keys()) == sorted(local.group_keys()) == ["1", "2"]
+    for k in range(LEVELS):
+        keys = sorted(_level(local, k).array_keys())
+        assert sorted(_level(remote, k).array_keys()) == keys == ["p", "time", "u", "x", "y", "z"]
+        for key in (_path(k, name) for name in keys):
+            got, want = remote[key], local[key]
+            assert (got.shape, got.chunks, got.dtype) == (want.shape, want.chunks, want.dtype), key
+            assert got.metadata.dimension_names == want.metadata.dimension_names
+            assert got.attrs.asdict() == want.attrs.asdict(), key  # _FillValue in xarray's zarr v3 form
+            np.testing.assert_array_equal(got[:], want[:])  # every chunk, the partial edge ones included
+
+
+@pytest.mark.parametrize("name", LEVELED)
+def test_every_level_reads_like_tierscope_opens_it(server, stores, name):
+    """Level k of /zarr/NAME, with plain zarr-python and xarray, is exactly tierscope's level k (tol=0):
+    values, coordinates, attributes, and raw arrays chunked by the level's blocks."""
+    url = f"{server.url}/zarr/{name}"
+    group = zarr.open_group(url, mode="r")
+    assert sorted(group.group_keys()) == [str(k) for k in range(1, LEVELS)]
+    for k in range(LEVELS):
+        remote = _open_zarr(url, group=_group(k))
+        with xr.open_dataset(stores[name], engine="tierscope", level=k, tol=0) as ours:
+            assert ours.encoding["tierscope_levels"] == LEVELS
+            xr.testing.assert_identical(_without_ome(remote) if k == 0 else remote, ours.load())
+        info = server.service.info(f"{name}@{k}" if k else name)  # what the view describes level k from
+        with xr.open_dataset(stores[name], engine="tierscope", level=k, decode_cf=False) as raw:
+            for var in raw.variables:
+                array = group[_path(k, var)]
+                assert array.metadata.dimension_names == raw[var].dims
+                assert array.dtype == raw[var].dtype
+                np.testing.assert_array_equal(array[:], raw[var].values)
+                if var in info.variables:
+                    assert array.chunks == info.variables[var].block
+    assert request(server, "GET", f"/zarr/{name}/{LEVELS}/zarr.json")[0] == 404
 
 
 @pytest.mark.parametrize("name", ["turb", "cf"])
-def test_xarray_reads_what_tierscope_and_the_store_give(server, stores, name):
+def test_xarray_reads_what_the_store_gives(server, stores, name):
     remote = _without_ome(_open_zarr(f"{server.url}/zarr/{name}"))
-    xr.testing.assert_identical(remote, xr.open_zarr(stores[name], consolidated=False).load())
+    store = xr.open_zarr(stores[name], consolidated=False).load()
+    store.attrs.pop("ome", None)  # the store's own multiscales (pixel units); the view writes its own
+    xr.testing.assert_identical(remote, store)
     # tierscope's own block path serves no text data variables: compare the rest
     with xr.open_dataset(stores[name], engine="tierscope", drop_variables=["label"]) as ds:
         xr.testing.assert_identical(remote.drop_vars("label", errors="ignore"), ds.load())
     if name == "cf":  # CF decoding as from the store: packed ints, fill values, datetimes, text
         assert remote.temp.dtype == np.float64 and np.isnan(remote.temp[1, 2])
         assert remote.time.dtype.kind == "M" and remote.station.dtype == "<U5"
+        assert zarr.open_group(f"{server.url}/zarr/cf", mode="r").attrs["ome"]["multiscales"] == []
+        assert not list(zarr.open_group(f"{server.url}/zarr/cf", mode="r").group_keys())  # one level
 
 
-def test_a_synthetic_dataset_reads_like_tierscope_opens_it(server):
-    remote = _without_ome(_open_zarr(f"{server.url}/zarr/syn"))
-    with xr.open_dataset(SYNTHETIC, engine="tierscope") as ds:
-        xr.testing.assert_identical(remote, ds.load())
+@pytest.mark.parametrize("name", LEVELED)
+def test_ome_multiscales_list_every_level(server, stores, name):
+    multiscales = zarr.open_group(f"{server.url}/zarr/{name}", mode="r").attrs["ome"]["multiscales"]
+    with xr.open_dataset(stores[name], engine="tierscope", decode_times=False) as level0:
+        assert sorted(m["name"] for m in multiscales) == sorted(level0.data_vars)
+        t, x = level0.time.values, level0.x.values
+    assert x[1] - x[0] == pytest.approx(2 * math.pi / SHAPE[3])
+    for entry in multiscales:
+        assert [(a["name"], a["type"]) for a in entry["axes"]] == [
+            ("time", "time"), ("z", "space"), ("y", "space"), ("x", "space")]
+        assert entry["axes"][0]["unit"] == "second" and entry["axes"][3]["unit"] == "meter"
+        assert [d["path"] for d in entry["datasets"]] == [_path(k, entry["name"]) for k in range(LEVELS)]
+        assert entry["type"] == "mean"  # float32: levels average
+        for k, dataset in enumerate(entry["datasets"]):
+            scale, translation = dataset["coordinateTransformations"]
+            assert (scale["type"], translation["type"]) == ("scale", "translation")
+            assert scale["scale"][0] == pytest.approx(t[1] - t[0])  # time is never coarsened
+            # level k's x is the mean of each 2**k level-0 values: their step and first mean
+            assert scale["scale"][3] == pytest.approx(2**k * (x[1] - x[0]))
+            assert translation["translation"][3] == pytest.approx(x[: 2**k].mean())
 
 
-def test_levels_are_subgroups_with_ome_multiscales(server, stores):
-    url = f"{server.url}/zarr/turb"
-    level1 = _open_zarr(url, group="1")
-    xr.testing.assert_identical(level1, xr.open_zarr(stores["turb1"], consolidated=False).load())
-    multiscales = zarr.open_group(url, mode="r").attrs["ome"]["multiscales"]
-    entry = {m["name"]: m for m in multiscales}["u"]
-    assert sorted(m["name"] for m in multiscales) == ["p", "u"]
-    assert [(a["name"], a["type"]) for a in entry["axes"]] == [
-        ("time", "time"), ("z", "space"), ("y", "space"), ("x", "space")]
-    assert entry["axes"][0]["unit"] == "second" and entry["axes"][3]["unit"] == "meter"
-    assert [d["path"] for d in entry["datasets"]] == ["u", "1/u"]
-    scales = [d["coordinateTransformations"][0]["scale"] for d in entry["datasets"]]
-    assert scales[0][3] == pytest.approx(2 * math.pi / SHAPE[3])
-    assert scales[1][3] == pytest.approx(2 * scales[0][3]) and scales[1][0] == scales[0][0]
-    # one dataset per level, and a plain synthetic dataset has one level
-    syn = zarr.open_group(f"{server.url}/zarr/syn", mode="r").attrs["ome"]["multiscales"]
-    assert sorted([d["path"] for d in m["datasets"]] for m in syn) == [["u"], ["w"]]
-    assert request(server, "GET", "/zarr/syn/1/zarr.json")[0] == 404
-
-
-def test_a_partial_edge_chunk_is_full_size_and_lossless(server, stores):
-    status, headers, body = request(server, "GET", "/zarr/turb/u/c/1/1/1/1")
+@pytest.mark.parametrize(("path", "index", "chunk_shape", "shape"), [
+    ("u", (1, 2, 1, 1), BLOCK, (1, 1, 2, 3)),
+    ("1/u", (1, 1, 0, 0), (2, 4, 3, 4), (1, 1, 3, 4)),  # level 1: blocks clipped to y's 3
+])
+def test_a_partial_edge_chunk_is_full_size_and_lossless(server, stores, path, index, chunk_shape, shape):
+    key = f"/zarr/turb/{path}/c/" + "/".join(map(str, index))
+    status, headers, body = request(server, "GET", key)
     assert status == 200 and headers["Content-Type"] == "application/octet-stream"
-    chunk = np.frombuffer(zstandard.ZstdDecompressor().decompress(body), "<f4").reshape(BLOCK)
-    block = zarr.open_group(stores["turb"], mode="r")["u"].get_block_selection((1, 1, 1, 1))
-    assert block.shape == (1, 1, 2, 3)
-    np.testing.assert_array_equal(chunk[:1, :1, :2, :3], block)
+    chunk = np.frombuffer(zstandard.ZstdDecompressor().decompress(body), "<f4").reshape(chunk_shape)
+    block = zarr.open_group(stores["turb"], mode="r")[path].get_block_selection(index)
+    assert block.shape == shape
+    np.testing.assert_array_equal(chunk[tuple(slice(0, n) for n in shape)], block)
     assert np.isnan(chunk[1:]).all() and np.isnan(chunk[:, 1:]).all()  # padded with the fill value
 
 
@@ -213,7 +239,10 @@ def test_cors_for_browsers(server):
 
 @pytest.mark.parametrize(("path", "kind", "message"), [
     ("/zarr/nope/zarr.json", "DatasetNotFoundError", "no dataset named 'nope'"),
-    ("/zarr/turb@1/zarr.json", "DatasetNotFoundError", "/zarr/turb/1/"),
+    ("/zarr/turb@1/zarr.json", "DatasetNotFoundError", "is level 1 of 'turb': zarr readers find it at "
+                                                       "/zarr/turb/1/"),
+    ("/zarr/syn@2/u/c/0/0/0/0", "DatasetNotFoundError", "/zarr/syn/2/"),
+    ("/zarr/turb@0/zarr.json", "DatasetNotFoundError", "find it at /zarr/turb/"),
     ("/zarr/turb/q/zarr.json", "HTTPNotFound", "no zarr key 'q/zarr.json'"),
     ("/zarr/turb/q/c/0/0/0/0", "VariableNotFoundError", "no array 'q'"),
     ("/zarr/turb/u/c/2/0/0/0", "BlockIndexError", "out of range on axis 0"),
@@ -222,7 +251,9 @@ def test_cors_for_browsers(server):
     ("/zarr/turb/u/c/0/x/0/0", "HTTPNotFound", "malformed chunk key"),
     ("/zarr/turb/u/c/0.0.0.0", "HTTPNotFound", "malformed chunk key"),
     ("/zarr/turb/time/c/1", "BlockIndexError", "out of range"),
-    ("/zarr/turb/2/u/zarr.json", "HTTPNotFound", "no zarr key"),
+    ("/zarr/turb/3/u/zarr.json", "HTTPNotFound", "no zarr key"),
+    ("/zarr/turb/1/q/c/0/0/0/0", "VariableNotFoundError", "no array '1/q'"),
+    ("/zarr/turb/1/u/c/0/2/0/0", "BlockIndexError", "out of range on axis 1"),
     ("/zarr/turb/.zgroup", "HTTPNotFound", "no zarr key"),
     ("/zarr/turb/.zattrs", "HTTPNotFound", "no zarr key"),
     ("/zarr/turb/u/.zarray", "HTTPNotFound", "no zarr key"),

@@ -5,15 +5,18 @@
 
 Layout of ``/zarr/{name}/``: the root group is level 0 (the dataset's attributes plus OME-Zarr 0.5
 ``multiscales``), with one array per variable and per dimension coordinate; level k >= 1 is the subgroup
-``k/`` with the same arrays on its coarser grid. Every group's ``zarr.json`` carries zarr-python's inline
-consolidated metadata, so a reader needs no directory listing (plain HTTP has none).
+``k/`` with the same arrays on its coarser grid: the service's dataset ``NAME@k``, for every level
+``DatasetInfo.levels`` counts (a store's stored levels, a ``sample://`` dataset's computed ones). Every
+group's ``zarr.json`` carries zarr-python's inline consolidated metadata, so a reader needs no directory
+listing (plain HTTP has none).
 
 One chunk is one block, lossless: the raw block from L4 or the origin (``BlockService.raw_block``),
 padded to the full chunk shape at the array's edges (zarr chunks are always full-size), C-order bytes in
 their own byte order (``bytes`` codec; text as ``vlen-utf8``), then ``zstd``, on the service's user
-pool. A dimension coordinate is one chunk, from the dataset's description (compressed in a thread). Values and attributes are raw, as stored, with ``_FillValue``
-in xarray's zarr v3 form, so xarray's CF decoding gives what ``xr.open_zarr`` gives on the store itself
-(a datetime coordinate is its stored integers with ``units``/``calendar``).
+pool. A dimension coordinate is one chunk, from the dataset's description (compressed in a thread).
+Values and attributes are raw, as stored, with ``_FillValue`` in xarray's zarr v3 form, so xarray's CF
+decoding gives what ``xr.open_zarr`` gives on the store itself (a datetime coordinate is its stored
+integers with ``units``/``calendar``).
 
 HTTP: ``ETag`` on everything, ``If-None-Match`` answered 304 before any block is read; chunks are
 immutable (``Cache-Control: public, max-age=31536000, immutable``), ``zarr.json`` documents are kept
@@ -43,19 +46,18 @@ from aiohttp import web
 
 from tierscope.errors import DatasetNotFoundError, VariableNotFoundError
 from tierscope.grid import BlockGrid, BlockIndex
+from tierscope.levels import layouts, level_name, spatial_dims, split_level, windows
 from tierscope.metadata import DatasetInfo, jsonable
 from tierscope.server.limits import ByteBudget, stream
 from tierscope.server.service import BlockService
 
-__all__ = ["CHUNK_CACHE_CONTROL", "METADATA_CACHE_CONTROL", "ZSTD_LEVEL", "add_zarr_routes", "encode_chunk",
-           "level_count"]
+__all__ = ["CHUNK_CACHE_CONTROL", "METADATA_CACHE_CONTROL", "ZSTD_LEVEL", "add_zarr_routes", "encode_chunk"]
 
 logger = logging.getLogger(__name__)
 
 ZSTD_LEVEL = 1  # the server compresses every chunk it sends: the cheapest level (readers do not care)
 CHUNK_CACHE_CONTROL = "public, max-age=31536000, immutable"
 METADATA_CACHE_CONTROL = "public, max-age=60"
-LEVEL_SEP = "@"  # the service's name of level k of NAME is NAME@k
 _CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": "ETag, X-Tierscope-Tier"}
 _PREFLIGHT = {
     "Access-Control-Allow-Origin": "*",
@@ -107,20 +109,6 @@ class _State:
 
 STATE = web.AppKey("zarr_http", _State)
 routes = web.RouteTableDef()
-
-
-def level_count(info: DatasetInfo) -> int:
-    """How many levels a dataset has, level 0 included.
-
-    Until levels land: a ``DatasetInfo`` without ``levels`` has one (the levels branch adds the field;
-    this fallback then goes).
-    """
-    return int(getattr(info, "levels", 1))
-
-
-def level_name(name: str, level: int) -> str:
-    """The service's dataset name of ``level`` of ``name``."""
-    return name if level == 0 else f"{name}{LEVEL_SEP}{level}"
 
 
 # ---------------------------------------------------------------------------------------- encoding
@@ -268,16 +256,16 @@ def _numeric(values: np.ndarray | None) -> np.ndarray | None:
     return values.astype(np.float64)
 
 
-def _scale_translation(c0: np.ndarray | None, ck: np.ndarray | None, n0: int,
-                       nk: int) -> tuple[float, float]:
-    """One axis of a level's transform, from its coordinates: the step and first value of level k's
-    coordinate; without two of them, level 0's step times the shrink factor (pixels without any)."""
+def _scale_translation(c0: np.ndarray | None, ck: np.ndarray | None, window: int) -> tuple[float, float]:
+    """One axis of level k's transform: level 0's step times the level's window (``tierscope.levels``; a
+    step read off level k's coordinate is skewed where its last value averages a partial far-edge
+    window) and level k's first coordinate; in level-0 pixels (window centres) without coordinates."""
     c0, ck = _numeric(c0), _numeric(ck)
-    if ck is not None and len(ck) >= 2:
-        return float(ck[1] - ck[0]), float(ck[0])
     step0 = float(c0[1] - c0[0]) if c0 is not None and len(c0) >= 2 else 1.0
-    start = ck if ck is not None and len(ck) else c0
-    return step0 * n0 / max(nk, 1), float(start[0]) if start is not None and len(start) else 0.0
+    if ck is not None and len(ck):
+        return step0 * window, float(ck[0])
+    start = float(c0[0]) if c0 is not None and len(c0) else 0.0
+    return step0 * window, start + (window - 1) / 2 * step0
 
 
 def _coord(info: DatasetInfo, dim: str) -> np.ndarray | None:
@@ -288,6 +276,7 @@ def _multiscales(levels: Sequence[DatasetInfo]) -> list[dict[str, Any]]:
     """OME-Zarr 0.5 ``multiscales``: one entry per data variable that is an OME image (2 to 5 axes, the
     time axis first if any, 2 or 3 space axes); others stay plain arrays of the hierarchy."""
     base = levels[0]
+    spatial = spatial_dims(layouts(base))
     entries = []
     for var in base.variables.values():
         time_axis = var.time_axis
@@ -303,13 +292,11 @@ def _multiscales(levels: Sequence[DatasetInfo]) -> list[dict[str, Any]]:
             axes.append(axis)
         datasets = []
         for k, info in enumerate(levels):
-            level_var = info.variables.get(var.name)
-            if level_var is None:
+            if var.name not in info.variables:
                 break
-            transforms = [
-                _scale_translation(_coord(base, dim), _coord(info, dim), n0, nk)
-                for dim, n0, nk in zip(var.dims, var.shape, level_var.shape, strict=True)
-            ]
+            coarsened = windows(var.dims, var.shape, spatial, k)
+            transforms = [_scale_translation(_coord(base, dim), _coord(info, dim), coarsened.get(axis, 1))
+                          for axis, dim in enumerate(var.dims)]
             datasets.append({
                 "path": ("" if k == 0 else f"{k}/") + var.name,
                 "coordinateTransformations": [
@@ -317,7 +304,8 @@ def _multiscales(levels: Sequence[DatasetInfo]) -> list[dict[str, Any]]:
                     {"type": "translation", "translation": [t for _, t in transforms]},
                 ],
             })
-        entries.append({"name": var.name, "axes": axes, "datasets": datasets, "type": "mean"})
+        kind = "mean" if var.dtype.kind in "fc" else "nearest"  # how levels coarsen it (tierscope.levels)
+        entries.append({"name": var.name, "axes": axes, "datasets": datasets, "type": kind})
     return entries
 
 
@@ -383,11 +371,10 @@ def _store_stamp(service: BlockService, name: str) -> str:
 
 
 def _describe(service: BlockService, name: str) -> _Hierarchy:
-    """Build a dataset's view (in a thread): its levels' descriptions, then every document."""
-    base = service.info(name)
-    levels = [(name, base)] + [
-        (level_name(name, k), service.info(level_name(name, k))) for k in range(1, level_count(base))
-    ]
+    """Build a dataset's view (in a thread): its levels' descriptions (level k is the service's
+    dataset ``NAME@k``, stored or computed by the origin), then every document."""
+    levels = [(level_name(name, k), service.info(level_name(name, k)))
+              for k in range(service.info(name).levels)]
     return build_hierarchy(name, levels, _store_stamp(service, name))
 
 
@@ -396,10 +383,10 @@ async def _hierarchy(request: web.Request, name: str) -> _Hierarchy:
     task = state.hierarchies.get(name)
     if task is None:
         service = state.service
-        base, sep, level = name.rpartition(LEVEL_SEP)
-        if sep and base in service.datasets():
-            raise DatasetNotFoundError(
-                f"{name!r} is level {level} of {base!r}: zarr readers find it at /zarr/{base}/{level}/")
+        base, level = split_level(name)
+        if base != name and base in service.datasets() and name not in service.datasets():
+            raise DatasetNotFoundError(f"{name!r} is level {level} of {base!r}: zarr readers find it at "
+                                       f"/zarr/{base}/{f'{level}/' if level else ''}")
         service.origin(name)  # DatasetNotFoundError for a name not served
         task = state.hierarchies[name] = asyncio.ensure_future(asyncio.to_thread(_describe, service, name))
     try:
@@ -432,8 +419,10 @@ def _locate(hierarchy: _Hierarchy, name: str, key: str) -> tuple[_Array, BlockIn
             if array is not None:
                 break
     else:
-        if len(parts) > 1 and parts[1] == "c":
-            raise VariableNotFoundError(f"dataset {name!r} has no array {parts[0][:100]!r} in its zarr view")
+        for i in (1, 2):
+            if len(parts) > i and parts[i] == "c":  # VAR/c/... or LEVEL/VAR/c/...
+                raise VariableNotFoundError(f"dataset {name!r} has no array "
+                                            f"{'/'.join(parts[:i])[:100]!r} in its zarr view")
         raise _not_found(f"no zarr key {key[:200]!r} in /zarr/{name}: expected zarr.json, "
                          "VAR/zarr.json, VAR/c/I/J/..., or LEVEL/... for a level")
     indices = parts[i + 1:]
