@@ -59,10 +59,11 @@ __all__ = [
 TIERS = ("l1", "l2", "l3", "l4", "origin")
 STAGES = ("queue", "network", "server", "decode")
 BASELINE = "zarr-http"
-SYSTEMS = ("tierscope", "tierscope-live", "tierscope-TIERS", "raw", "fp16", "zarr-http", "zarr-local", "tiledb", "hdf5",
+SYSTEMS = ("tierscope", "tierscope-live", "tierscope-progressive", "tierscope-TIERS", "raw", "fp16", "zarr-http", "zarr-local", "tiledb", "hdf5",
            "copy-first")
 _TIER_COMBO = re.compile(r"tierscope-([01]{4})")
 _CONTROL_TIMEOUT = 30
+ALL_LEVELS = 16  # coarse levels to ask for: ingest writes as many as fit
 
 
 @dataclass(frozen=True)
@@ -85,10 +86,10 @@ class DataPaths:
         from tierscope.store import ingest
 
         out = self.zarr.parent / f"encoded-tol{tol!r}" / self.zarr.name
-        marker = out.parent / ".complete"
+        marker = out.parent / ".complete-levels"
         if not marker.exists():
             out.parent.mkdir(exist_ok=True)
-            ingest(self.zarr, out, self.block, tol=tol, overwrite=True)
+            ingest(self.zarr, out, self.block, tol=tol, overwrite=True, levels=ALL_LEVELS)
             marker.touch()
         return out
 
@@ -311,6 +312,24 @@ class TierscopeSystem(_XarraySystem):
         return _counters(worker, server)
 
 
+class ProgressiveSystem(TierscopeSystem):
+    """tierscope's progressive views (``tierscope.progressive``): a coarse level first, level 0 last.
+    ``first_picture_s`` is when the first part arrived (the harness reports it as time to first picture);
+    a view's latency is its time to full resolution."""
+
+    first_picture_s: float | None = None
+
+    def read(self, view: View) -> np.ndarray:
+        import tierscope
+
+        self.first_picture_s = None
+        part = None
+        for part in tierscope.progressive(self.array.isel(view.isel(self.array.dims))):
+            if self.first_picture_s is None:
+                self.first_picture_s = time.perf_counter()
+        return np.asarray(part.values)
+
+
 def _total_s(summary: dict[str, float]) -> float:
     """Seconds summed over a Distribution summary (count x mean; 0 when it holds no figures)."""
     return summary.get("count", 0) * summary.get("mean_ms", 0.0) / 1e3
@@ -461,6 +480,8 @@ def make_system(name: str, sizes: TierSizes | None = None) -> System:
     sizes = sizes or TierSizes()
     if name in ("tierscope", "tierscope-live"):
         return TierscopeSystem(name, "1111", sizes=sizes, stored=name == "tierscope")
+    if name == "tierscope-progressive":
+        return ProgressiveSystem(name, "1111", sizes=sizes)
     if match := _TIER_COMBO.fullmatch(name):
         return TierscopeSystem(name, match.group(1), sizes=sizes)
     if name in ("raw", "fp16"):
