@@ -127,7 +127,7 @@ def test_budget_picks_the_finest_level_expected_within_it(client, levels_url):
             tierscope.progressive(ds["v"].isel(time=2, z=7), budget_ms=bad)
 
 
-def test_selections_it_cannot_map_are_refused_naming_the_problem(levels_url):
+def test_selections_it_cannot_map_are_refused_naming_the_problem(levels_url, levels_store):
     ds = xr.open_dataset(levels_url, engine="tierscope")
     u = ds["u"]
     refused = {
@@ -152,5 +152,8 @@ def test_selections_it_cannot_map_are_refused_naming_the_problem(levels_url):
     with xr.open_dataset(levels_url, engine="tierscope", level=1) as level1:
         with pytest.raises(ValueError, match="selection of level 1 .*start from level 0"):
             tierscope.progressive(level1["u"].isel(time=0))
+    with xr.open_zarr(levels_store, chunks=None, consolidated=False) as plain:  # lazy: xarray's zarr
+        with pytest.raises(ValueError, match="not a lazy selection of a dataset opened with engine="):
+            tierscope.progressive(plain["u"].isel(time=0))
     with pytest.raises(TypeError, match="take an xarray DataArray, got Dataset"):
         tierscope.progressive(ds.isel(time=0))

@@ -27,7 +27,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, NamedTuple, overload
 
 import numpy as np
@@ -175,7 +175,8 @@ def _ranges(key: tuple[Any, ...], var: VariableInfo, name: object) -> tuple[_Ran
                 raise ValueError(f"{name!r} is empty along {dim!r}")
             ranges.append(_Range(start, stop, False))
         elif isinstance(k, int | np.integer):
-            ranges.append(_Range(int(k), int(k) + 1, True))
+            i = int(k) + n if k < 0 else int(k)
+            ranges.append(_Range(i, i + 1, True))
         else:
             raise ValueError(f"{name!r} is indexed with an array along {dim!r} (fancy indexing); "
                              "progressive views map integer and slice selections")
@@ -255,14 +256,15 @@ class _View:
                 del _current[self.key]
 
 
-def _parts(view: _View, levels: range) -> Iterator[xr.DataArray]:
+def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
     try:
         for i, k in enumerate(levels):
             if view.superseded():
                 view.cancel(levels[i:])
                 return
             blocks = view.blocks(k)
-            view.pyramid.dataset(k)  # opening a level once is not part of its load time
+            if k:
+                view.pyramid.dataset(k)  # opening a level once is not part of its load time
             t0 = time.perf_counter()
             part = view.load(k)
             view.measured(blocks, time.perf_counter() - t0)
@@ -314,6 +316,9 @@ def progressive(
     if on_update is None:
         return parts
     last = None
-    for last in parts:
-        on_update(last)
+    try:
+        for last in parts:
+            on_update(last)
+    finally:
+        parts.close()  # an on_update that raised still leaves the variable to newer views at once
     return last if last is not None and last.encoding["tierscope_level"] == 0 else None
