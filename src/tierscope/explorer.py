@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Part:
     """One drawn part of the latest view: its level, the time from the move to the drawn image, and the
-    tier figures since the move (``tierscope.stats`` totals: L1 and L2 hits, server fetches)."""
+    tier figures from the end of the previous view to this part (``tierscope.stats`` totals: ``l1_hits``,
+    ``l2_hits``, ``fetches`` from the block server)."""
 
     level: int
     latency_s: float
