@@ -1,9 +1,9 @@
-"""Open the sample dataset with engine="tierscope" on a LocalCluster and slice it.
+"""Open the sample dataset with engine="tierscope" on a LocalCluster, slice it and view it progressively.
 
     python examples/explore.py [STORE]
 
-Without STORE a small sample dataset is written to a temporary directory first. The dataset is served by
-a real block server on loopback, exactly as a remote server would serve it.
+Without STORE a small sample dataset with coarse levels is written to a temporary directory first. The
+dataset is served by a real block server on loopback, exactly as a remote server would serve it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from distributed import Client, LocalCluster
 
 import tierscope
 from tierscope.server import BlockService, ServerThread
-from tierscope.store import write_sample
+from tierscope.store import pyramid, write_sample
 from tierscope.store.origin import ZarrOrigin
 
 
@@ -36,6 +36,8 @@ def main(store: Path) -> None:
         column = ds.p.sel(x=ds.x[5], y=ds.y[7]).values       # a (time, z) column across blocks
         print("p column shape", column.shape)
         ds.u.isel(time=2, z=10).values                       # the same view again: L1 hits
+        for part in tierscope.progressive(ds.u.isel(time=3, z=10)):  # coarse levels first, level 0 last
+            print("progressive: level", part.encoding["tierscope_level"], "shape", part.shape)
 
         total = tierscope.stats(client)["total"]
         print(f"L1 hit ratio {total['l1']['hit_ratio']:.0%}, L2 hit ratio "
@@ -48,4 +50,6 @@ if __name__ == "__main__":
         main(Path(sys.argv[1]))
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            main(write_sample(Path(tmp) / "turb.zarr", shape=(4, 32, 64, 64), block=(1, 16, 32, 32)))
+            sample = write_sample(Path(tmp) / "turb.zarr", shape=(4, 32, 64, 64), block=(1, 8, 16, 16))
+            pyramid(sample)  # levels 1 and 2
+            main(sample)

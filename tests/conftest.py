@@ -61,3 +61,25 @@ def client(cluster):
     with Client(cluster) as c:
         tierscope.connect(c, l1="64MiB", l2="128MiB", prefetch="off")
         yield c
+
+
+@pytest.fixture(scope="session")
+def levels_store(tmp_path_factory: pytest.TempPathFactory):
+    """A sample with levels 0..2: a (16, 32, 32) space of (8, 8, 8) blocks, so a whole z-slice is 16
+    blocks at level 0, 4 at level 1 and 1 at level 2."""
+    from tierscope.store import pyramid, write_sample
+
+    store = write_sample(tmp_path_factory.mktemp("levels") / "turb.zarr", shape=(3, 16, 32, 32),
+                         block=(1, 8, 8, 8), variables=("u", "v", "p"), seed=3)
+    assert pyramid(store) == 3
+    return store
+
+
+@pytest.fixture(scope="session")
+def levels_url(levels_store) -> str:
+    """``levels_store`` served by a real block server on loopback."""
+    from tierscope.server import BlockService, ServerThread
+    from tierscope.store.origin import ZarrOrigin
+
+    with ServerThread(BlockService([ZarrOrigin(levels_store)])) as running:
+        yield f"{running.url}/datasets/turb"

@@ -1,0 +1,159 @@
+"""Progressive views against a real block server and a real LocalCluster: coarse parts first, each equal
+to its level's own selection, level 0 last and exact; a newer view cancels an older one; budget_ms."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import tierscope
+from tierscope.refine import stats as progressive_stats
+
+SPACE = ("z", "y", "x")
+
+
+def _expected(url: str, k: int, isel: dict, tol: float = 0.0) -> xr.DataArray:
+    """Level ``k``'s selection as the tests define it: integers // 2**k, slices start // 2**k to
+    ceil(stop / 2**k) along the spatial dimensions; time unchanged."""
+    w = 2**k
+    mapped = {}
+    for dim, key in isel.items():
+        if dim not in SPACE:
+            mapped[dim] = key
+        elif isinstance(key, slice):
+            mapped[dim] = slice(key.start // w, math.ceil(key.stop / w))
+        else:
+            mapped[dim] = key // w
+    with xr.open_dataset(url, engine="tierscope", level=k, tol=tol) as ds:
+        return ds["u"].isel(mapped).load()
+
+
+def _fetches(client) -> int:
+    return tierscope.stats(client)["total"]["fetches"]
+
+
+def test_parts_come_coarse_to_fine_and_end_exact(client, levels_url):
+    isel = {"time": 1, "z": 5, "y": slice(3, 29), "x": slice(0, 32)}
+    ds = xr.open_dataset(levels_url, engine="tierscope")
+    selection = ds["u"].isel(isel)
+    before = progressive_stats()
+    parts = list(tierscope.progressive(selection))
+
+    assert [p.encoding["tierscope_level"] for p in parts] == [2, 1, 0]
+    assert [p.shape for p in parts] == [(8, 8), (14, 16), (26, 32)]
+    for k, part in enumerate(reversed(parts)):
+        assert isinstance(part.variable._data, np.ndarray)  # loaded
+        xr.testing.assert_identical(part, _expected(levels_url, k, isel))
+    xr.testing.assert_identical(parts[-1], selection.compute())
+    np.testing.assert_array_equal(parts[-1].values, ds["u"].isel(isel).values)
+    after = progressive_stats()
+    assert after["views"] - before["views"] == 1 and after["parts"] - before["parts"] == 3
+    assert after["blocks"] - before["blocks"] == 1 + 4 + 16  # (26, 32) of (8, 8): 4 x 4 at level 0
+    # the selection is still lazy: it can be viewed progressively again
+    assert [p.encoding["tierscope_level"] for p in tierscope.progressive(selection)] == [2, 1, 0]
+
+
+def test_lossy_view_ends_equal_to_its_own_level0_view_and_within_tol(client, levels_url):
+    tol = 1e-2
+    isel = {"time": 2, "z": 11, "y": slice(0, 32), "x": slice(5, 30)}
+    with xr.open_dataset(levels_url, engine="tierscope", tol=tol) as ds:
+        parts = list(tierscope.progressive(ds["u"].isel(isel)))
+        xr.testing.assert_identical(parts[-1], ds["u"].isel(isel).compute())
+    assert [p.encoding["tierscope_level"] for p in parts] == [2, 1, 0]
+    assert parts[-1].attrs["tierscope_tol"] == tol
+    for k, part in enumerate(reversed(parts)):
+        exact = _expected(levels_url, k, isel)
+        assert part.dims == exact.dims and part.shape == exact.shape
+        xr.testing.assert_identical(part.coords.to_dataset(), exact.coords.to_dataset())
+        assert float(abs(part - exact).max()) <= tol
+
+
+def test_newer_view_cancels_the_older_before_its_next_level(client, levels_url):
+    ds = xr.open_dataset(levels_url, engine="tierscope")
+    older = tierscope.progressive(ds["u"].isel(time=0, z=3))
+    assert next(older).encoding["tierscope_level"] == 2
+    before, fetched = progressive_stats(), _fetches(client)
+    other = tierscope.progressive(ds["v"].isel(time=0, z=3))  # another variable cancels nothing
+    newer = tierscope.progressive(ds["u"].isel(time=0, z=12))
+
+    with pytest.raises(StopIteration):
+        next(older)
+    assert _fetches(client) == fetched  # the older view fetched nothing more
+    after = progressive_stats()
+    assert after["cancelled_views"] - before["cancelled_views"] == 1
+    assert after["cancelled_blocks"] - before["cancelled_blocks"] == 4 + 16  # levels 1 and 0 of a plane
+    assert [p.encoding["tierscope_level"] for p in newer] == [2, 1, 0]
+    assert [p.encoding["tierscope_level"] for p in other] == [2, 1, 0]
+
+
+def test_on_update_gets_each_part_and_returns_level0_or_none_when_cancelled(client, levels_url):
+    ds = xr.open_dataset(levels_url, engine="tierscope")
+    seen: list[int] = []
+    last = tierscope.progressive(ds["p"].isel(time=1, z=0), lambda part: seen.append(
+        part.encoding["tierscope_level"]))
+    assert seen == [2, 1, 0]
+    xr.testing.assert_identical(last, ds["p"].isel(time=1, z=0).compute())
+
+    seen.clear()
+    newer = []
+
+    def move_on(part: xr.DataArray) -> None:  # a slider moved while the first part was shown
+        seen.append(part.encoding["tierscope_level"])
+        if not newer:
+            newer.append(tierscope.progressive(ds["p"].isel(time=2, z=0)))
+
+    assert tierscope.progressive(ds["p"].isel(time=1, z=1), move_on) is None
+    assert seen == [2]
+
+
+def test_budget_picks_the_finest_level_expected_within_it(client, levels_url):
+    ds = xr.open_dataset(levels_url, engine="tierscope", tol=1e-3)  # a tol nothing measured yet
+
+    def first_level(budget_ms: float | None) -> int:
+        parts = tierscope.progressive(ds["v"].isel(time=2, z=7), budget_ms=budget_ms)
+        levels = [p.encoding["tierscope_level"] for p in parts]
+        assert levels == list(range(levels[0], -1, -1))
+        return levels[0]
+
+    assert first_level(1e9) == 2  # nothing measured: the coarsest
+    assert first_level(1e9) == 0  # measured: level 0 fits a huge budget
+    assert first_level(1e-9) == 2  # nothing fits a tiny one: the coarsest
+    assert first_level(None) == 2
+    for bad in (0, -1.0, math.inf, math.nan, "10", True):
+        with pytest.raises(ValueError, match="budget_ms must be a positive number"):
+            tierscope.progressive(ds["v"].isel(time=2, z=7), budget_ms=bad)
+
+
+def test_selections_it_cannot_map_are_refused_naming_the_problem(levels_url, levels_store):
+    ds = xr.open_dataset(levels_url, engine="tierscope")
+    u = ds["u"]
+    refused = {
+        "indexed with an array along 'x'": u.isel(x=[1, 2]),
+        "steps by 2 along 'y'": u.isel(y=slice(None, None, 2)),
+        "is empty along 'z'": u.isel(z=slice(4, 4)),
+        "transposed or indexed with arrays": u.isel(time=0).transpose("x", "y", "z"),
+        "holds loaded values": u.isel(time=0, z=0).load(),
+        "holds loaded values ": xr.DataArray(np.zeros((2, 3)), name="plain"),
+        "with the dataset's dimensions": u.isel(time=0).rename(x="lon"),
+    }
+    for message, selection in refused.items():
+        with pytest.raises(ValueError, match=message.strip()):
+            tierscope.progressive(selection)
+    plotted = u.isel(time=0, z=0)
+    plotted.values  # noqa: B018 - what a .plot() does: the lazy selection now caches its values
+    with pytest.raises(ValueError, match="holds loaded values"):
+        tierscope.progressive(plotted)
+    with xr.open_dataset(levels_url, engine="tierscope", chunks={}) as chunked:
+        with pytest.raises(ValueError, match="is a dask array"):
+            tierscope.progressive(chunked["u"].isel(time=0))
+    with xr.open_dataset(levels_url, engine="tierscope", level=1) as level1:
+        with pytest.raises(ValueError, match="selection of level 1 .*start from level 0"):
+            tierscope.progressive(level1["u"].isel(time=0))
+    with xr.open_zarr(levels_store, chunks=None, consolidated=False) as plain:  # lazy: xarray's zarr
+        with pytest.raises(ValueError, match="not a lazy selection of a dataset opened with engine="):
+            tierscope.progressive(plain["u"].isel(time=0))
+    with pytest.raises(TypeError, match="take an xarray DataArray, got Dataset"):
+        tierscope.progressive(ds.isel(time=0))
