@@ -134,8 +134,10 @@ def _hit_ratios(stats: dict[str, Any]) -> None:
 def stats(client: Any = None) -> dict[str, Any]:
     """Per-worker and total figures: tier hits/misses/evictions/occupancy, fetches, stage times, prefetch.
 
-    ``{"workers": {address: {...}}, "total": {...}, "scheduler": {...}}``; ``scheduler`` holds the
-    prefetch plugin's counts (views, plans) and the queue-time distribution of user loads. Without a
+    ``{"workers": {address: {...}}, "total": {...}, "scheduler": {...}, "progressive": {...}}``;
+    ``scheduler`` holds the prefetch plugin's counts (views, plans) and the queue-time distribution of user
+    loads; ``progressive`` this process's progressive views (``tierscope.refine.stats``: views, parts,
+    blocks, cancelled views and blocks). Without a
     client, the default one (the latest ``Client`` made here); with none at all, this process's tiers
     under the address ``"local"``.
     """
@@ -148,7 +150,9 @@ def stats(client: Any = None) -> dict[str, Any]:
     else:
         per = {a: s for a, s in client.run(_worker_stats).items() if s is not None}
         scheduler = client.run_on_scheduler(_scheduler_stats)
+    from tierscope import refine
+
     total = _total(per)  # before the per-worker ratios, which must not be summed
     for worker_stats in per.values():
         _hit_ratios(worker_stats)
-    return {"workers": per, "total": total, "scheduler": scheduler}
+    return {"workers": per, "total": total, "scheduler": scheduler, "progressive": refine.stats()}
