@@ -25,25 +25,25 @@ def test_explorer_draws_coarse_first_and_redraws_on_a_move(client, ds):
     assert explorer.wait(60)
     first = bytes(explorer.image.value)
     assert first.startswith(PNG)
-    assert [p.level for p in explorer.parts] == [2, 1, 0]
+    assert [p.level for p in explorer.parts] == [2, 0]
     assert "showing level 0 (full resolution)" in explorer.status.value
-    assert explorer.parts[-1].hits["fetches"] == 1 + 4 + 16  # a cold plane: every level's blocks
+    assert explorer.parts[-1].hits["fetches"] == 1 + 16  # a cold plane: level 2's block and level 0's
 
     explorer.sliders["time"].value = 2
     assert explorer.wait(60)
     assert bytes(explorer.image.value).startswith(PNG) and bytes(explorer.image.value) != first
-    assert [p.level for p in explorer.parts] == [2, 1, 0]
+    assert [p.level for p in explorer.parts] == [2, 0]
     latencies = [p.latency_s for p in explorer.parts]
     assert latencies == sorted(latencies)
     status = explorer.status.value
     assert "time=2 z=0" in status and "showing level 0" in status and "level 2 " in status
-    assert "tier hits: L1 +" in status and "server fetches +21" in status
+    assert "tier hits: L1 +" in status and "server fetches +17" in status
 
     explorer.sliders["time"].value = 0  # back to a plane the workers hold: L1 hits, nothing fetched
     assert explorer.wait(60)
     assert bytes(explorer.image.value) == first
-    assert explorer.parts[-1].hits["l1_hits"] == 21 and explorer.parts[-1].hits["fetches"] == 0
-    assert "L1 +21, L2 +0, server fetches +0" in explorer.status.value
+    assert explorer.parts[-1].hits["l1_hits"] == 17 and explorer.parts[-1].hits["fetches"] == 0
+    assert "L1 +17, L2 +0, server fetches +0" in explorer.status.value
 
 
 def test_moves_in_a_row_end_with_the_last_one(client, ds):
@@ -54,7 +54,7 @@ def test_moves_in_a_row_end_with_the_last_one(client, ds):
     assert explorer.wait(60)
     assert progressive_stats()["cancelled_views"] - before == 5  # z=0..4: each stopped by the next move
     assert "z=5" in explorer.status.value and "showing level 0" in explorer.status.value
-    assert [p.level for p in explorer.parts] == [2, 1, 0]
+    assert [p.level for p in explorer.parts] == [2, 0]
 
 
 def test_dimensions_are_chosen_or_refused_by_name(ds):

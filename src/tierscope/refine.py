@@ -6,7 +6,9 @@ is level 0 coarsened by ``2**k`` along the spatial dimensions, ``tierscope.level
 ``i // 2**k``, and time is never coarsened. It loads that level's selection (its blocks go through the
 same tiers and prefetch as any view), yields it, and goes on to the next finer level, ending with the
 selection itself. A coarse level holds ``8**k`` times fewer blocks, so it can be on screen long before
-level 0 arrives.
+level 0 arrives. Once the first part is out, level 0 loads in a background thread beside the finer
+coarse levels, so the exact picture comes about when it would without levels; a coarse level with more
+than 1/8 of level 0's blocks is skipped (it would only delay level 0).
 
 The module is not named ``progressive`` because ``tierscope.progressive`` is the function: importing a
 submodule of that name would replace the function on the package.
@@ -27,7 +29,8 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, overload
 
 import numpy as np
@@ -247,7 +250,7 @@ class _View:
         with _lock:
             return _current.get(self.key) is not self.token
 
-    def cancel(self, levels: range) -> None:
+    def cancel(self, levels: Sequence[int]) -> None:
         _count(cancelled_views=1, cancelled_blocks=sum(self.blocks(k) for k in levels))
 
     def retire(self) -> None:
@@ -257,25 +260,60 @@ class _View:
 
 
 def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
+    """The parts, coarse to fine. Once the first is out, level 0 loads in the background beside the finer
+    coarse levels, so the exact picture comes about as soon as it would without levels; only coarse levels
+    at most ``1 / CHEAP`` of level 0's blocks are loaded on the way (dearer ones would delay it)."""
+    first, *rest = levels
+    finer = [k for k in rest if k and view.blocks(k) * CHEAP <= view.blocks(0)]
     try:
-        for i, k in enumerate(levels):
+        if view.superseded():  # a newer view began before this one's first part
+            view.cancel([first, *finer, 0] if first else [0])
+            return
+        part = _timed(view, first)
+        if view.superseded():  # loaded after a newer view began: stale, and the rest is not loaded
+            view.cancel([*finer, 0] if first else [])
+            return
+        _count(parts=1)
+        yield part
+        if not first:
+            return
+        if view.superseded():
+            view.cancel([*finer, 0])
+            return
+        full = _background.submit(_timed, view, 0)
+        for i, k in enumerate(finer):
+            if view.superseded():  # level 0 is loading already: not counted as cancelled
+                view.cancel(finer[i:])
+                return
+            part = _timed(view, k)
             if view.superseded():
-                view.cancel(levels[i:])
+                view.cancel(finer[i + 1:])
                 return
-            blocks = view.blocks(k)
-            if k:
-                view.pyramid.dataset(k)  # opening a level once is not part of its load time
-            t0 = time.perf_counter()
-            part = view.load(k)
-            view.measured(blocks, time.perf_counter() - t0)
-            _count(blocks=blocks)
-            if view.superseded():  # loaded after a newer view began: stale, and the rest is not loaded
-                view.cancel(levels[i + 1:])
-                return
+            _count(parts=1)
+            yield part
+        part = full.result()
+        if not view.superseded():
             _count(parts=1)
             yield part
     finally:
         view.retire()
+
+
+def _timed(view: _View, k: int) -> xr.DataArray:
+    """Level ``k``'s part, its load time measured (for ``budget_ms``) and its blocks counted."""
+    if k:
+        view.pyramid.dataset(k)  # opening a level once is not part of its load time
+    blocks = view.blocks(k)
+    t0 = time.perf_counter()
+    part = view.load(k)
+    view.measured(blocks, time.perf_counter() - t0)
+    _count(blocks=blocks)
+    return part
+
+
+CHEAP = 8  # a coarse level is loaded on the way to level 0 when it has at most 1/CHEAP of its blocks
+# Level-0 loads beside the coarse ones: one per progressive view in flight, a few views at a time.
+_background = ThreadPoolExecutor(4, thread_name_prefix="tierscope-progressive")
 
 
 @overload
