@@ -298,6 +298,7 @@ def _record(name: str, system: System, seq: Sequence, cond: Condition, run: _Run
         "errors": run.errors,
         "sequence_metrics": seq.metrics(),
         "samples_ms": [round(v, 3) for v in run.latency_ms],
+        "picture_samples_ms": [round(v, 3) for v in run.first_picture_ms] or None,
     }
 
 
