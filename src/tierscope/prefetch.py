@@ -27,7 +27,7 @@ import numpy as np
 
 from tierscope.grid import BlockGrid, BlockIndex
 
-__all__ = ["MODES", "PREDICTORS", "Box", "Position", "check_mode", "radius_for"]
+__all__ = ["MODES", "PREDICTORS", "Box", "Position", "around", "check_mode", "radius_for"]
 
 PREDICTORS = ("neighbourhood", "momentum", "playback")
 MODES = ("off", *PREDICTORS, "auto")
@@ -258,9 +258,13 @@ class Position:
 
     def _neighbourhood(self, radius: int) -> Iterator[np.ndarray]:
         """Shell by shell, nearest first; in a shell, time step by time step, each step's spatial ring
-        in C order (vectorised). Work is proportional to the blocks yielded, not to the grid."""
+        in C order (vectorised). Work is proportional to the blocks yielded, not to the grid: time steps
+        whose ring would lie wholly outside the grid are skipped (a view spanning a coarse level's few
+        spatial blocks leaves two steps per shell), and shells stop where the grid ends."""
         box, t, nblocks = self.box, self.time_axis, self.grid.nblocks
         spatial = [a for a in range(self.grid.ndim) if a != t]
+        # Rings of more hops than this are empty: no spatial axis has room for them.
+        reach = max((max(box.lo[a], nblocks[a] - 1 - box.hi[a]) for a in spatial), default=0)
         rings: dict[int, np.ndarray] = {}  # spatial ring by hops: the same at every time step
 
         def at(q: int, step: int | None) -> np.ndarray:
@@ -274,12 +278,18 @@ class Position:
             out[:, t] = step
             return out
 
-        for d in range(1, radius + 1):
-            if t is None:
+        if t is None:
+            for d in range(1, min(radius, reach) + 1):
                 yield at(d, None)
-                continue
-            for step in range(max(box.lo[t] - d, 0), min(box.hi[t] + d + 1, nblocks[t])):
-                yield at(d - max(box.lo[t] - step, 0, step - box.hi[t]), step)
+            return
+        lo, hi, nt = box.lo[t], box.hi[t], nblocks[t]
+        for d in range(1, min(radius, reach + max(lo, nt - 1 - hi)) + 1):
+            near = max(d - reach, 1)  # steps nearer in time than this would need a ring beyond ``reach``
+            steps = itertools.chain(range(max(lo - d, 0), lo - near + 1),
+                                    range(lo, hi + 1) if d <= reach else (),
+                                    range(hi + near, min(hi + d + 1, nt)))
+            for step in steps:
+                yield at(d - max(lo - step, 0, step - hi), step)
 
     def _along(self, step: tuple[int, ...], radius: int) -> Iterator[np.ndarray]:
         """The view repeated at ``step``, ``2 * step``, ... while any of it lies within ``radius``."""
@@ -312,6 +322,22 @@ class Position:
             guessed = _first_unique(self._candidates(p, radius), self.grid, budget)
             hit = (new.distances(guessed, None) == 0) & (old.distances(guessed, None) > 0)
             self._scores[p].append(int(hit.sum()) / min(wanted, budget))
+
+
+def around(grid: BlockGrid, box: Box, radius: int, limit: int, time_axis: int | None = 0) -> list[BlockIndex]:
+    """The blocks of ``box`` (C order), then those within ``radius`` hops of it, nearest first: at most
+    ``limit``, and no more enumerated. Unlike ``Position.plan`` the box itself comes first: a coarse level's
+    plan wants the blocks under the view (the user loaded another level's there)."""
+    pos = Position(grid, time_axis)
+    pos.observe_box(box, score=False)
+    own = np.array(list(itertools.islice(box.blocks(grid), limit)), dtype=np.int64).reshape(-1, grid.ndim)
+    taken, count = [], 0
+    for chunk in itertools.chain([own], pos._neighbourhood(radius)):  # disjoint: shells never repeat
+        if count >= limit:
+            break
+        taken.append(chunk[: limit - count])
+        count += len(taken[-1])
+    return [tuple(i) for chunk in taken for i in chunk.tolist()]
 
 
 def _first_unique(chunks: Iterable[np.ndarray], grid: BlockGrid, limit: int | None) -> np.ndarray:
