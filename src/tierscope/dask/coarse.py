@@ -23,9 +23,11 @@ not planned again: its plan is still being carried out, and steps inside one coa
 from __future__ import annotations
 
 import math
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+
+import numpy as np
 
 from tierscope.cache import entry_charge
 from tierscope.grid import BlockIndex
@@ -138,7 +140,7 @@ class CoarsePlanner:
             shares, dropped = _assign(coarse, blocks, owner, workers, _split(share1, l1, total1, decoded),
                                       _split(share2, l2, total2, encoded))
             # Every block nearer than this is planned: the last one enumerated, or the first left out.
-            reach = box.distance(blocks[-1] if dropped is None else dropped, coarse.time_axis)
+            reach = box.distance(tuple(blocks[-1].tolist()) if dropped is None else dropped, coarse.time_axis)
             plans.append(LevelPlan(coarse, box, shares))
             self._remember(key, _Planned(box, reach, workers))
             self.counts["plans"] += 1
@@ -179,24 +181,26 @@ def _split(share: float, capacity: Mapping[str, int], total: int, nbytes: float)
 
 def _assign(
     spec: BlockSpec,
-    blocks: Sequence[BlockIndex],
+    blocks: np.ndarray,
     owner: Callable[[BlockSpec, BlockIndex], str],
     workers: Sequence[str],
     fits1: Mapping[str, int],
     fits2: Mapping[str, int],
 ) -> tuple[dict[str, list[tuple[BlockIndex, bool]]], BlockIndex | None]:
     """Each block to its owner while the owner's L2 part has room, the nearest decoded while its L1 part
-    has room (a decoded prefetch fills L2 too); and the first block left out (None: none was)."""
-    shares: dict[str, list[tuple[BlockIndex, bool]]] = {w: [] for w in workers}
-    used1: Counter[str] = Counter()
-    dropped = None
-    for index in blocks:
-        w = owner(spec, index)
-        share = shares[w]
-        if len(share) >= fits2[w]:
-            dropped = index if dropped is None else dropped
-            continue
-        near = used1[w] < fits1[w]
-        used1[w] += near
-        share.append((index, near))
-    return shares, dropped
+    has room (a decoded prefetch fills L2 too); and the first block left out (None: none was). Owners
+    depend on the spatial index only: one lookup per distinct spatial index, the rest vectorised."""
+    spatial = blocks if spec.time_axis is None else np.delete(blocks, spec.time_axis, axis=1)
+    _, first, inverse = np.unique(spatial, axis=0, return_index=True, return_inverse=True)
+    column = {w: i for i, w in enumerate(workers)}
+    who = np.array([column[owner(spec, tuple(blocks[j].tolist()))] for j in first])[inverse.ravel()]
+    shares: dict[str, list[tuple[BlockIndex, bool]]] = {}
+    dropped = len(blocks)
+    for i, w in enumerate(workers):
+        mine = who == i
+        rank = np.cumsum(mine) - 1
+        over = np.flatnonzero(mine & (rank >= fits2[w]))
+        dropped = min(dropped, int(over[0])) if len(over) else dropped
+        rows = np.flatnonzero(mine & (rank < fits2[w]))
+        shares[w] = list(zip(map(tuple, blocks[rows].tolist()), (rank[rows] < fits1[w]).tolist()))
+    return shares, (None if dropped == len(blocks) else tuple(blocks[dropped].tolist()))
