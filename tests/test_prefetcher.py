@@ -128,6 +128,20 @@ def test_positions_take_turns(prefetcher, tiers, spec):
     assert batches == [BLOCKS[0], BLOCKS[12], BLOCKS[8], BLOCKS[20]]  # batches of 8: a, b, a, b
 
 
+def test_blocks_bound_for_l1_go_before_l2_only_ones_of_any_position(prefetcher, tiers, spec):
+    """A coarse level's wide L2-only plan must not delay another position's next view (bound for L1)."""
+    batches = []
+    load = tiers.prefetch
+    tiers.prefetch = lambda s, blocks: batches.append((blocks[0][0], blocks[0][1])) or load(s, blocks)
+    tiers.user_idle.clear()
+    prefetcher.submit(plan(spec, 1, BLOCKS[:16], decode=False, session="wide"))
+    prefetcher.submit(Plan(1, "next", spec, view=((0, 0, 0, 0),), blocks=tuple(BLOCKS[16:32]),
+                           decode=(True,) * 8 + (False,) * 8))
+    tiers.user_idle.set()
+    assert wait_idle(prefetcher, 32)["issued"] == 32
+    assert batches == [(BLOCKS[16], True), (BLOCKS[0], False), (BLOCKS[24], False), (BLOCKS[8], False)]
+
+
 def test_user_loads_and_prefetch_share_one_fetch_per_block(prefetcher, tiers, spec):
     prefetcher.submit(plan(spec, 1, BLOCKS))
     results = []

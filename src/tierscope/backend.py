@@ -42,7 +42,7 @@ from xarray.core import indexing
 from tierscope.client.source import Source
 from tierscope.dask.graph import block_array
 from tierscope.dask.tiers import BlockSpec
-from tierscope.levels import split_level
+from tierscope.levels import level_axes, split_level
 from tierscope.metadata import VariableInfo, check_tol
 from tierscope.store.origin import is_synthetic
 
@@ -130,8 +130,10 @@ class TierscopeDataStore(AbstractDataStore):
             name: xr.Variable((name,), values, attrs)
             for name, (values, attrs) in self.info.coords.items()
         }
+        level = split_level(self.info.name)[1]
         for name, var in self.info.variables.items():
-            spec = BlockSpec(self.source, name, self.tol, var.grid, var.dtype.str, var.time_axis)
+            spec = BlockSpec(self.source, name, self.tol, var.grid, var.dtype.str, var.time_axis,
+                             level=level, levels=self.info.levels, level_axes=level_axes(self.info, var))
             encoding = {"chunks": var.block, "preferred_chunks": dict(zip(var.dims, var.block)),
                         **self._provenance()}
             attrs = {**var.attrs, **self._provenance()} if self.tol > 0 else dict(var.attrs)

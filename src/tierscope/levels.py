@@ -34,11 +34,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import xarray as xr
 
+from tierscope.grid import BlockGrid
 from tierscope.metadata import DatasetInfo, VariableInfo, time_axis
 
 __all__ = [
-    "Layout", "check_level", "coarsen_block", "coarsen_coord", "count_levels", "layouts", "level_info",
-    "level_name", "level_shape", "missing_values", "spatial_dims", "split_level", "windows",
+    "Layout", "check_level", "coarsen_block", "coarsen_coord", "coarser_grid", "count_levels", "layouts",
+    "level_axes", "level_info", "level_name", "level_shape", "missing_values", "spatial_dims", "split_level",
+    "windows",
 ]
 
 _LEVEL_NAME = re.compile(r"^(.+)@([0-9]+)$")
@@ -76,6 +78,24 @@ def windows(dims: Sequence[str], shape: Sequence[int], spatial: Sequence[str], k
 
 def level_shape(shape: Sequence[int], axes: Mapping[int, int]) -> tuple[int, ...]:
     return tuple(-(-n // axes.get(axis, 1)) for axis, n in enumerate(shape))
+
+
+def level_axes(info: DatasetInfo, var: VariableInfo) -> tuple[int, ...]:
+    """The axes of ``var`` that the dataset's levels coarsen (its spatial dimensions)."""
+    spatial = spatial_dims(layouts(info))
+    return tuple(axis for axis, d in enumerate(var.dims) if d in spatial)
+
+
+def coarser_grid(grid: BlockGrid, axes: Sequence[int], steps: int) -> BlockGrid:
+    """The grid ``steps`` levels coarser than ``grid`` (itself at any level), ``axes`` being the variable's
+    ``level_axes``: as ``level_info`` derives it from level 0, since ``ceil(ceil(n / a) / b) == ceil(n /
+    (a * b))`` and a level's block is level 0's clipped to the level's shape."""
+    if steps == 0:
+        return grid
+    shape = level_shape(grid.shape, dict.fromkeys(axes, 2**steps))
+    block = tuple(min(b, n) if axis in axes else b
+                  for axis, (b, n) in enumerate(zip(grid.block, shape, strict=True)))
+    return BlockGrid(shape, block)
 
 
 def count_levels(variables: Iterable[Layout], spatial: Sequence[str]) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 
 from tierscope.grid import BlockGrid, BlockIndex
 
-__all__ = ["MODES", "PREDICTORS", "Box", "Position", "check_mode", "radius_for"]
+__all__ = ["MODES", "PREDICTORS", "Box", "Position", "around", "check_mode", "radius_for"]
 
 PREDICTORS = ("neighbourhood", "momentum", "playback")
 MODES = ("off", *PREDICTORS, "auto")
@@ -258,9 +258,13 @@ class Position:
 
     def _neighbourhood(self, radius: int) -> Iterator[np.ndarray]:
         """Shell by shell, nearest first; in a shell, time step by time step, each step's spatial ring
-        in C order (vectorised). Work is proportional to the blocks yielded, not to the grid."""
+        in C order (vectorised). Work is proportional to the blocks yielded, not to the grid: time steps
+        whose ring would lie wholly outside the grid are skipped (a view spanning a coarse level's few
+        spatial blocks leaves two steps per shell), and shells stop where the grid ends."""
         box, t, nblocks = self.box, self.time_axis, self.grid.nblocks
         spatial = [a for a in range(self.grid.ndim) if a != t]
+        # Rings of more hops than this are empty: no spatial axis has room for them.
+        reach = max((max(box.lo[a], nblocks[a] - 1 - box.hi[a]) for a in spatial), default=0)
         rings: dict[int, np.ndarray] = {}  # spatial ring by hops: the same at every time step
 
         def at(q: int, step: int | None) -> np.ndarray:
@@ -274,12 +278,18 @@ class Position:
             out[:, t] = step
             return out
 
-        for d in range(1, radius + 1):
-            if t is None:
+        if t is None:
+            for d in range(1, min(radius, reach) + 1):
                 yield at(d, None)
-                continue
-            for step in range(max(box.lo[t] - d, 0), min(box.hi[t] + d + 1, nblocks[t])):
-                yield at(d - max(box.lo[t] - step, 0, step - box.hi[t]), step)
+            return
+        lo, hi, nt = box.lo[t], box.hi[t], nblocks[t]
+        for d in range(1, min(radius, reach + max(lo, nt - 1 - hi)) + 1):
+            near = max(d - reach, 1)  # steps nearer in time than this would need a ring beyond ``reach``
+            steps = itertools.chain(range(max(lo - d, 0), lo - near + 1),
+                                    range(lo, hi + 1) if d <= reach else (),
+                                    range(hi + near, min(hi + d + 1, nt)))
+            for step in steps:
+                yield at(d - max(lo - step, 0, step - hi), step)
 
     def _along(self, step: tuple[int, ...], radius: int) -> Iterator[np.ndarray]:
         """The view repeated at ``step``, ``2 * step``, ... while any of it lies within ``radius``."""
@@ -312,6 +322,81 @@ class Position:
             guessed = _first_unique(self._candidates(p, radius), self.grid, budget)
             hit = (new.distances(guessed, None) == 0) & (old.distances(guessed, None) > 0)
             self._scores[p].append(int(hit.sum()) / min(wanted, budget))
+
+
+def around(grid: BlockGrid, box: Box, radius: int, limit: int, time_axis: int | None = 0) -> np.ndarray:
+    """The blocks of ``box``, then those within ``radius`` hops of it, nearest first (in a shell, time
+    step by time step, each step's ring in C order), as an (n, ndim) array of at most ``limit`` rows.
+
+    Unlike ``Position.plan`` the box itself comes first: a coarse level's plan wants the blocks under the
+    view (the user loaded another level's there). Vectorised, and nothing beyond the ``limit`` nearest
+    is enumerated but the last shell's rings: how many blocks each shell holds is a convolution of the
+    spatial rings' sizes with the time steps at each time distance, so the shell where the limit falls
+    is known before any block is listed.
+    """
+    t = time_axis
+    spatial = [a for a in range(grid.ndim) if a != t]
+    nblocks = np.asarray(grid.nblocks, dtype=np.int64)
+    lo, hi = np.asarray(box.lo, dtype=np.int64), np.asarray(box.hi, dtype=np.int64)
+    if limit <= 0:
+        return np.empty((0, grid.ndim), dtype=np.int64)
+    # Blocks per spatial ring q (0: the box's own), up to the farthest that still holds any.
+    reach = int(np.max(np.maximum(lo[spatial], nblocks[spatial] - 1 - hi[spatial]), initial=0))
+    q = np.arange(min(reach, radius, limit) + 1)
+    grown = np.prod(np.minimum(hi[spatial] + q[:, None], nblocks[spatial] - 1)
+                    - np.maximum(lo[spatial] - q[:, None], 0) + 1, axis=1)
+    rings = np.diff(grown, prepend=0)
+    # Time steps per time distance: the box's own, then one before and one after while the grid lasts.
+    if t is None:
+        steps = np.ones(1, dtype=np.int64)
+    else:
+        dt = np.arange(1, min(max(lo[t], nblocks[t] - 1 - hi[t]), radius, limit) + 1)
+        sides = (lo[t] - dt >= 0).astype(np.int64) + (hi[t] + dt < nblocks[t])
+        steps = np.concatenate([[hi[t] - lo[t] + 1], sides])
+    shells = np.convolve(rings, steps)[: radius + 1]  # blocks at each distance
+    last = int(min(np.searchsorted(np.cumsum(shells), limit), len(shells) - 1))
+    # Every (time distance, ring) pair of the shells up to ``last``, as (distance, time step, ring) rows.
+    dts, qs = (a.ravel() for a in np.meshgrid(np.arange(min(len(steps) - 1, last) + 1),
+                                             np.arange(min(len(rings) - 1, last) + 1), indexing="ij"))
+    keep = dts + qs <= last
+    dts, qs = dts[keep], qs[keep]
+    if t is None:
+        pairs = np.stack([qs, np.zeros_like(qs), qs], axis=1)
+    else:  # the box's own steps (each of them), the one before, the one after
+        extent = hi[t] - lo[t] + 1
+        own = np.repeat(np.flatnonzero(dts == 0), extent)
+        own_steps = lo[t] + np.tile(np.arange(extent), int(np.sum(dts == 0)))
+        before = (dts > 0) & (lo[t] - dts >= 0)
+        after = (dts > 0) & (hi[t] + dts < nblocks[t])
+        pairs = np.concatenate([
+            np.stack([qs[own], own_steps, qs[own]], axis=1),
+            np.stack([dts[before] + qs[before], lo[t] - dts[before], qs[before]], axis=1),
+            np.stack([dts[after] + qs[after], hi[t] + dts[after], qs[after]], axis=1),
+        ])
+    pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+    counts = rings[pairs[:, 2]]
+    starts = np.cumsum(counts) - counts
+    needed = starts < limit  # a prefix: the pairs the limit reaches
+    pairs, counts, starts = pairs[needed], counts[needed], starts[needed]
+    # The rings themselves, in one pass: the spatial box grown to the farthest ring used, by hops, stably
+    # (C order within a ring), then each pair's ring copied out at its time step.
+    table = _rings(lo[spatial], hi[spatial], nblocks[spatial], int(pairs[:, 2].max(initial=0)))
+    offsets = np.cumsum(rings) - rings
+    rows = np.repeat(offsets[pairs[:, 2]] - starts, counts) + np.arange(int(counts.sum()))
+    out = np.empty((len(rows), grid.ndim), dtype=np.int64)
+    out[:, spatial] = table[rows]
+    if t is not None:
+        out[:, t] = np.repeat(pairs[:, 1], counts)
+    return out[:limit]
+
+
+def _rings(lo: np.ndarray, hi: np.ndarray, nblocks: np.ndarray, q: int) -> np.ndarray:
+    """The spatial indices within ``q`` hops (Chebyshev) of the box ``lo..hi``, clipped to the grid,
+    ring by ring (C order within each), as an (n, len(lo)) array."""
+    axes = [np.arange(max(0, a - q), min(n, b + q + 1)) for a, b, n in zip(lo, hi, nblocks, strict=True)]
+    grown = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(lo))
+    hops = np.maximum(np.maximum(lo - grown, 0), grown - hi).max(axis=1, initial=0)
+    return grown[np.argsort(hops, kind="stable")]
 
 
 def _first_unique(chunks: Iterable[np.ndarray], grid: BlockGrid, limit: int | None) -> np.ndarray:

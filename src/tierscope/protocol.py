@@ -45,7 +45,11 @@ READ_OP = "tierscope_read"  # the worker handler that answers a direct read
 class BlockSpec:
     """Which blocks a load task reads: a dataset's variable at one error bound ``tol``.
 
-    The grid and time axis ride along so the scheduler plugin can place and plan without asking anyone.
+    The grid and time axis ride along so the scheduler plugin can place and plan without asking anyone;
+    so does where the spec sits in the dataset's levels (``tierscope.levels``): ``level`` (0 = full
+    resolution; the source then names ``NAME@level``), how many ``levels`` the dataset has, and
+    ``level_axes``, the axes levels coarsen, so the plugin can derive any coarser level's grid and plan it
+    too (``tierscope.dask.coarse``). The defaults describe a dataset without levels.
     """
 
     source: Source
@@ -54,6 +58,9 @@ class BlockSpec:
     grid: BlockGrid
     dtype: str  # numpy dtype string of the raw values (sizes a decoded block)
     time_axis: int | None = 0
+    level: int = 0
+    levels: int = 1
+    level_axes: tuple[int, ...] = ()
 
     @property
     def itemsize(self) -> int:

@@ -4,8 +4,9 @@ Plans arrive as stream messages on the worker's event loop; the handler only que
 background thread does the fetching and decoding, so the event loop never waits on I/O or a decode. Each
 plan belongs to one position — (session, dataset, variable, tol) — and carries an epoch: a newer plan for
 the same position drops the queued remainder of the older one (counted as cancelled). Before each batch
-the thread waits until no user load is running on this worker, so user loads always go first; a batch
-of small blocks crosses the network in one round trip.
+the thread waits until no user load is running on this worker, so user loads always go first; blocks
+bound for L1 go before L2-only ones of any position; a batch of small blocks crosses the network in one
+round trip.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ class Prefetcher:
         self._thread.join(timeout=5)
 
     def _next(self) -> tuple[Plan, list[tuple[BlockIndex, bool]]] | None:
-        """The next batch, taken once no user load runs, round robin over positions; None once closed.
+        """The next batch, taken once no user load runs, round robin over positions, those whose next
+        block goes to L1 first; None once closed.
 
         A batch is the head of one position's queue, up to ``tierscope.prefetch-batch.blocks`` and ``.bytes`` of
         decoded blocks, all bound for L1 or all for L2 only: one round trip to the server for many small
@@ -105,7 +107,9 @@ class Prefetcher:
                     return None
                 if not self._queues:  # a newer, empty share cancelled it all while users ran
                     continue
-                key = next(iter(self._queues))
+                # Blocks bound for L1 (some position's next view) before frames only L2 wants
+                # (a coarse level's wide plan, the far part of any plan); positions take turns within each.
+                key = next((k for k, q in self._queues.items() if q[0][2]), None) or next(iter(self._queues))
                 queue = self._queues.pop(key)
                 plan = queue[0][0]
                 size = max(1, min(config.get("prefetch-batch.blocks"),

@@ -8,8 +8,11 @@ From every ``update_graph`` it picks out tierscope's block-load tasks (``BlockLo
 - feeds the view to a ``tierscope.prefetch.Position`` and, when the view is new, plans the blocks to load
   next within the radius that fits the workers' L1 (decoded) and L2 (encoded) tiers;
 - sends every worker its share of the plan (a stream message, no round trip) with a new epoch; an empty
-  share still tells the worker the new position, so its queued remainder of older plans is cancelled.
-Runs on the scheduler's event loop: everything here is bounded (``max_plan`` blocks per view).
+  share still tells the worker the new position, so its queued remainder of older plans is cancelled;
+- for a dataset with levels, plans the coarser levels around the same view too (``tierscope.dask.coarse``),
+  each as its own position, within a share of the tiers.
+Runs on the scheduler's event loop: everything here is bounded (``max_plan`` blocks per view, and
+``max_coarse`` for all coarse levels together).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from tierscope import config
 from tierscope._compat import keep_from_stealing, set_stream_handler
 from tierscope.cache import entry_charge
 from tierscope.config import tier_bytes
+from tierscope.dask.coarse import L1_SHARE, L2_SHARE, CoarsePlanner
 from tierscope.dask.graph import BlockLoadTask, ReportedBlockLoadTask
 from tierscope.dask.observe import install
 from tierscope.dask.prefetcher import Plan
@@ -78,6 +82,7 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
         l1: int | float | str | None = None,
         l2: int | float | str | None = None,
         max_plan: int = 512,
+        max_coarse: int = 1024,
         max_positions: int = 256,
         equipped: Sequence[str] = (),
         install_workers: bool = False,
@@ -97,6 +102,7 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
         self.max_plan, self.max_positions = max_plan, max_positions
         self.scheduler: Scheduler | None = None
         self._positions: OrderedDict[tuple[str, BlockSpec], Position] = OrderedDict()
+        self._coarse = CoarsePlanner(max_coarse)
         self._submitted: dict[Any, float] = {}
         self._queue = Distribution()
         self._view_s = Distribution()  # the plugin's own work per new view, on the scheduler's loop
@@ -190,6 +196,7 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
         """A closed notebook's positions go with it."""
         for key in [k for k in self._positions if k[0] == client]:
             del self._positions[key]
+        self._coarse.forget_client(client)
 
     def _position(self, client: str, spec: BlockSpec) -> Position:
         key = (client, spec)
@@ -216,15 +223,30 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
         shares: dict[str, list[tuple[BlockIndex, bool]]] = {w: [] for w in workers}
         for index, near in zip(blocks, pos.within(blocks, r1), strict=True):
             shares[self._owner(spec, index, workers)].append((index, near))
+        self._send(scheduler, targets, client, spec, view, shares)
+        self._coarse.forget(client, spec)  # a coarse plan for this level's position was just replaced
+        if self.mode != "off" and spec.levels > spec.level + 1:
+            decoded, encoded = self._block_nbytes(scheduler, spec)
+            for level in self._coarse.plan(
+                client, spec, view, self._capacities(scheduler, "l1"), self._capacities(scheduler, "l2"),
+                encoded / decoded, lambda s, i: self._owner(s, i, workers),
+            ):
+                self._send(scheduler, targets, client, level.spec, level.box, level.shares)
+        self._view_s.add(time.perf_counter() - started)
+
+    def _send(
+        self, scheduler: Scheduler, targets: list[str], client: str, spec: BlockSpec, view: Box,
+        shares: dict[str, list[tuple[BlockIndex, bool]]],
+    ) -> None:
+        """One plan for one position: every target worker its share (maybe empty) under a new epoch."""
         self.epoch += 1
         for worker in targets:
-            share = shares[worker]
+            share = shares.get(worker, ())
             plan = Plan(
                 epoch=self.epoch, session=client, spec=spec, view=(view.lo, view.hi),
                 blocks=tuple(i for i, _ in share), decode=tuple(d for _, d in share),
             )
             scheduler.worker_send(worker, {"op": PLAN_OP, "plan": ToPickle(plan)})
-        self._view_s.add(time.perf_counter() - started)
 
     def _current(self, workers: list[str]) -> list[str]:
         """The sorted worker addresses; remembered owners are forgotten when they change."""
@@ -247,27 +269,33 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
     def _plan(
         self, scheduler: Scheduler, spec: BlockSpec, pos: Position
     ) -> tuple[list[BlockIndex], int]:
-        """The blocks to prefetch for a new view, and the L1 radius (blocks within it get decoded)."""
+        """The blocks to prefetch for a new view, and the L1 radius (blocks within it get decoded).
+
+        With coarser levels to plan too, the view's own level keeps what their shares leave."""
         if self.mode == "off":
             return [], 0
         decoded, encoded = self._block_nbytes(scheduler, spec)
         extents = pos.box.extents
-        r1 = radius_for(spec.grid, self._capacity(scheduler, "l1"), decoded, spec.time_axis, view=extents)
-        r2 = radius_for(spec.grid, self._capacity(scheduler, "l2"), encoded, spec.time_axis, view=extents)
+        coarse = spec.levels > spec.level + 1
+        l1 = sum(self._capacities(scheduler, "l1").values()) * (1 - L1_SHARE if coarse else 1)
+        l2 = sum(self._capacities(scheduler, "l2").values()) * (1 - L2_SHARE if coarse else 1)
+        r1 = radius_for(spec.grid, int(l1), decoded, spec.time_axis, view=extents)
+        r2 = radius_for(spec.grid, int(l2), encoded, spec.time_axis, view=extents)
         blocks = pos.plan(self.mode, max(r1, r2), limit=self.max_plan)
         self.counts["plans"] += 1
         self.counts["planned"] += len(blocks)
         return blocks, r1
 
-    def _capacity(self, scheduler: Scheduler, tier: str) -> int:
-        """A tier's capacity over all workers: what each one's heartbeat reports, else its configured
-        size (a fraction of memory resolved against that worker's memory limit)."""
+    def _capacities(self, scheduler: Scheduler, tier: str) -> dict[str, int]:
+        """A tier's capacity on each worker: what its heartbeat reports, else its configured size (a
+        fraction of memory resolved against that worker's memory limit)."""
         configured = self.l1 if tier == "l1" else self.l2
-        total = 0
-        for ws in scheduler.workers.values():
+        capacities = {}
+        for address, ws in scheduler.workers.items():
             reported = ws.metrics.get("tierscope", {}).get(tier, {}).get("capacity")
-            total += reported if reported is not None else tier_bytes(configured, ws.memory_limit, tier)
-        return total
+            capacities[address] = (reported if reported is not None
+                                   else tier_bytes(configured, ws.memory_limit, tier))
+        return capacities
 
     def _block_nbytes(self, scheduler: Scheduler, spec: BlockSpec) -> tuple[float, float]:
         """Decoded block size (exact) and the workers' measured average encoded (L2) block size."""
@@ -282,10 +310,11 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
     def stats(self) -> dict[str, Any]:
         """Views seen, plans sent, and the queue-time distribution of user loads."""
         return {**self.counts, "mode": self.mode, "queue": self._queue.summary(),
-                "view_s": self._view_s.summary()}
+                "view_s": self._view_s.summary(), "coarse": dict(self._coarse.counts)}
 
     def reset_stats(self) -> None:
         self._queue = Distribution()
         self._view_s = Distribution()
         self.counts = dict.fromkeys(self.counts, 0)
+        self._coarse.reset_stats()
 
