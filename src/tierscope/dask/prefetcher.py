@@ -107,9 +107,12 @@ class Prefetcher:
                     return None
                 if not self._queues:  # a newer, empty share cancelled it all while users ran
                     continue
-                # Blocks bound for L1 (some position's next view) before frames only L2 wants
-                # (a coarse level's wide plan, the far part of any plan); positions take turns within each.
-                key = next((k for k, q in self._queues.items() if q[0][2]), None) or next(iter(self._queues))
+                # Blocks bound for L1 (some position's next view) before frames only L2 wants (a coarse
+                # level's wide plan, the far part of any plan), and among those the finest level's first
+                # (the next full-resolution view); positions take turns within each.
+                bound = [(q[0][0].spec.level, turn, k) for turn, (k, q) in enumerate(self._queues.items())
+                         if q[0][2]]
+                key = min(bound)[2] if bound else next(iter(self._queues))
                 queue = self._queues.pop(key)
                 plan = queue[0][0]
                 size = max(1, min(config.get("prefetch-batch.blocks"),
