@@ -25,6 +25,7 @@ parts of this process); without a budget, or before anything is measured, the co
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -229,13 +230,17 @@ class _View:
         return next((k for k in range(coarsest) if self.blocks(k) * per_block * 1e3 <= budget_ms), coarsest)
 
     def load(self, k: int) -> xr.DataArray:
-        """Level ``k``'s part, its level in ``encoding["tierscope_level"]``; level 0 is the selection."""
+        """Level ``k``'s part, its level in ``encoding["tierscope_level"]``; level 0 is the selection.
+
+        A coarse part is not a view of its own: it moves no position (``direct.unreported``), so it plans
+        no prefetch of its own; the level-0 read plans the coarse levels around the view already."""
         if k == 0:
             part = self.selection.compute()
         else:
             level = self.pyramid.dataset(k)[self.variable]
             part = level.isel(dict(zip(self.var.dims, (r.key() for r in self.ranges_at(k)), strict=True)))
-            part = part.compute().rename(self.selection.name)
+            with _unreported():
+                part = part.compute().rename(self.selection.name)
         part.encoding["tierscope_level"] = k
         return part
 
@@ -309,6 +314,14 @@ def _timed(view: _View, k: int) -> xr.DataArray:
     view.measured(blocks, time.perf_counter() - t0)
     _count(blocks=blocks)
     return part
+
+
+def _unreported() -> contextlib.AbstractContextManager:
+    try:
+        from tierscope.dask import direct
+    except ImportError:  # no distributed: no positions to keep
+        return contextlib.nullcontext()
+    return direct.unreported()
 
 
 CHEAP = 8  # a coarse level is loaded on the way to level 0 when it has at most 1/CHEAP of its blocks

@@ -22,6 +22,7 @@ tests/test_direct.py covers it), so it costs no round trip and arrives in order 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -29,7 +30,7 @@ import threading
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -44,7 +45,7 @@ from tierscope.grid import BlockGrid, BlockIndex
 from tierscope.prefetch import Box
 from tierscope.protocol import READ_OP, VIEW_OP, BlockSpec
 
-__all__ = ["Piece", "disable", "enable", "pieces", "read", "warm"]
+__all__ = ["Piece", "disable", "enable", "pieces", "read", "unreported", "warm"]
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +179,21 @@ async def _ask_owners(
     return dict(zip(shares, answers, strict=True))
 
 
+_unreported = threading.local()
+
+
+@contextlib.contextmanager
+def unreported() -> Iterator[None]:
+    """Direct reads in this block (on this thread) are not views: they move no position, so they plan no
+    prefetch, at the scheduler or the server. For loads that only serve a view, like a progressive view's
+    coarse parts (the view's own level-0 read plans the coarse levels around it already)."""
+    _unreported.on = True
+    try:
+        yield
+    finally:
+        _unreported.on = False
+
+
 def warm(source: Source) -> None:
     """Ready a connected client's workers for the first view of ``source``, without waiting for them: each
     opens its transport (a connection to the server, or the store), fetches the dataset's description and
@@ -219,12 +235,14 @@ def read(spec: BlockSpec, dtype: np.dtype, key: Sequence[int | slice]) -> np.nda
         backoff = config.get_seconds("direct-read.failed-backoff")
         skipped = {w for w in shares if now - workers.failed.get(w, -math.inf) < backoff}
     box = Box.of(p.index for p in parts)  # a box, not its blocks: the message stays small
-    send_to_scheduler(client, {"op": VIEW_OP, "spec": ToPickle(spec), "box": [box.lo, box.hi]})
+    reported = not getattr(_unreported, "on", False)
+    if reported:
+        send_to_scheduler(client, {"op": VIEW_OP, "spec": ToPickle(spec), "box": [box.lo, box.hi]})
     asked = {w: share for w, share in shares.items() if w not in skipped}
     timeout = config.get_seconds("direct-read.ask-timeout") + nbytes / config.get_bytes(
         "direct-read.ask-bytes-per-second")
     answers = client.sync(_ask_owners, client, spec, asked, timeout, bool(config.get("direct-read.load")),
-                          [box.lo, box.hi])
+                          [box.lo, box.hi] if reported else None)
     out = np.empty(shape, dtype=dtype)
     missing = [piece for w in skipped for piece in shares[w]]
     for worker, share in asked.items():
