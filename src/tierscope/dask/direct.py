@@ -239,9 +239,12 @@ def read(spec: BlockSpec, dtype: np.dtype, key: Sequence[int | slice]) -> np.nda
     if reported:
         send_to_scheduler(client, {"op": VIEW_OP, "spec": ToPickle(spec), "box": [box.lo, box.hi]})
     asked = {w: share for w, share in shares.items() if w not in skipped}
-    timeout = config.get_seconds("direct-read.ask-timeout") + nbytes / config.get_bytes(
+    load = bool(config.get("direct-read.load"))
+    # owners that load what they lack handle whole blocks, not just the selection's part of them
+    handled = len({p.index for p in parts}) * spec.block_nbytes if load else nbytes
+    timeout = config.get_seconds("direct-read.ask-timeout") + handled / config.get_bytes(
         "direct-read.ask-bytes-per-second")
-    answers = client.sync(_ask_owners, client, spec, asked, timeout, bool(config.get("direct-read.load")),
+    answers = client.sync(_ask_owners, client, spec, asked, timeout, load,
                           [box.lo, box.hi] if reported else None)
     out = np.empty(shape, dtype=dtype)
     missing = [piece for w in skipped for piece in shares[w]]
