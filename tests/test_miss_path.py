@@ -160,6 +160,12 @@ def test_a_pre_encoded_store_serves_within_tol_without_encoding(sample_store, tm
         assert tierscope.stats(client)["total"]["l1"]["hits"] >= 3 * 32
         with pytest.raises(ValueError, match=r"pre-encoded within 0\.01 .* need tol >= 0\.01, got 0\.001"):
             xr.open_dataset(url, engine="tierscope", tol=1e-3)
+        # plain zarr readers get the values as stored: the frames decoded, not a 400 for a tighter tol
+        plain = xr.open_zarr(f"{server.url}/zarr/turb", consolidated=True).load()
+        local = xr.open_zarr(out, consolidated=False).load()
+        for ds in (plain, local):  # each says its levels its own way (docs/protocol.md, "Plain zarr readers")
+            ds.attrs.pop("ome")
+        xr.testing.assert_identical(plain, local)
         coarse = xr.open_dataset(url, engine="tierscope", tol=0.01, level=1).load()  # levels are frames too
         expected = ref.coarsen(z=2, y=2, x=2, boundary="pad").mean()
         assert np.abs(coarse.u.values.astype(np.float64) - expected.u.values).max() <= 0.01

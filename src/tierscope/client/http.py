@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -36,6 +37,7 @@ _ERRORS: dict[str, type[Exception]] = {
 # error or a 502/503/504, wait and retry after each of tierscope.http.retry-delays (a restarted server
 # is back within one delay or two).
 _RETRY_STATUS = (502, 503, 504)
+T = TypeVar("T")
 _retries = 0  # in this process, for stats
 # Answers of at least this many bytes measure the link (smaller ones measure mostly the round trip);
 # each measurement moves the estimate by LINK_WEIGHT.
@@ -46,6 +48,21 @@ LINK_WEIGHT = 0.2
 def retries() -> int:
     """Requests this process sent again after a transient failure."""
     return _retries
+
+
+async def _retried(attempt: Callable[[], Awaitable[T]]) -> T:
+    """``attempt()``, tried again after each of ``tierscope.http.retry-delays`` while it fails with
+    ``_Transient``; the last failure's error is raised."""
+    global _retries
+    for delay in (*config.get("http.retry-delays"), None):
+        try:
+            return await attempt()
+        except _Transient as transient:
+            if delay is None:
+                raise transient.error from transient.error.__cause__
+            _retries += 1
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 class _Transient(Exception):
@@ -134,34 +151,30 @@ class HttpTransport(Transport):
         headers: dict[str, str] | None = None,
         json_body: Any = None,
     ) -> tuple[bytes, Any]:
-        global _retries
         url = f"{self.base_url}{path}"
-        for delay in (*config.get("http.retry-delays"), None):
-            try:
-                return await self._send(method, url, params, headers, json_body)
-            except _Transient as transient:
-                if delay is None:
-                    raise transient.error from transient.error.__cause__
-                _retries += 1
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
 
-    async def _send(
-        self, method: str, url: str, params: dict[str, str] | None, headers: dict[str, str] | None,
-        json_body: Any,
-    ) -> tuple[bytes, Any]:
-        """One try; ``_Transient`` when another try may succeed."""
+        async def attempt() -> tuple[bytes, Any]:
+            async with self._opened(method, url, params=params, json=json_body, headers=headers) as response:
+                return await response.read(), response.headers
+
+        return await _retried(attempt)
+
+    @contextlib.asynccontextmanager
+    async def _opened(self, method: str, url: str, headers: dict[str, str] | None = None,
+                      **kwargs: Any) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One try's answer, error statuses raised; while it is read too, failures worth another try
+        raise ``_Transient``."""
         session = await self._get_session()
         try:
-            async with session.request(method, url, params=params, json=json_body,
-                                       headers={**self._headers, **(headers or {})}) as response:
-                body = await response.read()
+            async with session.request(method, url, headers={**self._headers, **(headers or {})},
+                                       **kwargs) as response:
                 if response.status >= 400:
-                    self._raise_for(url, response.status, body)
-                return body, response.headers
+                    self._raise_for(url, response.status, await response.read())
+                yield response
         except asyncio.TimeoutError as exc:  # the whole request ran out of time: not worth repeating
             raise ServerUnavailableError(f"tierscope server at {url} did not answer in time") from exc
-        except aiohttp.ClientError as exc:  # refused, reset, closed mid-answer: the server may be back soon
+        except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:  # refused, reset, cut short:
+            # the server may be back soon
             error = ServerUnavailableError(f"cannot reach tierscope server at {url}: {exc or type(exc).__name__}")
             error.__cause__ = exc
             raise _Transient(error) from None
@@ -272,37 +285,27 @@ class HttpTransport(Transport):
     async def _stream(self, path: str, headers: dict[str, str], body: Any, arrived: queue.SimpleQueue) -> None:
         """Read a streamed batch, putting each (index, block) on ``arrived``; None when it ends. Retried
         like any request while nothing has arrived; a failure after that is the caller's."""
-        global _retries
         url, given = f"{self.base_url}{path}", 0
+
+        async def attempt() -> None:
+            nonlocal given
+            t0, nbytes, server_s = time.perf_counter(), 0, 0.0
+            try:
+                async with self._opened("POST", url, json=body, headers=headers) as response:
+                    while line := await response.content.readline():
+                        index, tier, size, server_ms = _record(line, url)
+                        block = Fetched(await response.content.readexactly(size), tier, server_ms / 1e3)
+                        nbytes, server_s = nbytes + size, max(server_s, block.server_s)
+                        arrived.put((index, block))
+                        given += 1
+            except _Transient as transient:
+                if given:  # blocks were handed on already: another try would hand them on again
+                    raise transient.error from transient.error.__cause__
+                raise
+            self._measured(nbytes, time.perf_counter() - t0, server_s)
+
         try:
-            for delay in (*config.get("http.retry-delays"), None):
-                try:
-                    t0, nbytes, server_s = time.perf_counter(), 0, 0.0
-                    session = await self._get_session()
-                    async with session.post(url, json=body, headers={**self._headers, **headers}) as response:
-                        if response.status >= 400:
-                            self._raise_for(url, response.status, await response.read())
-                        while line := await response.content.readline():
-                            index, tier, size, server_ms = _record(line, url)
-                            block = Fetched(await response.content.readexactly(size), tier, server_ms / 1e3)
-                            nbytes, server_s = nbytes + size, max(server_s, block.server_s)
-                            arrived.put((index, block))
-                            given += 1
-                    self._measured(nbytes, time.perf_counter() - t0, server_s)
-                    return
-                except _Transient as transient:
-                    if delay is None or given:
-                        raise transient.error from transient.error.__cause__
-                    _retries += 1
-                    await asyncio.sleep(delay)
-                except asyncio.TimeoutError as exc:
-                    raise ServerUnavailableError(f"tierscope server at {url} did not answer in time") from exc
-                except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
-                    error = ServerUnavailableError(f"cannot reach tierscope server at {url}: {exc!r}")
-                    if delay is None or given:
-                        raise error from exc
-                    _retries += 1
-                    await asyncio.sleep(delay)
+            await _retried(attempt)
         finally:
             arrived.put(None)
 

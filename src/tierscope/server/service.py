@@ -416,15 +416,15 @@ class BlockService:
         """
         if self._loop is None:
             raise RuntimeError("BlockService.start() must run on an event loop before serving blocks")
-        req = self._request(dataset, variable, 0.0, None, "user")
+        origin = self.origin(dataset)
+        # the store's values as stored: a pre-encoded store's are its frames decoded (within stored_tol)
+        req = _Request(origin, origin.info().variable(variable), 0.0, self.codec_name)
         index = req.variable.grid.check(index)
-        key4 = (req.dataset, req.variable.name, index)
-        hit = self.l4.peek(key4) is not None
         self._stats.requests["user"] += 1
-        raw = await asyncio.shield(self.l4.aget_or_load(key4, lambda: self._read(req, index, False)))
-        self._stats.served_by["l4" if hit else "origin"] += 1
+        raw, tier = await asyncio.shield(self._raw_block(req, index, False))
+        self._stats.served_by[tier] += 1
         encoded, _ = await self._run(False, encode, raw.array)
-        return encoded, "l4" if hit else "origin"
+        return encoded, tier
 
     async def _serve_user(self, req: _Request, index: BlockIndex, tighter: tuple[float, ...]) -> BlockResult:
         result = await self._serve(req, index, False, tighter)
@@ -470,16 +470,14 @@ class BlockService:
     async def _send_raw(self, req: _Request, index: BlockIndex) -> BlockResult:
         """Answer with the raw block (lossless: within every tol), then encode it for L3 in the background
         (as prefetch work: after user requests)."""
-        key4 = (req.dataset, req.variable.name, index)
-        hit = self.l4.peek(key4) is not None
-        raw = await self.l4.aget_or_load(key4, lambda: self._read(req, index, False))
+        raw, tier = await self._raw_block(req, index, False)
         frame, encode_s = await self._run(False, codec.encode, raw.array, 0.0, codec="raw")
         self._stats.raw_sent += 1
         if len(self._background) < self.plan_limit:
             task = asyncio.create_task(self._fill_l3(req, index))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-        return BlockResult(frame, "l4" if hit else "origin", 0.0 if hit else raw.read_s, encode_s)
+        return BlockResult(frame, tier, 0.0 if tier == "l4" else raw.read_s, encode_s)
 
     async def _fill_l3(self, req: _Request, index: BlockIndex) -> None:
         await self._user_idle.wait()
@@ -495,15 +493,20 @@ class BlockService:
             frame, read_s = await self._run(prefetch, req.origin.read_frame, req.variable.name, index)
             self._count_read(read_s)
             return _Encoded(frame, "origin", read_s, 0.0)
-        key4 = (req.dataset, req.variable.name, index)
-        hit = self.l4.peek(key4) is not None
-        raw = await self.l4.aget_or_load(key4, lambda: self._read(req, index, prefetch), prefetch)
+        raw, tier = await self._raw_block(req, index, prefetch)
         frame, encode_s = await self._run(prefetch, codec.encode, raw.array, req.tol, codec=req.codec,
                                           device=self.encode_device)
         self.costs.encoded(self._ratio_key(req), raw.array.nbytes, len(frame), encode_s)
         self._stats.encodes += 1
         self._stats.stages["encode"].add(encode_s)
-        return _Encoded(frame, "l4" if hit else "origin", 0.0 if hit else raw.read_s, encode_s)
+        return _Encoded(frame, tier, 0.0 if tier == "l4" else raw.read_s, encode_s)
+
+    async def _raw_block(self, req: _Request, index: BlockIndex, prefetch: bool) -> tuple[_Raw, str]:
+        """The raw block through L4 (single flight) and the tier that had it: ``"l4"`` or ``"origin"``."""
+        key4 = (req.dataset, req.variable.name, index)
+        hit = self.l4.peek(key4) is not None  # no await before the lookup: still true there
+        raw = await self.l4.aget_or_load(key4, lambda: self._read(req, index, prefetch), prefetch)
+        return raw, "l4" if hit else "origin"
 
     async def _read(self, req: _Request, index: BlockIndex, prefetch: bool) -> _Raw:
         array, read_s = await self._run(prefetch, req.origin.read_block, req.variable.name, index)
@@ -607,8 +610,7 @@ class BlockService:
         if item.to_l3 or req.variable.stored_tol:
             await self._serve(req, item.index, prefetch=True)
         else:
-            key4 = (item.dataset, item.variable, item.index)
-            await self.l4.aget_or_load(key4, lambda: self._read(req, item.index, True), prefetch=True)
+            await self._raw_block(req, item.index, True)
 
     # ------------------------------------------------------------------ stats and configuration
     def _on_loop(self, fn: Callable[[], T]) -> T:
