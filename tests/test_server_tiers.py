@@ -241,6 +241,9 @@ def test_bad_batches_get_json_errors(tiered, body, status, message):
         ({"X-Tierscope-Position": "0.0.0"}, "X-Tierscope-Position: block index (0, 0, 0) has 3 axes"),
         ({"X-Tierscope-Position": "0.a.0.0"}, "malformed X-Tierscope-Position block"),
         ({"X-Tierscope-Position": ";".join(["0.0.0.0"] * 65)}, "at most 64"),
+        ({"X-Tierscope-Link": "fast"}, "X-Tierscope-Link must be a number of bytes per second, got 'fast'"),
+        ({"X-Tierscope-Link": "-5"}, "link throughput must be a positive number of bytes/s, got -5.0"),
+        ({"X-Tierscope-Link": "nan"}, "link throughput must be a positive number of bytes/s, got nan"),
     ],
 )
 def test_bad_session_and_position_headers_are_400_naming_the_header(tiered, headers, message):
