@@ -196,9 +196,9 @@ def test_after_a_jump_the_coarse_view_comes_from_l1_l2(client, url, store):
                     timeout=60), tierscope.stats(client)["total"]["prefetch"]
     scheduler = tierscope.stats(client)["scheduler"]
     assert scheduler["coarse"]["plans"] >= 2 and scheduler["coarse"]["max_enumerated"] <= 1024
-    # The nearest coarse blocks are decoded in L1, the far ones only in L2 (encoded: cheap).
-    assert held(client, spec2, [(NEAR, 0, 0, 0)], tiers=("l1",))
-    assert not held(client, spec2, [(FAR, 0, 0, 0)], tiers=("l1",))
+    # Coarse blocks wait in L2 only (encoded: cheap); L1 is level 0's.
+    assert held(client, spec2, [(NEAR, 0, 0, 0), (FAR, 0, 0, 0)], tiers=("l2",))
+    assert not held(client, spec2, [(NEAR, 0, 0, 0), (FAR, 0, 0, 0)], tiers=("l1",))
 
     # The jump: the far coarse view is answered from L2, the server is not asked for anything.
     requests, before = user_requests(url), lookups(client)
@@ -258,7 +258,5 @@ def test_level0_playback_still_hits_l1(client, url):
         per_view.append((after["l1_hits"] - before["l1_hits"],
                          after["l1_hits"] + after["l1_misses"] - before["l1_hits"] - before["l1_misses"]))
     hits, looks = (sum(v[i] for v in per_view[3:]) for i in (0, 1))
-    # 0.8, not the 0.9 of a dataset without levels (test_prefetch_cluster): with 100 ms between views on
-    # 2 shared cores, the coarse levels' own prefetch costs a few of level 0's blocks in some runs
-    assert hits >= 0.8 * looks, per_view
+    assert hits >= 0.9 * looks, per_view
     assert tierscope.stats(client)["scheduler"]["coarse"]["plans"] >= 2

@@ -5,7 +5,7 @@ its blocks are 8x fewer per level (in 3-D) and each covers 8x more: a small shar
 coarsest level for many time steps, often all of them. The scheduler plugin calls ``CoarsePlanner.plan``
 on every new view of a dataset with levels: for each coarser level, coarsest first, the view's box mapped
 onto the level (spatial axes divided, time unchanged), then the blocks around it nearest first, so that
-after a jump anywhere a coarse answer already sits in its owner's L2 (the nearest also decoded in L1).
+after a jump anywhere a coarse answer already sits in its owner's L2 (``L1_SHARE`` 0: L1 is level 0's).
 
 Budgets: the coarse levels together may fill ``L1_SHARE`` of the workers' L1 and ``L2_SHARE`` of their
 L2 (level 0's own plan keeps the rest); the coarsest level gets half of that, the next half of what is
@@ -37,7 +37,9 @@ from tierscope.protocol import BlockSpec
 
 __all__ = ["L1_SHARE", "L2_SHARE", "CoarsePlanner", "LevelPlan", "level_box", "level_spec"]
 
-L1_SHARE = 1 / 8  # of the workers' L1: the very nearest coarse blocks, decoded
+# None of the workers' L1: decoded coarse blocks took L1 room and prefetch decodes from level 0's next
+# view (its playback fell to 70-85% L1 hits); a coarse answer from L2 costs one small decode.
+L1_SHARE = 0.0
 L2_SHARE = 1 / 4  # of the workers' L2: coarse frames, wide
 MAX_REMEMBERED = 1024  # (session, level spec) last plans kept; the least recent go first
 
