@@ -122,3 +122,22 @@ def test_a_view_held_in_l2_is_decoded_on_its_owners_without_a_graph(client, view
     stats = tierscope.stats(client)["total"]
     assert stats["l2"]["hits"] >= 6 and stats["l1"]["hits"] + stats["l1"]["misses"] == 16
     assert counts(client)[2] == 0 and stats["fetches"] == 8  # no graph, nothing fetched again
+
+
+def test_a_cancelled_read_is_not_loaded_even_when_the_cancel_overtakes_it(client, views, dataset_url):
+    from distributed.protocol.serialize import ToPickle
+
+    spec = BlockSpec(Source.parse(dataset_url), "u", 0.0, BlockGrid(SHAPE, BLOCK), "<f4", 0)
+    worker = owner_of(spec, (3, 0, 0, 0), sorted(client.scheduler_info()["workers"]))
+    parts = [[[3, 0, 0, 0], [[0, 8], [0, 16], [0, 16]]]]  # the whole block
+
+    async def ask(read):
+        rpc = client.rpc(worker)
+        await rpc.tierscope_cancel(read="stale")  # a read's cancel may come first: it is remembered
+        return await rpc.tierscope_read(spec=ToPickle(spec), parts=parts, load=True, read=read)
+
+    assert client.sync(ask, "stale") == {"parts": None}  # not loaded: nothing fetched, nothing counted
+    assert tierscope.stats(client)["total"]["fetches"] == 0 and counts(client) == (0, 0, 0)
+    (block,) = client.sync(ask, "fresh")["parts"]  # another id loads as usual
+    np.testing.assert_array_equal(block[0], views(time=3, z=slice(0, 8), y=slice(0, 16), x=slice(0, 16)))
+    assert tierscope.stats(client)["total"]["fetches"] == 1  # the view was the owner's L1 hit

@@ -4,6 +4,7 @@ to its level's own selection, level 0 last and exact; a newer view cancels an ol
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -11,6 +12,10 @@ import xarray as xr
 
 import tierscope
 from tierscope.refine import stats as progressive_stats
+from tierscope.server import BlockService, ServerThread
+from tierscope.store.origin import Origin, ZarrOrigin
+
+from conftest import wait_for
 
 SPACE = ("z", "y", "x")
 
@@ -73,22 +78,59 @@ def test_lossy_view_ends_equal_to_its_own_level0_view_and_within_tol(client, lev
         assert float(abs(part - exact).max()) <= tol
 
 
-def test_newer_view_cancels_the_older_before_its_next_level(client, levels_url):
-    ds = xr.open_dataset(levels_url, engine="tierscope")
-    older = tierscope.progressive(ds["u"].isel(time=0, z=3))
-    assert next(older).encoding["tierscope_level"] == 2
-    before, fetched = progressive_stats(), _fetches(client)
-    other = tierscope.progressive(ds["v"].isel(time=0, z=3))  # another variable cancels nothing
-    newer = tierscope.progressive(ds["u"].isel(time=0, z=12))
+class GatedLevel0(Origin):
+    """Another origin whose level-0 reads at time step ``GATED`` wait for ``gate``; its coarse levels are
+    the other origin's, read freely."""
 
-    with pytest.raises(StopIteration):
-        next(older)
-    assert _fetches(client) == fetched  # the older view fetched nothing more
-    after = progressive_stats()
-    assert after["cancelled_views"] - before["cancelled_views"] == 1
-    assert after["cancelled_blocks"] - before["cancelled_blocks"] == 16  # level 0 of a plane
-    assert [p.encoding["tierscope_level"] for p in newer] == [2, 0]
-    assert [p.encoding["tierscope_level"] for p in other] == [2, 0]
+    GATED = 2
+
+    def __init__(self, origin: Origin) -> None:
+        self.origin, self.name, self.location, self.path = origin, origin.name, origin.location, None
+        self._levels: dict[int, Origin] = {}
+        self.gate, self.held = threading.Event(), threading.Event()
+
+    def info(self):
+        return self.origin.info()
+
+    def _open_level(self, k: int, name: str) -> Origin:
+        return self.origin._open_level(k, name)
+
+    def read_block(self, variable, index):
+        if index[0] == self.GATED:
+            self.held.set()
+            self.gate.wait(20)
+        return self.origin.read_block(variable, index)
+
+
+def test_a_newer_view_stops_the_older_views_level0_read(client, levels_store):
+    origin = GatedLevel0(ZarrOrigin(levels_store))
+    # threads enough for the gated reads and the newer view's: a stopped read's server work is not dropped
+    with ServerThread(BlockService([origin], workers=40)) as server:
+        ds = xr.open_dataset(f"{server.url}/datasets/turb", engine="tierscope")
+        before, total = progressive_stats(), tierscope.stats(client)["total"]
+        older = tierscope.progressive(ds["u"].isel(time=GatedLevel0.GATED, z=3))
+        assert next(older).encoding["tierscope_level"] == 2
+        assert origin.held.wait(10)  # level 0 started with the first part, and waits at the origin
+        other = tierscope.progressive(ds["v"].isel(time=0, z=3))  # another variable cancels nothing
+        newer = tierscope.progressive(ds["u"].isel(time=0, z=12))
+        assert [p.encoding["tierscope_level"] for p in newer] == [2, 0]  # while the older one is held
+
+        with pytest.raises(StopIteration):
+            next(older)
+        after = progressive_stats()
+        assert after["cancelled_views"] - before["cancelled_views"] == 1
+        assert after["cancelled_blocks"] - before["cancelled_blocks"] == 16  # level 0 of a plane
+        assert [p.encoding["tierscope_level"] for p in other] == [2, 0]
+
+        origin.gate.set()  # the owners meet the cancel at their next block and drop the rest
+        assert wait_for(lambda: tierscope.stats(client)["total"]["cancelled_reads"] > total["cancelled_reads"])
+        reads = tierscope.stats(client)["total"]["cancelled_reads"] - total["cancelled_reads"]
+        assert reads <= len(client.scheduler_info()["workers"])
+        # kept: the coarse parts (3 blocks), the newer views' level 0 (32), and of the older one's level 0
+        # at most the block each stopped owner had started decoding
+        l1 = tierscope.stats(client)["total"]["l1"]["blocks"] - total["l1"]["blocks"]
+        assert 3 + 32 <= l1 <= 3 + 32 + reads
+        ds.close()
 
 
 def test_on_update_gets_each_part_and_returns_level0_or_none_when_cancelled(client, levels_url):

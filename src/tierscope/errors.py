@@ -9,6 +9,7 @@ __all__ = [
     "DatasetNotFoundError",
     "FrameError",
     "ChecksumError",
+    "ReadCancelledError",
     "ServerUnavailableError",
     "StoreError",
     "TierscopeError",
@@ -56,3 +57,8 @@ class ServerUnavailableError(TierscopeError, ConnectionError):
 
 class AuthenticationError(TierscopeError, PermissionError):
     """The block server refused the request: no valid bearer token (``token=`` or ``TIERSCOPE_TOKEN``)."""
+
+
+class ReadCancelledError(TierscopeError):
+    """A read was stopped before it finished: a newer progressive view of the same variable replaced
+    the one it was loading for (``tierscope.dask.direct.cancellable``)."""

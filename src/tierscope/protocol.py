@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENCODE_MS_HEADER", "LINK_HEADER", "MAX_BATCH", "MAX_POSITION_BLOCKS", "PLAN_OP", "POSITION_HEADER",
-    "READ_MS_HEADER", "READ_OP", "SESSION_HEADER", "TIER_HEADER", "VIEW_OP", "BlockSpec",
+    "CANCEL_OP", "READ_MS_HEADER", "READ_OP", "SESSION_HEADER", "TIER_HEADER", "VIEW_OP", "BlockSpec",
 ]
 
 # Block server HTTP (docs/protocol.md)
@@ -39,6 +39,7 @@ LINK_HEADER = "X-Tierscope-Link"  # client -> server: the link throughput the cl
 PLAN_OP = "tierscope-prefetch"  # scheduler -> worker stream message carrying a prefetch Plan
 VIEW_OP = "tierscope-view"  # client -> scheduler stream message reporting a view read directly
 READ_OP = "tierscope_read"  # the worker handler that answers a direct read
+CANCEL_OP = "tierscope_cancel"  # the worker handler that stops a direct read (by its id)
 
 
 @dataclass(frozen=True)

@@ -6,17 +6,19 @@ is level 0 coarsened by ``2**k`` along the spatial dimensions, ``tierscope.level
 ``i // 2**k``, and time is never coarsened. It loads that level's selection (its blocks go through the
 same tiers and prefetch as any view), yields it, and goes on to the next finer level, ending with the
 selection itself. A coarse level holds ``8**k`` times fewer blocks, so it can be on screen long before
-level 0 arrives. Once the first part is out, level 0 loads in a background thread beside the finer
-coarse levels, so the exact picture comes about when it would without levels; a coarse level with more
-than 1/8 of level 0's blocks is skipped (it would only delay level 0).
+level 0 arrives. Level 0 loads in a background thread beside the coarse levels — from the start when a
+newer view can stop its read (direct reads on a connected cluster), else once the first part is out — so
+the exact picture comes about when it would without levels; a coarse level with more than 1/8 of level
+0's blocks is skipped (it would only delay level 0).
 
 The module is not named ``progressive`` because ``tierscope.progressive`` is the function: importing a
 submodule of that name would replace the function on the package.
 
 Cancellation: one view per (dataset, variable, tol) is current. A newer ``progressive`` call for the
 same variable makes an older one stop before its next level (and drop a part whose load finished after
-the newer call): a slider moved twice does not finish loading the first position's finer levels. The
-levels it did not load count as ``cancelled_blocks`` in ``stats()``.
+the newer call), and stops the older one's level-0 read on the owners (``direct.cancellable``): a slider
+moved twice does not finish loading the first position. The levels it did not load count as
+``cancelled_blocks`` in ``stats()``.
 
 ``budget_ms``: the first level is the finest whose expected time fits the budget, expected = its block
 count x the measured seconds per block of this variable (an exponentially weighted mean over earlier
@@ -31,7 +33,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import ModuleType
 from typing import Any, NamedTuple, overload
 
 import numpy as np
@@ -40,6 +43,7 @@ from xarray.core import indexing
 
 from tierscope.backend import BlockArray
 from tierscope.client.source import Source
+from tierscope.errors import ReadCancelledError
 from tierscope.levels import layouts, level_info, level_name, spatial_dims, split_level, windows
 from tierscope.metadata import VariableInfo
 from tierscope.protocol import BlockSpec
@@ -102,7 +106,7 @@ class _Pyramid:
 
 _lock = threading.Lock()
 _pyramids: OrderedDict[tuple[Source, float], _Pyramid] = OrderedDict()
-_current: dict[tuple[Source, str, float], object] = {}  # variable -> the token of its newest view
+_current: dict[tuple[Source, str, float], _View] = {}  # variable -> its newest view
 _seconds_per_block: dict[tuple[Source, str, float], float] = {}
 _counts = {"views": 0, "parts": 0, "blocks": 0, "cancelled_views": 0, "cancelled_blocks": 0}
 
@@ -207,10 +211,14 @@ class _View:
                              f"{base!r}; progressive views map selections with the dataset's dimensions")
         self.levels = self.pyramid.info.levels
         self.key = (spec.source, spec.variable, spec.tol)
-        self.token = object()
+        self.stop = _direct_cancel()  # stops this view's level-0 read; None: that read cannot be stopped
+        self.cancelled = False
         with _lock:
-            _current[self.key] = self.token
+            older = _current.get(self.key)
+            _current[self.key] = self
             _counts["views"] += 1
+        if older is not None and older.stop is not None:
+            older.stop.set()
 
     def ranges_at(self, k: int) -> tuple[_Range, ...]:
         axes = windows(self.var.dims, self.var.shape, self.pyramid.spatial, k)
@@ -235,7 +243,8 @@ class _View:
         A coarse part is not a view of its own: it moves no position (``direct.unreported``), so it plans
         no prefetch of its own; the level-0 read plans the coarse levels around the view already."""
         if k == 0:
-            part = self.selection.compute()
+            with _cancellable(self.stop):
+                part = self.selection.compute()
         else:
             level = self.pyramid.dataset(k)[self.variable]
             part = level.isel(dict(zip(self.var.dims, (r.key() for r in self.ranges_at(k)), strict=True)))
@@ -253,27 +262,34 @@ class _View:
 
     def superseded(self) -> bool:
         with _lock:
-            return _current.get(self.key) is not self.token
+            return _current.get(self.key) is not self
 
     def cancel(self, levels: Sequence[int]) -> None:
-        _count(cancelled_views=1, cancelled_blocks=sum(self.blocks(k) for k in levels))
+        """Count this view cancelled (once), with the blocks of ``levels`` it did not load."""
+        if not self.cancelled:
+            self.cancelled = True
+            _count(cancelled_views=1, cancelled_blocks=sum(self.blocks(k) for k in levels))
 
     def retire(self) -> None:
         with _lock:
-            if _current.get(self.key) is self.token:
+            if _current.get(self.key) is self:
                 del _current[self.key]
 
 
 def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
-    """The parts, coarse to fine. Once the first is out, level 0 loads in the background beside the finer
-    coarse levels, so the exact picture comes about as soon as it would without levels; only coarse levels
-    at most ``1 / CHEAP`` of level 0's blocks are loaded on the way (dearer ones would delay it)."""
+    """The parts, coarse to fine, level 0 loading in the background beside them so the exact picture comes
+    about as soon as it would without levels; only coarse levels at most ``1 / CHEAP`` of level 0's blocks
+    are loaded on the way (dearer ones would delay it). Level 0 starts with the first part when a newer
+    view can stop its read (``view.stop``), else once the first part is out."""
     first, *rest = levels
     finer = [k for k in rest if k and view.blocks(k) * CHEAP <= view.blocks(0)]
+    full: Future[xr.DataArray] | None = None
     try:
         if view.superseded():  # a newer view began before this one's first part
             view.cancel([first, *finer, 0] if first else [0])
             return
+        if first and view.stop is not None:
+            full = _background.submit(_timed, view, 0)
         part = _timed(view, first)
         if view.superseded():  # loaded after a newer view began: stale, and the rest is not loaded
             view.cancel([*finer, 0] if first else [])
@@ -282,17 +298,18 @@ def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
         yield part
         if not first:
             return
-        if view.superseded():
-            view.cancel([*finer, 0])
-            return
-        full = _background.submit(_timed, view, 0)
+        if full is None:
+            if view.superseded():
+                view.cancel([*finer, 0])
+                return
+            full = _background.submit(_timed, view, 0)
         for i, k in enumerate(finer):
-            if view.superseded():  # level 0 is loading already: not counted as cancelled
-                view.cancel(finer[i:])
+            if view.superseded():  # level 0 counts as cancelled when its read was stopped
+                view.cancel(finer[i:] + [0] * (view.stop is not None))
                 return
             part = _timed(view, k)
             if view.superseded():
-                view.cancel(finer[i + 1:])
+                view.cancel(finer[i + 1:] + [0] * (view.stop is not None))
                 return
             _count(parts=1)
             yield part
@@ -300,7 +317,11 @@ def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
         if not view.superseded():
             _count(parts=1)
             yield part
+    except ReadCancelledError:  # level 0's read, stopped by a newer view
+        view.cancel([0])
     finally:
+        if full is not None and view.stop is not None:
+            view.stop.set()  # left early (a newer view, or the caller closed the parts): stop level 0
         view.retire()
 
 
@@ -316,12 +337,28 @@ def _timed(view: _View, k: int) -> xr.DataArray:
     return part
 
 
-def _unreported() -> contextlib.AbstractContextManager:
+def _direct() -> ModuleType | None:
+    """Direct reads (``tierscope.dask.direct``), or None without distributed."""
     try:
         from tierscope.dask import direct
-    except ImportError:  # no distributed: no positions to keep
-        return contextlib.nullcontext()
-    return direct.unreported()
+    except ImportError:
+        return None
+    return direct
+
+
+def _unreported() -> contextlib.AbstractContextManager:
+    direct = _direct()  # without distributed: no positions to keep
+    return contextlib.nullcontext() if direct is None else direct.unreported()
+
+
+def _direct_cancel() -> Any:
+    """A stop signal for a view's level-0 read (a ``direct.Cancel``) when it reads directly, else None."""
+    direct = _direct()
+    return direct.Cancel() if direct is not None and direct.connected() else None
+
+
+def _cancellable(stop: Any) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if stop is None else _direct().cancellable(stop)
 
 
 CHEAP = 8  # a coarse level is loaded on the way to level 0 when it has at most 1/CHEAP of its blocks

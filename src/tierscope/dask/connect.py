@@ -116,7 +116,8 @@ def _add(into: dict[str, Any], stats: dict[str, Any]) -> None:
 
 
 def _total(per: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    total: dict[str, Any] = {"fetches": 0, "retries": 0, "stage_s": {}, "prefetch_stage_s": {}, "prefetch": {}}
+    total: dict[str, Any] = {"fetches": 0, "cancelled_reads": 0, "retries": 0, "stage_s": {},
+                             "prefetch_stage_s": {}, "prefetch": {}}
     for stats in per.values():
         _add(total, {k: v for k, v in stats.items() if k in total or k in ("l1", "l2")})
     _hit_ratios(total)

@@ -17,6 +17,9 @@ Only for clients that ``tierscope.connect`` set up (their workers have the handl
 selections with unit steps; every other read takes the graph. The view message rides the client's
 batched stream to the scheduler (``_compat.send_to_scheduler``, private: the stream every graph takes;
 tests/test_direct.py covers it), so it costs no round trip and arrives in order with the graphs.
+
+A read made under ``cancellable(cancel)`` carries an id; setting ``cancel`` (a newer view made it useless)
+sends each owner ``tierscope_cancel`` with that id, and the owner stops fetching and decoding that read.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 import weakref
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -43,12 +47,14 @@ from tierscope.dask.graph import block_array
 from tierscope.dask.scheduler import owner_of
 from tierscope.grid import BlockGrid, BlockIndex
 from tierscope.prefetch import Box
-from tierscope.protocol import READ_OP, VIEW_OP, BlockSpec
+from tierscope.errors import ReadCancelledError
+from tierscope.protocol import CANCEL_OP, READ_OP, VIEW_OP, BlockSpec
 
-__all__ = ["Piece", "disable", "enable", "pieces", "read", "unreported", "warm"]
+__all__ = ["Cancel", "Piece", "cancellable", "connected", "disable", "enable", "pieces", "read", "unreported", "warm"]
 
 logger = logging.getLogger(__name__)
 
+CANCEL_TIMEOUT_S = 5.0  # an owner told to stop a read that does not acknowledge within this is left be
 
 
 class Piece(NamedTuple):
@@ -128,6 +134,11 @@ def _closed(client: Any) -> bool:
     return client is None or client.status in ("closing", "closed")
 
 
+def connected() -> bool:
+    """Whether views read directly here: the default client is one ``tierscope.connect`` set up."""
+    return _client() is not None
+
+
 def _client() -> Any:
     try:
         from distributed import default_client
@@ -154,17 +165,20 @@ def _workers(client: Any, refresh: bool = False) -> _Workers | None:
 
 
 async def _ask_owners(
-    client: Any, spec: BlockSpec, shares: dict[str, list[Piece]], timeout: float, load: bool, view: list
+    client: Any, spec: BlockSpec, shares: dict[str, list[Piece]], timeout: float, load: bool, view: list,
+    cancel: Cancel | None = None,
 ) -> dict[str, Any]:
     """Each owner's parts (a sequence); None where it left them to the graph or took too long; False where
-    asking failed (a worker gone, or without the handler: not asked again for a while)."""
+    asking failed (a worker gone, or without the handler: not asked again for a while). ``cancel`` set
+    first: the owners are told to stop (``CANCEL_OP``) and ``ReadCancelledError`` is raised."""
+    read_id = uuid.uuid4().hex if cancel is not None else None
 
     async def ask(worker: str, share: list[Piece]) -> Sequence[np.ndarray] | None | bool:
         wire = [[list(p.index), [[s.start, s.stop] for s in p.part]] for p in share]
         try:  # the pool's connect retries a gone worker for 30 s: bounded here
             reply = await asyncio.wait_for(
                 getattr(client.rpc(worker), READ_OP)(spec=ToPickle(spec), parts=wire, load=load,
-                                                     session=client.id, view=view), timeout)
+                                                     session=client.id, view=view, read=read_id), timeout)
         except asyncio.TimeoutError:  # still loading (a slow server?): the graph's loads join its fetches
             logger.debug("direct read from %s timed out after %.1f s", worker, timeout)
             return None
@@ -175,8 +189,76 @@ async def _ask_owners(
             return False
         return reply.get("parts")
 
-    answers = await asyncio.gather(*(ask(w, s) for w, s in shares.items()))
+    asks = asyncio.gather(*(ask(w, s) for w, s in shares.items()))
+    if cancel is not None:
+        stop = asyncio.ensure_future(cancel.wait())
+        await asyncio.wait([asks, stop], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not asks.done():
+            asks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asks
+            await asyncio.gather(*(_stop_read(client, w, read_id) for w in shares))
+            raise ReadCancelledError(f"the read of {len(shares)} owners' blocks of {spec.variable!r} "
+                                     "was cancelled")
+    answers = await asks
     return dict(zip(shares, answers, strict=True))
+
+
+async def _stop_read(client: Any, worker: str, read_id: str) -> None:
+    """Tell an owner to stop a read: it drops the rest of its fetch and decodes (best effort, bounded)."""
+    try:
+        await asyncio.wait_for(getattr(client.rpc(worker), CANCEL_OP)(read=read_id), CANCEL_TIMEOUT_S)
+    except Exception as exc:  # gone, or slow: its read ends on its own
+        logger.debug("cancelling direct read %s on %s failed: %r", read_id, worker, exc)
+
+
+class Cancel:
+    """A stop signal for the direct reads made under ``cancellable``, set from any thread. Reads waiting
+    on an event loop are woken there (``call_soon_threadsafe``): stopping costs no polling."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._set = False
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        with self._lock:
+            self._set, waiters, self._waiters = True, self._waiters, []
+        for loop, event in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop closed: nobody waits there any more
+                loop.call_soon_threadsafe(event.set)
+
+    async def wait(self) -> None:
+        waiter = (asyncio.get_running_loop(), asyncio.Event())
+        with self._lock:
+            if self._set:
+                return
+            self._waiters.append(waiter)
+        try:
+            await waiter[1].wait()
+        finally:
+            with self._lock:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+
+_cancel = threading.local()
+
+
+@contextlib.contextmanager
+def cancellable(cancel: Cancel) -> Iterator[None]:
+    """Direct reads in this block (on this thread) stop when ``cancel`` is set: their owners drop the
+    rest of their fetches and decodes, and the read raises ``ReadCancelledError``. For loads a newer view
+    makes useless, like an older progressive view's level 0."""
+    _cancel.on = cancel
+    try:
+        yield
+    finally:
+        _cancel.on = None
 
 
 _unreported = threading.local()
@@ -244,8 +326,11 @@ def read(spec: BlockSpec, dtype: np.dtype, key: Sequence[int | slice]) -> np.nda
     handled = len({p.index for p in parts}) * spec.block_nbytes if load else nbytes
     timeout = config.get_seconds("direct-read.ask-timeout") + handled / config.get_bytes(
         "direct-read.ask-bytes-per-second")
+    cancel = getattr(_cancel, "on", None)
+    if cancel is not None and cancel.is_set():
+        raise ReadCancelledError(f"the read of {len(parts)} blocks of {spec.variable!r} was cancelled")
     answers = client.sync(_ask_owners, client, spec, asked, timeout, load,
-                          [box.lo, box.hi] if reported else None)
+                          [box.lo, box.hi] if reported else None, cancel)
     out = np.empty(shape, dtype=dtype)
     missing = [piece for w in skipped for piece in shares[w]]
     for worker, share in asked.items():
@@ -260,6 +345,8 @@ def read(spec: BlockSpec, dtype: np.dtype, key: Sequence[int | slice]) -> np.nda
         with _lock:
             workers.failed.update(dict.fromkeys(failed, time.monotonic()))
         _workers(client, refresh=True)  # maybe a worker left: hash over the current ones next time
+    if missing and cancel is not None and cancel.is_set():
+        raise ReadCancelledError(f"the read of {len(parts)} blocks of {spec.variable!r} was cancelled")
     if missing:
         import dask
 

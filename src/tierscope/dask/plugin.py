@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,8 @@ from tierscope._compat import set_handler, set_stream_handler, unset_handler
 from tierscope.config import tier_bytes
 from tierscope.dask.prefetcher import Plan, Prefetcher
 from tierscope.dask.tiers import PLUGIN_NAME, WorkerTiers
-from tierscope.protocol import PLAN_OP, READ_OP, BlockSpec
+from tierscope.errors import ReadCancelledError
+from tierscope.protocol import CANCEL_OP, PLAN_OP, READ_OP, BlockSpec
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -34,6 +36,7 @@ __all__ = ["TierscopeWorkerPlugin", "worker_stats"]
 logger = logging.getLogger(__name__)
 
 LOOP_COPY_BYTES = 1 << 20  # direct-read answers up to this size are copied on the worker's event loop
+MAX_CANCELLED = 1024  # cancelled read ids remembered (a cancel may overtake its read)
 
 
 class TierscopeWorkerPlugin(WorkerPlugin):
@@ -53,6 +56,8 @@ class TierscopeWorkerPlugin(WorkerPlugin):
         self.l1, self.l2, self.policy, self.device = l1, l2, policy, device
         self.tiers: WorkerTiers | None = None
         self.prefetcher: Prefetcher | None = None
+        self._reads: dict[str, threading.Event] = {}  # direct reads loading now, by id: their stop signals
+        self._cancelled: OrderedDict[str, None] = OrderedDict()  # ids cancelled lately (maybe before they came)
 
     def setup(self, worker: Worker) -> None:
         limit = worker.memory_manager.memory_limit
@@ -69,6 +74,7 @@ class TierscopeWorkerPlugin(WorkerPlugin):
             )
         set_stream_handler(worker, PLAN_OP, self._on_plan)
         set_handler(worker, READ_OP, self._on_read)
+        set_handler(worker, CANCEL_OP, self._on_cancel)
         worker.metrics["tierscope"] = lambda w: self._summary()
         _process_collector().plugins[worker.address] = self
 
@@ -77,6 +83,7 @@ class TierscopeWorkerPlugin(WorkerPlugin):
         # would close its connection to the scheduler; the scheduler stops sending at the next heartbeat.
         set_stream_handler(worker, PLAN_OP, _drop_plan)
         unset_handler(worker, READ_OP)
+        unset_handler(worker, CANCEL_OP)
         worker.metrics.pop("tierscope", None)
         _process_collector().plugins.pop(worker.address, None)
         if self.prefetcher is not None:
@@ -91,7 +98,7 @@ class TierscopeWorkerPlugin(WorkerPlugin):
 
     async def _on_read(
         self, spec: BlockSpec, parts: list, load: bool = False, session: str | None = None,
-        view: list | None = None,
+        view: list | None = None, read: str | None = None,
     ) -> dict[str, list[Serialize] | None]:
         """A direct read (``tierscope.dask.direct``): ``{"parts": [...]}``, the blocks this worker lacks
         fetched in one batch and every block decoded in parallel (``WorkerTiers.read_loading``); without
@@ -102,6 +109,7 @@ class TierscopeWorkerPlugin(WorkerPlugin):
         fetches go to a thread, so the loop keeps answering heartbeats and plans. ``session`` and ``view``
         (the box's corners) say where the reader is now: the fetches tell the server, before the scheduler's
         plan for this view arrives, so a jump drops the server's prefetch for the old position at once.
+        ``read``: the read's id, for ``_on_cancel`` (a cancelled read answers None).
         """
         tiers = self.tiers
         if tiers is None:
@@ -115,14 +123,31 @@ class TierscopeWorkerPlugin(WorkerPlugin):
         else:
             got = await asyncio.to_thread(tiers.read_cached, spec, pieces)
         if got is None:
-            if not load and not tiers.held(spec, [index for index, _ in pieces]):
+            if not load and not tiers.held(spec, [index for index, _ in pieces]) or read in self._cancelled:
                 return {"parts": None}
+            stop = threading.Event()  # registered with no await since the check: no cancel slips between
+            if read is not None:
+                self._reads[read] = stop
             try:
-                got = await asyncio.to_thread(tiers.read_loading, spec, pieces)
+                got = await asyncio.to_thread(tiers.read_loading, spec, pieces, stop)
+            except ReadCancelledError:
+                return {"parts": None}
             except Exception as exc:  # e.g. the server is down: the graph's loads retry and report it
                 logger.info("direct read of %d blocks of %r left to the graph: %r", len(pieces), spec.variable, exc)
                 return {"parts": None}
+            finally:
+                self._reads.pop(read, None)
         return {"parts": [Serialize(values) for values in got]}
+
+    def _on_cancel(self, read: str) -> None:
+        """Stop direct read ``read``: its fetch and decodes end at the next block. On the event loop, as
+        ``_on_read``, which owns ``_reads``; an id not (yet) reading is remembered, a bounded few."""
+        stop = self._reads.get(read)
+        if stop is not None:
+            stop.set()
+        self._cancelled[read] = None
+        while len(self._cancelled) > MAX_CANCELLED:
+            self._cancelled.popitem(last=False)
 
     def _summary(self) -> dict[str, Any]:
         """What the scheduler needs each heartbeat: tier occupancy (to size its radii) and the counters

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from tierscope import codec, config
 from tierscope.cache import TierCache, Views
 from tierscope.codec.device import import_cupy, resolve_device, to_host
 from tierscope.config import tier_bytes
+from tierscope.errors import ReadCancelledError
 from tierscope.client.source import Source
 from tierscope.grid import BlockGrid, BlockIndex
 from tierscope.prefetch import Box
@@ -71,6 +72,7 @@ class WorkerTiers:
         self.user_idle = threading.Event()
         self.user_idle.set()
         self.fetches = 0
+        self.cancelled_reads = 0  # direct reads stopped by a cancel (``read_loading``'s ``stop``)
         # Seconds per stage of user loads, and apart from them of prefetch loads (which run while the
         # user looks at a view, so they must not be read as part of any view's time).
         self.stage_s = {"network": 0.0, "server": 0.0, "decode": 0.0}
@@ -101,32 +103,50 @@ class WorkerTiers:
                     self.user_idle.set()
 
     def read_loading(
-        self, spec: BlockSpec, pieces: Sequence[tuple[BlockIndex, tuple[slice, ...]]]
+        self, spec: BlockSpec, pieces: Sequence[tuple[BlockIndex, tuple[slice, ...]]],
+        stop: threading.Event | None = None,
     ) -> list[np.ndarray]:
         """Parts of blocks, the missing ones fetched in one streamed batch (the server works on them side by
         side and sends each when ready) and each decoded as it arrives, all in parallel: a cold view's
         share of one worker as a pipeline, instead of a task, a request and a decode per block one after
-        the other."""
+        the other. ``stop`` set (the read was cancelled): at the next block the rest of the batch is
+        dropped, decodes not started are not run, and ``ReadCancelledError`` is raised."""
         indices = list(dict.fromkeys(index for index, _ in pieces))
         pool = self._decoders()
         with self._user_load():
             wanted: dict[Hashable, BlockIndex] = {}
-            decoding = {}
+            decoding: dict[BlockIndex, Future] = {}
             for index in indices:
                 keys = self._keys(spec, index)
                 if any(key in self.l1 or key in self.l2 for key in keys):
                     decoding[index] = pool.submit(self.load, spec, index)
                 else:
                     wanted[keys[0]] = index
-            arriving = self.l2.load_stream(list(wanted), lambda keys: self._fetch_each(
-                spec, [wanted[k] for k in keys], "user"), prefetch=False) if wanted else ()
-            for key, frame in arriving:
-                decoding[wanted[key]] = pool.submit(self.load, spec, wanted[key], frame)
+            if wanted:
+                arriving = self.l2.load_stream(list(wanted), lambda keys: self._fetch_each(
+                    spec, [wanted[k] for k in keys], "user"), prefetch=False)
+                with contextlib.closing(arriving):  # a stop drops the rest of the stream
+                    for key, frame in arriving:
+                        decoding[wanted[key]] = pool.submit(self.load, spec, wanted[key], frame)
+                        self._check(stop, decoding)
             for index in indices:  # one another load had in flight: joined by this load
                 if index not in decoding:
                     decoding[index] = pool.submit(self.load, spec, index)
-            blocks = {index: future.result() for index, future in decoding.items()}
+            blocks = {}
+            for index, future in decoding.items():
+                self._check(stop, decoding)
+                blocks[index] = future.result()
         return [np.ascontiguousarray(blocks[index][part]) for index, part in pieces]
+
+    def _check(self, stop: threading.Event | None, decoding: dict[BlockIndex, Future]) -> None:
+        """Raise ``ReadCancelledError`` once ``stop`` is set, its decodes not yet started cancelled."""
+        if stop is None or not stop.is_set():
+            return
+        for future in decoding.values():
+            future.cancel()
+        with self._lock:
+            self.cancelled_reads += 1
+        raise ReadCancelledError(f"a direct read of {len(decoding)} blocks was cancelled")
 
     def warm(self, source: Source) -> None:
         """Ready this process for the first view of ``source``: its transport connected (the dataset's
@@ -296,8 +316,9 @@ class WorkerTiers:
     def stats(self) -> dict[str, object]:
         with self._lock:
             fetches, stage_s, prefetch_s = self.fetches, dict(self.stage_s), dict(self.prefetch_stage_s)
-        return {"l1": self.l1.info(), "l2": self.l2.info(), "fetches": fetches, "stage_s": stage_s,
-                "prefetch_stage_s": prefetch_s}
+            cancelled = self.cancelled_reads
+        return {"l1": self.l1.info(), "l2": self.l2.info(), "fetches": fetches, "cancelled_reads": cancelled,
+                "stage_s": stage_s, "prefetch_stage_s": prefetch_s}
 
 
 def _view_key(spec: BlockSpec) -> tuple:
