@@ -21,7 +21,8 @@ real parts on loopback. Measured, in this order:
 5. per grid size, with ``tierscope serve`` in its own process and one LocalCluster (2 workers x 1 thread,
    ``tierscope.connect`` with 1 GiB tiers, prefetch auto): ``xr.open_dataset``, full z-slice views at
    random time steps and z (the first view apart, then p50), and the scheduler plugin's own account of
-   its work per new view (``TierscopeSchedulerPlugin.stats()["view_s"]``);
+   its work per new view (``TierscopeSchedulerPlugin.stats()``: ``view_cpu_s`` in CPU time of the loop's
+   thread, judged against the target, and ``view_s`` in wall time);
 6. the amortised insert into a ``distance``-policy tier of 10^2 .. 10^5 entries, the view moving every 64
    inserts.
 
@@ -511,11 +512,12 @@ def bench_cluster(sweep: Sweep, seed: int = 2) -> list[dict[str, Any]]:
                              "time_steps": ds.sizes["time"], "open_first_s": opens[0][1],
                              "open_s": statistics.median(s for _, s in opens[1:]), "first_view_s": views[0],
                              "view": summary_ms(views[1:]), "scheduler_view": scheduler["view_s"],
+                             "scheduler_view_cpu": scheduler["view_cpu_s"],
                              "load_average": os.getloadavg()[0]})
                 row = rows[-1]
                 log(f"cluster: {row['blocks']:.2e} blocks: open {row['open_s'] * 1e3:.0f} ms, first view "
                     f"{views[0]:.2f} s, view p50 {row['view']['p50_ms']:.0f} ms, scheduler p99 "
-                    f"{scheduler['view_s']['p99_ms']:.2f} ms")
+                    f"{scheduler['view_cpu_s']['p99_ms']:.2f} ms CPU ({scheduler['view_s']['p99_ms']:.2f} wall)")
     finally:
         stop_server(server)
     return rows
@@ -589,10 +591,13 @@ def _cluster_rows(cluster: list[dict[str, Any]]) -> list[Row]:
                       f"({r['view']['n']} + 1 views)"),
                      "", None))
     for r in cluster:
-        rows.append(("scheduler work per new view, LocalCluster (`view_s`): p50; p99", _blocks(r["blocks"]),
-                     f"{_ms(r['scheduler_view'])} ({r['scheduler_view']['count']} views)", "", None))
-    growth = cluster[-1]["scheduler_view"]["p50_ms"] / cluster[0]["scheduler_view"]["p50_ms"]
-    rows.append(("scheduler work per new view, LocalCluster: growth of p50",
+        top = r is cluster[-1]
+        cpu = r["scheduler_view_cpu"]
+        rows.append(("scheduler work per new view, LocalCluster: CPU p50; p99 (`view_cpu_s`; wall `view_s`)",
+                     _blocks(r["blocks"]), f"{_ms(cpu)} ({_ms(r['scheduler_view'])}; {cpu['count']} views)",
+                     "CPU p99 <= 5 ms" if top else "", cpu["p99_ms"] <= TARGETS["plan_p99_ms"] if top else None))
+    growth = cluster[-1]["scheduler_view_cpu"]["p50_ms"] / cluster[0]["scheduler_view_cpu"]["p50_ms"]
+    rows.append(("scheduler work per new view, LocalCluster: growth of CPU p50",
                  f"{_blocks(cluster[-1]['blocks'])} / {_blocks(cluster[0]['blocks'])}", f"{growth:.2f}x",
                  "<= 2x", growth <= TARGETS["growth"]))
     return rows
@@ -698,6 +703,8 @@ def plot(results: dict[str, Any], path: Path) -> Path:
                 color=line[0].get_color(), label=f"whole view, {steps:,} steps")
     ax.plot(blocks, [r["scheduler_view"]["p99_ms"] for r in cluster], "k^:",
             label="LocalCluster view_s (wall)")
+    ax.plot(blocks, [r["scheduler_view_cpu"]["p99_ms"] for r in cluster], "kv-",
+            label="LocalCluster view_cpu_s")
     ax.axhline(TARGETS["plan_p99_ms"], color="grey", ls=":", label="target")
     _axes(ax, "scheduler work per new view, p99 (CPU, 64 GiB tiers)", "grid blocks", "ms")
 

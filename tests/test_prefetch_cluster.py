@@ -121,6 +121,8 @@ def test_playback_session_hits_l1_after_three_views(client, url, reference):
     assert hit_ratio(per_view) >= 0.9, per_view
     stats = tierscope.stats(client)
     assert stats["scheduler"]["views"] == 12 and stats["scheduler"]["plans"] == 12
+    wall, cpu = stats["scheduler"]["view_s"], stats["scheduler"]["view_cpu_s"]
+    assert wall["count"] == cpu["count"] == 12 and 0 < cpu["mean_ms"] <= wall["mean_ms"] * 1.05
     loads = stats["scheduler"]["loads"]
     assert stats["scheduler"]["queue"]["count"] == loads  # every graph load's wait for a worker, measured
     assert loads <= 16  # views are read from their owners directly (a slow cold one may take the graph)
