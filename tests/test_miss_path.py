@@ -240,3 +240,27 @@ def test_a_streamed_batch_sends_each_block_as_soon_as_it_is_ready(sample_store):
         with pytest.raises(urllib.error.HTTPError) as error:
             urllib.request.urlopen(urllib.request.Request(f"{server.url}/datasets/turb/batch", data=body))
         assert error.value.code == 400 and "stream must be true or false" in json.load(error.value)["error"]
+
+
+def test_a_small_read_does_not_wait_behind_a_big_ones_decodes(dataset_url, sample_store):
+    tiers = WorkerTiers(64 << 20, 64 << 20, device="cpu")
+    spec = spec_of(dataset_url)
+    whole = tuple(slice(0, b) for b in BLOCK)
+    busy = threading.Event()
+    try:
+        pool = tiers._decoders()  # every decode thread taken, as by a big read's queued decodes
+        for _ in range(pool._max_workers):
+            pool.submit(busy.wait, 20)
+        small = [((1, 0, 0, 0), whole), ((1, 0, 1, 1), whole)]  # a coarse part's few blocks
+        got = []
+        reader = threading.Thread(target=lambda: got.extend(tiers.read_loading(spec, small)))
+        reader.start()
+        reader.join(10)  # the pool stays busy for 20 s: only a read that decodes in its own thread is done
+        assert not reader.is_alive() and len(got) == 2
+        ref = xr.open_zarr(sample_store, consolidated=False).u
+        np.testing.assert_array_equal(got[0], ref.isel(time=slice(1, 2), z=slice(0, 8), y=slice(0, 16),
+                                                       x=slice(0, 16)).values)
+        assert tiers.stats()["l1"]["blocks"] == 2
+    finally:
+        busy.set()
+        tiers.close()

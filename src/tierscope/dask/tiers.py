@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +44,9 @@ MAX_VIEWS = 256
 # Tols per variable whose cached blocks a looser load looks through (a block within a tighter bound is
 # within the looser one too): the most recently loaded.
 MAX_TOLS = 8
+# Reads of at most this many blocks decode in their own thread rather than the decode pool, so they never
+# wait behind a bigger read's queued decodes (a progressive view's first part beside its level 0).
+INLINE_DECODES = 4
 
 
 class WorkerTiers:
@@ -112,14 +115,15 @@ class WorkerTiers:
         the other. ``stop`` set (the read was cancelled): at the next block the rest of the batch is
         dropped, decodes not started are not run, and ``ReadCancelledError`` is raised."""
         indices = list(dict.fromkeys(index for index, _ in pieces))
-        pool = self._decoders()
+        # a small read (a progressive view's coarse part) must not queue behind a big one's decodes
+        submit = _run_now if len(indices) <= INLINE_DECODES else self._decoders().submit
         with self._user_load():
             wanted: dict[Hashable, BlockIndex] = {}
             decoding: dict[BlockIndex, Future] = {}
             for index in indices:
                 keys = self._keys(spec, index)
                 if any(key in self.l1 or key in self.l2 for key in keys):
-                    decoding[index] = pool.submit(self.load, spec, index)
+                    decoding[index] = submit(self.load, spec, index)
                 else:
                     wanted[keys[0]] = index
             if wanted:
@@ -127,11 +131,11 @@ class WorkerTiers:
                     spec, [wanted[k] for k in keys], "user"), prefetch=False)
                 with contextlib.closing(arriving):  # a stop drops the rest of the stream
                     for key, frame in arriving:
-                        decoding[wanted[key]] = pool.submit(self.load, spec, wanted[key], frame)
+                        decoding[wanted[key]] = submit(self.load, spec, wanted[key], frame)
                         self._check(stop, decoding)
             for index in indices:  # one another load had in flight: joined by this load
                 if index not in decoding:
-                    decoding[index] = pool.submit(self.load, spec, index)
+                    decoding[index] = submit(self.load, spec, index)
             blocks = {}
             for index, future in decoding.items():
                 self._check(stop, decoding)
@@ -319,6 +323,16 @@ class WorkerTiers:
             cancelled = self.cancelled_reads
         return {"l1": self.l1.info(), "l2": self.l2.info(), "fetches": fetches, "cancelled_reads": cancelled,
                 "stage_s": stage_s, "prefetch_stage_s": prefetch_s}
+
+
+def _run_now(fn: Callable[..., Any], *args: Any) -> Future:
+    """``fn(*args)`` run in this thread, as a finished future (the decode pool's ``submit``, inline)."""
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
 
 
 def _view_key(spec: BlockSpec) -> tuple:
