@@ -122,6 +122,24 @@ class Views:
         """Hops of one block: plain Python, cheaper than NumPy for a few blocks."""
         return min(box.distance(index, self.time_axis) for box in self.boxes)
 
+    def drift(self, other: Views) -> float:
+        """The most any block's hops can differ between these views and ``other`` (inf: not comparable).
+
+        A box's hops are 1-Lipschitz in its corners (per axis, the farther-moved corner; the time axis
+        adds to the farthest other axis), and the nearest box changes by at most the Hausdorff distance
+        between the two box sets under that corner shift.
+        """
+        mine = np.array([(box.lo, box.hi) for box in self.boxes])  # (boxes, 2, ndim)
+        theirs = np.array([(box.lo, box.hi) for box in other.boxes])
+        if other.time_axis != self.time_axis or mine.shape[2] != theirs.shape[2]:
+            return math.inf
+        moved = np.abs(mine[:, None] - theirs[None]).max(axis=2)  # (mine, theirs, ndim)
+        if self.time_axis is None:
+            shift = moved.max(axis=2)
+        else:
+            shift = moved[..., self.time_axis] + np.delete(moved, self.time_axis, axis=2).max(axis=2, initial=0)
+        return float(max(shift.min(axis=1).max(), shift.min(axis=0).max()))
+
 
 @dataclass
 class TierStats:
@@ -504,8 +522,8 @@ MIN_CANDIDATES = 64
 
 
 class _Slots:
-    """One group's blocks as rows 0..count-1 of NumPy arrays (block index columns, recency tick, ranked
-    distance) beside their entries: a ranking reads them whole, with no call per block and no gather.
+    """One group's blocks as rows 0..count-1 of NumPy arrays (block index columns, recency tick, bounds on
+    the hops) beside their entries: a ranking reads them whole, with no call per block and no gather.
 
     Kept dense: a removal moves the last row into the hole (and tells its entry its new slot).
     """
@@ -514,7 +532,10 @@ class _Slots:
         self.count = 0
         self.index = np.empty((ndim, MIN_SLOTS), np.int32)
         self.tick = np.empty(MIN_SLOTS, np.int64)
-        self.dist = np.empty(MIN_SLOTS)  # NaN until ranked
+        # hops under the group's current views lie in [lo - drift, hi + drift] (``_Group``); -inf, inf
+        # until ranked. A row ranked at drift d has lo = hops + d, hi = hops - d.
+        self.lo = np.empty(MIN_SLOTS)
+        self.hi = np.empty(MIN_SLOTS)
         self.entries: list[_Entry | None] = [None] * MIN_SLOTS  # a list: the GC sees its cycles
 
     def add(self, entry: _Entry, index: Sequence[int], tick: int) -> None:
@@ -524,7 +545,7 @@ class _Slots:
             raise ValueError(f"block index {tuple(index)} has not the {len(self.index)} axes of its group")
         slot = self.count
         self.index[:, slot] = index  # before any change: an index out of int32 range raises here
-        self.tick[slot], self.dist[slot], self.entries[slot] = tick, math.nan, entry
+        self.tick[slot], self.lo[slot], self.hi[slot], self.entries[slot] = tick, -math.inf, math.inf, entry
         entry.slot, self.count = slot, slot + 1
 
     def remove(self, entry: _Entry) -> None:
@@ -532,19 +553,27 @@ class _Slots:
         if slot != last:
             moved = self.entries[last]
             self.index[:, slot] = self.index[:, last]
-            self.tick[slot], self.dist[slot], self.entries[slot] = self.tick[last], self.dist[last], moved
-            moved.slot = slot
+            self.tick[slot], self.lo[slot], self.hi[slot] = self.tick[last], self.lo[last], self.hi[last]
+            self.entries[slot], moved.slot = moved, slot
         self.entries[last] = None
         self.count = last
         if MIN_SLOTS < len(self.tick) and last < len(self.tick) // 4:
             self._resize(len(self.tick) // 2)
 
+    def forget(self) -> None:
+        """Every row is to be ranked again."""
+        self.lo[:self.count], self.hi[:self.count] = -math.inf, math.inf
+
+    def rank(self, rows: np.ndarray, hops: np.ndarray, drift: float) -> None:
+        """Set ``rows``' hops, ranked at ``drift``."""
+        self.lo[rows], self.hi[rows] = hops + drift, hops - drift
+
     def _resize(self, capacity: int) -> None:
         n = self.count
-        index, tick, dist, entries = self.index, self.tick, self.dist, self.entries
+        index, tick, lo, hi, entries = self.index, self.tick, self.lo, self.hi, self.entries
         self.index = np.empty((len(index), capacity), np.int32)
-        self.tick, self.dist = np.empty(capacity, np.int64), np.empty(capacity)
-        self.index[:, :n], self.tick[:n], self.dist[:n] = index[:, :n], tick[:n], dist[:n]
+        self.tick, self.lo, self.hi = np.empty(capacity, np.int64), np.empty(capacity), np.empty(capacity)
+        self.index[:, :n], self.tick[:n], self.lo[:n], self.hi[:n] = index[:, :n], tick[:n], lo[:n], hi[:n]
         self.entries = entries[:n] + [None] * (capacity - n)
 
 
@@ -557,26 +586,32 @@ FEW_HOPS = 256
 class _Group:
     """One group's slots and eviction candidates.
 
-    A ranking (hops of every slot, vectorised) keeps the K farthest entries sorted by (distance desc,
-    tick asc); entries touched since go on a heap, and entries added since too once their hops are
-    known (computed together, at the next eviction). The next victim is the better of the two heads.
-    An entry left out of the K and untouched since orders after the K-th, so the order is exact. The
-    group re-ranks when its views moved, when the K run out while such entries remain, or when the heap
-    outgrows a quarter of the group (which bounds its memory). K is twice the candidates the previous
-    ranking used: about as many as the evictions between two view moves.
+    A ranking keeps the K farthest entries sorted by (distance desc, tick asc); entries touched since go
+    on a heap, and entries added since too once their hops are known (computed together, at the next
+    eviction). The next victim is the better of the two heads. An entry left out of the K and untouched
+    since orders after the K-th, so the order is exact. The group ranks again when its views moved, when
+    the K run out while such entries remain, or when the heap outgrows a quarter of the group (which
+    bounds its memory). K is twice the candidates the previous ranking used: about as many as the
+    evictions between two view moves.
+
+    A ranking computes the hops of only the rows that may be among the K (``_near_top``): ``drift`` sums
+    the moves of the views the group has seen (``Views.drift``), and a row ranked when the drift was d is
+    within (drift - d) hops of the hops it was ranked with. A small move re-ranks the rows near the top.
     """
 
     def __init__(self, name: Hashable, ndim: int) -> None:
         self.name = name
         self.slots = _Slots(ndim)
         self.epoch: tuple[int, int] | None = None  # the view moves the ranking saw; None: rank next time
+        self.views: Views | None = None  # the views last ranked under
+        self.drift = 0.0
         self.cand_negd: list[float] = []  # the candidates, farthest first, as lists: read one at a time
         self.cand_tick: list[int] = []
         self.cand_entries: list[_Entry] = []
         self.next = 0  # candidates before this one were evicted or touched
         self.rest = False  # whether entries outside the candidates remain from the ranking
         self.fresh: list[_Candidate] = []
-        self.pending: list[tuple[_Entry, Sequence[int]]] = []  # added since the ranking, hops unknown
+        self.pending: list[tuple[_Entry, Sequence[int]]] = []  # hops unknown under the ranking's views
 
     def add(self, entry: _Entry, index: Sequence[int], tick: int) -> None:
         self.slots.add(entry, index, tick)
@@ -586,12 +621,17 @@ class _Group:
             self._bound_heap()
 
     def touch(self, entry: _Entry, tick: int) -> None:
-        self.slots.tick[entry.slot] = tick
-        if self.epoch is not None:
-            dist = float(self.slots.dist[entry.slot])
-            if not math.isnan(dist):  # else pending: its hops are still to come
-                heapq.heappush(self.fresh, (-dist, tick, entry))
-                self._bound_heap()
+        slots, slot = self.slots, entry.slot
+        slots.tick[slot] = tick
+        if self.epoch is None:
+            return
+        hops = float(slots.lo[slot]) - self.drift
+        if hops == slots.hi[slot] + self.drift:  # ranked under the current views
+            heapq.heappush(self.fresh, (-hops, tick, entry))
+        elif hops != -math.inf:  # ranked under views since moved from; else pending already
+            slots.lo[slot], slots.hi[slot] = -math.inf, math.inf
+            self.pending.append((entry, slots.index[:, slot].tolist()))
+        self._bound_heap()
 
     def remove(self, entry: _Entry) -> None:
         self.slots.remove(entry)
@@ -607,18 +647,32 @@ class _Group:
 
     def head(self, epoch: tuple[int, int], views_of: ViewsOf, stats: dict[str, int]) -> _Candidate:
         """The group's next victim (the group is not empty); ``epoch``: its view moves so far."""
-        if self.epoch != epoch:
-            self._rank(epoch, views_of, stats)
-        elif self.pending:
-            self._resolve(views_of(self.name), stats)
+        if self.epoch != epoch or self.pending:
+            self._see(views_of(self.name))  # after ``epoch`` was read: a move from now on ranks again
+            if self.epoch != epoch:
+                self._rank(epoch, stats)
+            else:
+                self._resolve(stats)
         while True:
             cand, fresh = self._candidate(), self._fresh()
             if cand is None and self.rest:
-                self._rank(epoch, views_of, stats)
+                self._rank(epoch, stats)
                 continue
             if cand is None or fresh is None:
                 return cand or fresh  # type: ignore[return-value]
             return min(cand, fresh)
+
+    def _see(self, views: Views | None) -> None:
+        """Rank under ``views`` from now on: add their move to the drift, or when it has no bound (to or
+        from no views, another grid), forget every ranked distance."""
+        if views is self.views:
+            return
+        if views is None or self.views is None or (step := self.views.drift(views)) == math.inf:
+            self.slots.forget()
+            self.epoch = None
+        else:
+            self.drift += step
+        self.views = views
 
     def _candidate(self) -> _Candidate | None:
         while self.next < len(self.cand_entries):
@@ -633,23 +687,31 @@ class _Group:
             heapq.heappop(self.fresh)
         return self.fresh[0] if self.fresh else None
 
-    def _rank(self, epoch: tuple[int, int], views_of: ViewsOf, stats: dict[str, int]) -> None:
-        n = self.slots.count
-        views = views_of(self.name)  # after ``epoch`` was read: a move from now on re-ranks again
-        dist = self.slots.dist[:n]
-        dist[:] = math.inf if views is None else views.hops(self.slots.index[:, :n])
-        negd, ticks = -dist, self.slots.tick[:n]
-        chosen = _first(negd, ticks, min(max(MIN_CANDIDATES, min(2 * self.next, n // 4)), n))
+    def _rank(self, epoch: tuple[int, int], stats: dict[str, int]) -> None:
+        n, slots = self.slots.count, self.slots
+        k = min(max(MIN_CANDIDATES, min(2 * self.next, n // 4)), n)
+        rows = self._near_top(k)
+        hops = np.full(len(rows), math.inf) if self.views is None else self.views.hops(slots.index[:, rows])
+        slots.rank(rows, hops, self.drift)
+        negd, ticks = -hops, slots.tick[rows]
+        chosen = _first(negd, ticks, k)
         self.cand_negd, self.cand_tick = negd[chosen].tolist(), ticks[chosen].tolist()
-        self.cand_entries = [self.slots.entries[slot] for slot in chosen.tolist()]
-        self.next, self.rest = 0, len(chosen) < n
+        self.cand_entries = [slots.entries[slot] for slot in rows[chosen].tolist()]
+        self.next, self.rest = 0, k < n
         self.fresh, self.pending, self.epoch = [], [], epoch
         stats["reranks"] += 1
-        stats["ranked"] += n
+        stats["ranked"] += len(rows)
 
-    def _resolve(self, views: Views | None, stats: dict[str, int]) -> None:
-        """Hops of the entries added since the ranking, onto the heap."""
-        pending, self.pending = self.pending, []
+    def _near_top(self, k: int) -> np.ndarray:
+        """The rows that may be among the ``k`` farthest under the current views: k rows are at least
+        cut - drift hops away, and only a row that may be as far could order before them."""
+        n = self.slots.count
+        cut = np.partition(self.slots.lo[:n], n - k)[n - k]
+        return np.flatnonzero(self.slots.hi[:n] >= cut - 2 * self.drift)
+
+    def _resolve(self, stats: dict[str, int]) -> None:
+        """Hops of the pending entries, onto the heap."""
+        pending, self.pending, views = self.pending, [], self.views
         if views is None:
             hops = [math.inf] * len(pending)
         elif len(pending) * len(views.boxes) <= FEW_HOPS:
@@ -657,10 +719,11 @@ class _Group:
         else:
             slots = np.fromiter((entry.slot for entry, _ in pending), np.intp, len(pending))
             hops = views.hops(self.slots.index[:, slots]).tolist()
-        dists, ticks = self.slots.dist, self.slots.tick
+        lo, hi, ticks, drift = self.slots.lo, self.slots.hi, self.slots.tick, self.drift
         for (entry, _), dist in zip(pending, hops, strict=True):
-            dists[entry.slot] = dist
-            heapq.heappush(self.fresh, (-dist, int(ticks[entry.slot]), entry))
+            slot = entry.slot
+            lo[slot], hi[slot] = dist + drift, dist - drift
+            heapq.heappush(self.fresh, (-dist, int(ticks[slot]), entry))
         stats["ranked"] += len(pending)
 
 
