@@ -172,12 +172,17 @@ _MISS = object()  # a lookup found no cached value
 
 
 class _Flight:
-    """A load in progress: its result, whether a prefetch started it, whether a user joined it."""
+    """A load in progress: its result, whether a prefetch started it, whether a user joined it.
+
+    The future is made (under the lock) only when a second caller joins: most loads have no waiter, and a
+    future costs a condition variable to make and to resolve. Once the flight has left ``_inflight`` its
+    future is final, so the owner reads it after the lock.
+    """
 
     __slots__ = ("future", "prefetch", "used")
 
     def __init__(self, prefetch: bool) -> None:
-        self.future: Future[Any] = Future()
+        self.future: Future[Any] | None = None
         self.prefetch, self.used = prefetch, False
 
 
@@ -377,6 +382,8 @@ class TierCache(Generic[V]):
                 return entry.value, None, False  # type: ignore[return-value]
             flight = self._inflight.get(key)
             if flight is not None:
+                if flight.future is None:
+                    flight.future = Future()
                 if not prefetch:
                     self.stats.waits += 1
                     self.stats.hits += 1
@@ -403,12 +410,13 @@ class TierCache(Generic[V]):
     def _fail(self, key: Hashable, flight: _Flight, exc: BaseException) -> None:
         with self._lock:
             del self._inflight[key]
-        if flight.future.done():
+        future = flight.future
+        if future is None or future.done():
             return
         if isinstance(exc, CancelledError | asyncio.CancelledError):
-            flight.future.cancel()
+            future.cancel()
         else:
-            flight.future.set_exception(exc)
+            future.set_exception(exc)
 
     def _finish(self, key: Hashable, flight: _Flight, value: V) -> None:
         try:
@@ -416,7 +424,7 @@ class TierCache(Generic[V]):
                 del self._inflight[key]
                 self._insert(key, value, prefetched=flight.prefetch, used=flight.used)
         finally:  # waiters get the loaded value even if keeping it failed (a bad key for the index)
-            if not flight.future.done():
+            if flight.future is not None and not flight.future.done():
                 flight.future.set_result(value)
 
     def reconfigure(self, capacity: int | None = None, policy: str | None = None) -> None:
