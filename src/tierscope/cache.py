@@ -617,6 +617,7 @@ class _Group:
         self.cand_tick: list[int] = []
         self.cand_entries: list[_Entry] = []
         self.next = 0  # candidates before this one were evicted or touched
+        self.floor = -math.inf  # a lower bound (``_Slots.lo``) that 3K rows reached at the ranking
         self.rest = False  # whether entries outside the candidates remain from the ranking
         self.fresh: list[_Candidate] = []
         self.pending: list[tuple[_Entry, Sequence[int]]] = []  # hops unknown under the ranking's views
@@ -705,6 +706,8 @@ class _Group:
         chosen = _first(negd, ticks, k)
         self.cand_negd, self.cand_tick = negd[chosen].tolist(), ticks[chosen].tolist()
         self.cand_entries = [slots.entries[slot] for slot in rows[chosen].tolist()]
+        spare = len(rows) - 3 * k  # the next ranking wants at most 2k after at most k of these are gone
+        self.floor = np.partition(hops, spare)[spare] + self.drift if spare >= 0 else -math.inf
         self.next, self.rest = 0, k < n
         self.fresh, self.pending, self.epoch = [], [], epoch
         stats["reranks"] += 1
@@ -713,9 +716,12 @@ class _Group:
     def _near_top(self, k: int) -> np.ndarray:
         """The rows that may be among the ``k`` farthest under the current views: k rows are at least
         cut - drift hops away, and only a row that may be as far could order before them."""
-        n = self.slots.count
-        cut = np.partition(self.slots.lo[:n], n - k)[n - k]
-        return np.flatnonzero(self.slots.hi[:n] >= cut - 2 * self.drift)
+        lo = self.slots.lo[:self.slots.count]
+        high = lo[lo >= self.floor]  # holds the k largest if it holds k: a partition of fewer rows
+        if len(high) < k:
+            high = lo
+        cut = np.partition(high, len(high) - k)[len(high) - k]
+        return np.flatnonzero(self.slots.hi[:len(lo)] >= cut - 2 * self.drift)
 
     def _resolve(self, stats: dict[str, int]) -> None:
         """Hops of the pending entries, onto the heap."""
