@@ -16,7 +16,8 @@ Eviction order when a new value needs room (``policy``):
   and what is viewed with ``set_distance``, and calls ``moved`` when a view moves); ties in LRU order;
   with no distance set it behaves as ``lru``. The order is exact, kept by an index (``_DistanceIndex``):
   while the views stay, an insert ranks a bounded number of blocks, however many are cached or exist;
-  a view move costs one vectorised ranking of that variable's cached blocks, at the next eviction.
+  after a view move, the next eviction ranks (vectorised) only the variable's cached blocks whose hops
+  may have reached the farthest ones: a small move, few.
 
 Charges: an entry costs its value's memory (``nbytes_of``: payload and object header) plus
 ``ENTRY_OVERHEAD`` bytes of bookkeeping (and ``INDEX_OVERHEAD`` under the distance index), so a tier of
@@ -69,9 +70,9 @@ VALUE_HEADER = 160
 # From tracemalloc (tests/test_cache_distance.py, test_charges_are_within_10_percent_of_traced_memory):
 # the memory a tier of 4000 frames of 100-200 bytes frees when dropped, less the frames' sys.getsizeof,
 # per entry: 419 bytes filled once, 509 churned (dicts keep deleted slots until they resize); the index
-# adds 76 and 79. The constants sit between the two, within 8% of a tiny frame's real memory either way.
+# adds 86 and 91. The constants sit between the two, within 8% of a tiny frame's real memory either way.
 ENTRY_OVERHEAD = 465
-INDEX_OVERHEAD = 80
+INDEX_OVERHEAD = 88
 
 
 def check_policy(policy: str) -> str:
@@ -604,7 +605,9 @@ class _Group:
 
     A ranking computes the hops of only the rows that may be among the K (``_near_top``): ``drift`` sums
     the moves of the views the group has seen (``Views.drift``), and a row ranked when the drift was d is
-    within (drift - d) hops of the hops it was ranked with. A small move re-ranks the rows near the top.
+    within drift - d hops of the hops it was ranked with. A row whose upper bound falls short of the K
+    largest lower bounds orders after all K. So a small move ranks the rows near the top, and a row far
+    below them once the bound, widening with each move, reaches them.
     """
 
     def __init__(self, name: Hashable, ndim: int) -> None:
