@@ -623,7 +623,7 @@ class _Group:
         self.floor = -math.inf  # a lower bound (``_Slots.lo``) that 3K rows reached at the ranking
         self.rest = False  # whether entries outside the candidates remain from the ranking
         self.fresh: list[_Candidate] = []
-        self.pending: list[tuple[_Entry, Sequence[int]]] = []  # hops unknown under the ranking's views
+        self.pending: list[tuple[_Entry, Sequence[int]]] = []  # added since the ranking, hops unknown
 
     def add(self, entry: _Entry, index: Sequence[int], tick: int) -> None:
         self.slots.add(entry, index, tick)
@@ -633,17 +633,14 @@ class _Group:
             self._bound_heap()
 
     def touch(self, entry: _Entry, tick: int) -> None:
+        """A touched row ranked under the current views goes on the heap: it may be a candidate. Any other
+        row is none (a ranking takes its candidates from the rows it ranks): it orders after them."""
         slots, slot = self.slots, entry.slot
         slots.tick[slot] = tick
-        if self.epoch is None:
-            return
         hops = float(slots.lo[slot]) - self.drift
-        if hops == slots.hi[slot] + self.drift:  # ranked under the current views
+        if self.epoch is not None and hops == slots.hi[slot] + self.drift:
             heapq.heappush(self.fresh, (-hops, tick, entry))
-        elif hops != -math.inf:  # ranked under views since moved from; else pending already
-            slots.lo[slot], slots.hi[slot] = -math.inf, math.inf
-            self.pending.append((entry, slots.index[:, slot].tolist()))
-        self._bound_heap()
+            self._bound_heap()
 
     def remove(self, entry: _Entry) -> None:
         self.slots.remove(entry)
