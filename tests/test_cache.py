@@ -172,6 +172,10 @@ def test_distance_follows_the_view_when_the_owner_says_it_moved():
     cache.moved()
     fill(cache, [1])
     assert sorted(cache.keys()) == [1, 7, 8]
+    view["line"] = Views([((8,), (8,))], None)  # viewed again: 1 is the farthest, not the least recent 7
+    cache.moved("line")
+    fill(cache, [2])
+    assert sorted(cache.keys()) == [2, 7, 8]
 
 
 def test_unknown_policy_is_rejected_by_name():
