@@ -273,7 +273,7 @@ def test_evictions_after_moves_and_hits_follow_the_brute_force_order():
             insert(step)  # 0 hops, the most recent: evicted after every block already there
             assert order[j] not in cache and order[j + 1] in cache
             del recency[order[j]]
-    assert cache.rank_stats["ranked"] < cache.rank_stats["reranks"] * entries * 2 / 3  # mostly partial rankings
+    assert cache.rank_stats["ranked"] < cache.rank_stats["reranks"] * entries * 2 / 3  # mostly partial
 
 
 def test_moved_from_another_thread_while_inserting():

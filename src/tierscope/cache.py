@@ -138,7 +138,8 @@ class Views:
         if self.time_axis is None:
             shift = moved.max(axis=2)
         else:
-            shift = moved[..., self.time_axis] + np.delete(moved, self.time_axis, axis=2).max(axis=2, initial=0)
+            spatial = np.delete(moved, self.time_axis, axis=2).max(axis=2, initial=0)
+            shift = moved[..., self.time_axis] + spatial
         return float(max(shift.min(axis=1).max(), shift.min(axis=0).max()))
 
 
@@ -595,13 +596,13 @@ FEW_HOPS = 256
 class _Group:
     """One group's slots and eviction candidates.
 
-    A ranking keeps the K farthest entries sorted by (distance desc, tick asc); entries touched since go
-    on a heap, and entries added since too once their hops are known (computed together, at the next
-    eviction). The next victim is the better of the two heads. An entry left out of the K and untouched
-    since orders after the K-th, so the order is exact. The group ranks again when its views moved, when
-    the K run out while such entries remain, or when the heap outgrows a quarter of the group (which
-    bounds its memory). K is twice the candidates the previous ranking used: about as many as the
-    evictions between two view moves.
+    A ranking keeps the K farthest entries sorted by (distance desc, tick asc); those touched since go on
+    a heap, and entries added since too once their hops are known (computed together, at the next
+    eviction). The next victim is the better of the two heads. An entry left out of the K orders after
+    the K-th (a touch only makes it more recent), so the order is exact. The group ranks again when its
+    views moved, when the K run out while such entries remain, or when the heap outgrows a quarter of
+    the group (which bounds its memory). K is twice the candidates the previous ranking used: about as
+    many as the evictions between two view moves.
 
     A ranking computes the hops of only the rows that may be among the K (``_near_top``): ``drift`` sums
     the moves of the views the group has seen (``Views.drift``), and a row ranked when the drift was d is
