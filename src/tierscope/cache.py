@@ -701,7 +701,10 @@ class _Group:
         n, slots = self.slots.count, self.slots
         k = min(max(MIN_CANDIDATES, min(2 * self.next, n // 4)), n)
         rows = self._near_top(k)
-        hops = np.full(len(rows), math.inf) if self.views is None else self.views.hops(slots.index[:, rows])
+        if self.views is None:
+            hops = np.full(len(rows), math.inf)
+        else:  # take gives C order, which hops reads several times faster than fancy indexing's F order
+            hops = self.views.hops(slots.index.take(rows, axis=1))
         slots.rank(rows, hops, self.drift)
         negd, ticks = -hops, slots.tick[rows]
         chosen = _first(negd, ticks, k)
@@ -733,7 +736,7 @@ class _Group:
             hops = [views.hops_of(index) for _, index in pending]
         else:
             slots = np.fromiter((entry.slot for entry, _ in pending), np.intp, len(pending))
-            hops = views.hops(self.slots.index[:, slots]).tolist()
+            hops = views.hops(self.slots.index.take(slots, axis=1)).tolist()
         lo, hi, ticks, drift = self.slots.lo, self.slots.hi, self.slots.tick, self.drift
         for (entry, _), dist in zip(pending, hops, strict=True):
             slot = entry.slot
