@@ -719,13 +719,19 @@ class _Group:
 
     def _near_top(self, k: int) -> np.ndarray:
         """The rows that may be among the ``k`` farthest under the current views: k rows are at least
-        cut - drift hops away, and only a row that may be as far could order before them."""
-        lo = self.slots.lo[:self.slots.count]
-        high = lo[lo >= self.floor]  # holds the k largest if it holds k: a partition of fewer rows
+        cut - drift hops away, and only a row that may be as far could order before them.
+
+        The cut, the k-th largest lower bound, is looked for first among the rows at or above the floor
+        (all of them in ``near``): they hold the k largest when they are k or more."""
+        n, reach = self.slots.count, 2 * self.drift
+        lo, hi = self.slots.lo[:n], self.slots.hi[:n]
+        near = np.flatnonzero(hi >= self.floor - reach)  # a row's lo is at most its hi + 2 drift
+        high = lo[near]
+        high = high[high >= self.floor]
         if len(high) < k:
-            high = lo
+            near, high = np.arange(n), lo
         cut = np.partition(high, len(high) - k)[len(high) - k]
-        return np.flatnonzero(self.slots.hi[:len(lo)] >= cut - 2 * self.drift)
+        return near[hi[near] >= cut - reach]
 
     def _resolve(self, stats: dict[str, int]) -> None:
         """Hops of the pending entries, onto the heap."""
