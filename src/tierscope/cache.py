@@ -616,7 +616,7 @@ class _Group:
         self.slots = _Slots(ndim)
         self.epoch: tuple[int, int] | None = None  # the view moves the ranking saw; None: rank next time
         self.views: Views | None = None  # the views last ranked under
-        self.drift = 0.0
+        self.drift = 0.0  # the moves of the views seen, summed (``Views.drift``)
         self.cand_negd: list[float] = []  # the candidates, farthest first, as lists: read one at a time
         self.cand_tick: list[int] = []
         self.cand_entries: list[_Entry] = []
