@@ -84,6 +84,38 @@ def test_failed_load_is_not_cached_and_reaches_every_waiter():
     assert cache.get_or_load("k", lambda: b"ok") == b"ok"
 
 
+@pytest.mark.parametrize("outcome", [b"block", OSError("boom")])
+def test_a_thread_joining_a_flight_gets_its_value_or_its_exception(outcome):
+    """The owner's load finishes only once a second thread has joined its flight (one wait counted)."""
+    cache = TierCache(ROOMY)
+    got = []
+
+    def join():
+        try:
+            got.append(cache.get_or_load("k", pytest.fail))  # joins: never loads on its own
+        except OSError as exc:
+            got.append(exc)
+
+    joiner = threading.Thread(target=join)
+
+    def loader():
+        joiner.start()
+        deadline = time.monotonic() + 5
+        while cache.stats.waits == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if isinstance(outcome, OSError):
+            raise outcome
+        return outcome
+
+    try:
+        owned = cache.get_or_load("k", loader)
+    except OSError as exc:
+        owned = exc
+    joiner.join(5)
+    assert cache.stats.waits == 1 and got == [outcome] and owned is outcome
+    assert ("k" in cache) == (outcome == b"block")
+
+
 def fill(cache, keys, size=100, prefetch=False):
     for key in keys:
         cache.get_or_load(key, lambda: bytes(size), prefetch=prefetch)
@@ -140,6 +172,10 @@ def test_distance_follows_the_view_when_the_owner_says_it_moved():
     cache.moved()
     fill(cache, [1])
     assert sorted(cache.keys()) == [1, 7, 8]
+    view["line"] = Views([((8,), (8,))], None)  # viewed again: 1 is the farthest, not the least recent 7
+    cache.moved("line")
+    fill(cache, [2])
+    assert sorted(cache.keys()) == [2, 7, 8]
 
 
 def test_unknown_policy_is_rejected_by_name():

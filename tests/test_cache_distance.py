@@ -1,6 +1,7 @@
 """The distance policy's index: the order by definition, work per insert, and charges against real memory."""
 
 import gc
+import itertools
 import random
 import threading
 import tracemalloc
@@ -54,6 +55,36 @@ def test_views_hops_are_the_hops_to_the_nearest_box(time_axis):
     assert [views.hops_of(i) for i in indices.tolist()] == want
 
 
+def random_boxes(rng, count, spread=10):
+    boxes = []
+    for _ in range(count):
+        lo = rng.integers(0, spread, 4)
+        boxes.append((lo.tolist(), (lo + rng.integers(0, 3, 4)).tolist()))
+    return boxes
+
+
+@pytest.mark.parametrize("time_axis", [0, 2, None])
+def test_views_drift_bounds_how_far_any_blocks_hops_move(time_axis):
+    """Boxes moved a little, added and dropped: no block's hops change by more than the drift; one box
+    moved alone along one axis changes some block's hops by all of it."""
+    rng = np.random.default_rng(2)
+    grid = np.indices((16,) * 4).reshape(4, -1).astype(np.int32) - 3
+    for _ in range(40):
+        old = random_boxes(rng, rng.integers(1, 5))
+        new = [(np.add(lo, step).tolist(), np.add(hi, step).tolist())
+               for (lo, hi), step in zip(old, rng.integers(-2, 3, (len(old), 4)), strict=True)]
+        new = new[rng.integers(0, 2):] + random_boxes(rng, rng.integers(0, 2))  # one dropped, one added
+        if not new:
+            continue
+        a, b = Views(old, time_axis), Views(new, time_axis)
+        assert np.abs(a.hops(grid) - b.hops(grid)).max() <= a.drift(b) == b.drift(a) < np.inf
+    one = Views([((2, 2, 2, 2), (3, 3, 3, 3))], time_axis)
+    moved = Views([((2, 2, 4, 2), (3, 3, 5, 3))], time_axis)
+    assert one.drift(moved) == np.abs(one.hops(grid) - moved.hops(grid)).max() == 2
+    assert one.drift(Views([((2, 2, 2, 2), (3, 3, 3, 3))], 1)) == np.inf  # another time axis
+    assert one.drift(Views([((2, 2, 2), (3, 3, 3))], time_axis)) == np.inf  # another grid
+
+
 class Model:
     """The distance policy by definition: the most hops from the views first, ties least recent first."""
 
@@ -86,7 +117,8 @@ class Model:
 @pytest.mark.parametrize("seed", range(6))
 def test_eviction_order_is_the_brute_force_order(seed, monkeypatch):
     """Random inserts, hits, prefetch hits and view moves on three variables: one view box, many boxes,
-    none; half the seeds compute the hops of blocks added since a ranking with NumPy, half in Python."""
+    none; half the seeds compute the hops of blocks added since a ranking with NumPy, half in Python;
+    seeds 3-5 move each box by a step at most (the rankings after a move rank part of the tier)."""
     if seed % 2:
         monkeypatch.setattr(cache_module, "FEW_HOPS", 0)
     rng = random.Random(seed)
@@ -103,6 +135,10 @@ def test_eviction_order_is_the_brute_force_order(seed, monkeypatch):
         for _ in range(1 if group[0] == "one" else 12):
             lo = [rng.randrange(6) for _ in range(4)]
             boxes.append((lo, [c + rng.randrange(2) for c in lo]))
+        if seed >= 3 and group in views:
+            steps = [[rng.randrange(-1, 2) for _ in range(4)] for _ in views[group].boxes]
+            boxes = [(np.add(box.lo, step).tolist(), np.add(box.hi, step).tolist())
+                     for box, step in zip(views[group].boxes, steps, strict=True)]
         look_at(cache, views, group, boxes)
         model.look_at(group, views[group])
 
@@ -152,29 +188,92 @@ def test_blocks_ranked_per_insert_do_not_grow_with_the_tier_or_the_dataset():
     assert huge["ranked"] <= 6, huge
 
 
-def test_a_view_move_costs_one_ranking_of_the_tier_not_one_per_insert():
-    """Playback: the view moves one time step each 64 inserts, which are that step's blocks."""
-    entries = 4096
+def playback(entries):
+    """A full tier of ``entries`` tiny frames and its player: each call moves the view to the next time
+    step and inserts that step's 64 blocks, and returns the step."""
     cache, views = tier(entries, bytes(100))
-    steps = 0
+    steps = itertools.count()
 
-    def play(step):
+    def play():
+        step = next(steps)
         look_at(cache, views, GROUP, [((step, 0, 0, 0), (step, 0, 7, 7))])
         for y in range(8):
             for x in range(8):
                 cache.get_or_load(block_key((step, 0, y, x)), lambda: bytes(100))
+        return step
 
     while len(cache) < entries:
-        play(steps)
-        steps += 1
+        play()
+    return cache, play
+
+
+def test_a_view_move_costs_one_ranking_of_the_tier_not_one_per_insert():
+    """Playback: the view moves one time step each 64 inserts, which are that step's blocks."""
+    entries = 4096
+    cache, play = playback(entries)
     before = dict(cache.rank_stats)
-    for step in range(steps, steps + 100):
-        play(step)
+    for _ in range(100):
+        step = play()
     reranks = cache.rank_stats["reranks"] - before["reranks"]
     ranked = cache.rank_stats["ranked"] - before["ranked"]
     assert reranks <= 100  # one per move
     assert ranked <= 100 * (entries + 64)  # each a pass over the tier, plus each insert's own block
-    assert [k[3][0] for k in cache.keys()][:64] == [steps + 100 - entries // 64] * 64  # oldest step left
+    assert [k[3][0] for k in cache.keys()][:64] == [step + 1 - entries // 64] * 64  # oldest step left
+
+
+def test_a_small_move_ranks_the_blocks_near_the_top_however_large_the_tier():
+    """After the first eviction (which ranks every block), each one-step move ranks the 4 steps nearest
+    the top and each insert its own block: 320 blocks at 4096 entries and at 32768."""
+    ranked = {}
+    for entries in (4096, 32768):
+        cache, play = playback(entries)
+        play()
+        before = cache.rank_stats["ranked"]
+        for _ in range(50):
+            step = play()
+        ranked[entries] = (cache.rank_stats["ranked"] - before) / 50
+        assert [k[3][0] for k in cache.keys()][:64] == [step + 1 - entries // 64] * 64
+    assert ranked == {4096: 4 * 64 + 64, 32768: 4 * 64 + 64}
+
+
+def test_evictions_after_moves_and_hits_follow_the_brute_force_order():
+    """The view steps on or jumps back; blocks are looked up (each then the most recent) before and after
+    each move; then 10 to 300 new blocks in the view each evict the farthest block, ties least recent
+    first, as computed here from the definition."""
+    rng = random.Random(5)
+    entries = 3000
+    cache, views = tier(entries, bytes(100))
+    recency = {}  # the tier's keys, least recent first
+    fresh = itertools.count()
+
+    def look(step):
+        look_at(cache, views, GROUP, [((step, 0, 0, 0), (step, 10**6, 7, 7))])  # a block's hops: |t - step|
+
+    def insert(step):
+        key = block_key((step, next(fresh), rng.randrange(8), rng.randrange(8)))
+        cache.get_or_load(key, lambda: bytes(100))
+        recency[key] = None
+
+    def hit(count):
+        for key in rng.sample(list(recency), count):
+            cache.get_or_load(key, pytest.fail)
+            recency[key] = recency.pop(key)
+
+    step = 0
+    look(step)
+    for i in range(entries):
+        insert(i // 64)
+    for _ in range(60):
+        hit(20)
+        step = step + 1 if rng.random() < 0.7 else rng.randrange(step + 1)
+        look(step)
+        hit(20)
+        order = sorted(recency, key=lambda key: -abs(key[3][0] - step))  # stable: ties least recent first
+        for j in range(rng.randrange(10, 300)):
+            insert(step)  # 0 hops, the most recent: evicted after every block already there
+            assert order[j] not in cache and order[j + 1] in cache
+            del recency[order[j]]
+    assert cache.rank_stats["ranked"] < cache.rank_stats["reranks"] * entries * 2 / 3  # mostly partial
 
 
 def test_moved_from_another_thread_while_inserting():

@@ -16,7 +16,8 @@ Eviction order when a new value needs room (``policy``):
   and what is viewed with ``set_distance``, and calls ``moved`` when a view moves); ties in LRU order;
   with no distance set it behaves as ``lru``. The order is exact, kept by an index (``_DistanceIndex``):
   while the views stay, an insert ranks a bounded number of blocks, however many are cached or exist;
-  a view move costs one vectorised ranking of that variable's cached blocks, at the next eviction.
+  after a view move, the next eviction ranks (vectorised) only the variable's cached blocks whose hops
+  may have reached the farthest ones: a small move, few.
 
 Charges: an entry costs its value's memory (``nbytes_of``: payload and object header) plus
 ``ENTRY_OVERHEAD`` bytes of bookkeeping (and ``INDEX_OVERHEAD`` under the distance index), so a tier of
@@ -69,9 +70,9 @@ VALUE_HEADER = 160
 # From tracemalloc (tests/test_cache_distance.py, test_charges_are_within_10_percent_of_traced_memory):
 # the memory a tier of 4000 frames of 100-200 bytes frees when dropped, less the frames' sys.getsizeof,
 # per entry: 419 bytes filled once, 509 churned (dicts keep deleted slots until they resize); the index
-# adds 76 and 79. The constants sit between the two, within 8% of a tiny frame's real memory either way.
+# adds 86 and 91. The constants sit between the two, within 8% of a tiny frame's real memory either way.
 ENTRY_OVERHEAD = 465
-INDEX_OVERHEAD = 80
+INDEX_OVERHEAD = 88
 
 
 def check_policy(policy: str) -> str:
@@ -122,6 +123,25 @@ class Views:
         """Hops of one block: plain Python, cheaper than NumPy for a few blocks."""
         return min(box.distance(index, self.time_axis) for box in self.boxes)
 
+    def drift(self, other: Views) -> float:
+        """The most any block's hops can differ between these views and ``other`` (inf: not comparable).
+
+        A box's hops are 1-Lipschitz in its corners (per axis, the farther-moved corner; the time axis
+        adds to the farthest other axis), and the nearest box changes by at most the Hausdorff distance
+        between the two box sets under that corner shift.
+        """
+        mine = np.array([(box.lo, box.hi) for box in self.boxes])  # (boxes, 2, ndim)
+        theirs = np.array([(box.lo, box.hi) for box in other.boxes])
+        if other.time_axis != self.time_axis or mine.shape[2] != theirs.shape[2]:
+            return math.inf
+        moved = np.abs(mine[:, None] - theirs[None]).max(axis=2)  # (mine, theirs, ndim)
+        if self.time_axis is None:
+            shift = moved.max(axis=2)
+        else:
+            spatial = np.delete(moved, self.time_axis, axis=2).max(axis=2, initial=0)
+            shift = moved[..., self.time_axis] + spatial
+        return float(max(shift.min(axis=1).max(), shift.min(axis=0).max()))
+
 
 @dataclass
 class TierStats:
@@ -154,12 +174,17 @@ _MISS = object()  # a lookup found no cached value
 
 
 class _Flight:
-    """A load in progress: its result, whether a prefetch started it, whether a user joined it."""
+    """A load in progress: its result, whether a prefetch started it, whether a user joined it.
+
+    The future is made (under the lock) only when a second caller joins: most loads have no waiter, and a
+    future costs a condition variable to make and to resolve. Once the flight has left ``_inflight`` its
+    future is final, so the owner reads it after the lock.
+    """
 
     __slots__ = ("future", "prefetch", "used")
 
     def __init__(self, prefetch: bool) -> None:
-        self.future: Future[Any] = Future()
+        self.future: Future[Any] | None = None
         self.prefetch, self.used = prefetch, False
 
 
@@ -359,6 +384,8 @@ class TierCache(Generic[V]):
                 return entry.value, None, False  # type: ignore[return-value]
             flight = self._inflight.get(key)
             if flight is not None:
+                if flight.future is None:
+                    flight.future = Future()
                 if not prefetch:
                     self.stats.waits += 1
                     self.stats.hits += 1
@@ -385,12 +412,13 @@ class TierCache(Generic[V]):
     def _fail(self, key: Hashable, flight: _Flight, exc: BaseException) -> None:
         with self._lock:
             del self._inflight[key]
-        if flight.future.done():
+        future = flight.future
+        if future is None or future.done():
             return
         if isinstance(exc, CancelledError | asyncio.CancelledError):
-            flight.future.cancel()
+            future.cancel()
         else:
-            flight.future.set_exception(exc)
+            future.set_exception(exc)
 
     def _finish(self, key: Hashable, flight: _Flight, value: V) -> None:
         try:
@@ -398,7 +426,7 @@ class TierCache(Generic[V]):
                 del self._inflight[key]
                 self._insert(key, value, prefetched=flight.prefetch, used=flight.used)
         finally:  # waiters get the loaded value even if keeping it failed (a bad key for the index)
-            if not flight.future.done():
+            if flight.future is not None and not flight.future.done():
                 flight.future.set_result(value)
 
     def reconfigure(self, capacity: int | None = None, policy: str | None = None) -> None:
@@ -504,8 +532,8 @@ MIN_CANDIDATES = 64
 
 
 class _Slots:
-    """One group's blocks as rows 0..count-1 of NumPy arrays (block index columns, recency tick, ranked
-    distance) beside their entries: a ranking reads them whole, with no call per block and no gather.
+    """One group's blocks as rows 0..count-1 of NumPy arrays (block index columns, recency tick, bounds on
+    the hops) beside their entries: a ranking reads them whole, with no call per block and no gather.
 
     Kept dense: a removal moves the last row into the hole (and tells its entry its new slot).
     """
@@ -514,7 +542,10 @@ class _Slots:
         self.count = 0
         self.index = np.empty((ndim, MIN_SLOTS), np.int32)
         self.tick = np.empty(MIN_SLOTS, np.int64)
-        self.dist = np.empty(MIN_SLOTS)  # NaN until ranked
+        # hops under the group's current views lie in [lo - drift, hi + drift] (``_Group``); -inf, inf
+        # until ranked. A row ranked at drift d has lo = hops + d, hi = hops - d.
+        self.lo = np.empty(MIN_SLOTS)
+        self.hi = np.empty(MIN_SLOTS)
         self.entries: list[_Entry | None] = [None] * MIN_SLOTS  # a list: the GC sees its cycles
 
     def add(self, entry: _Entry, index: Sequence[int], tick: int) -> None:
@@ -524,7 +555,7 @@ class _Slots:
             raise ValueError(f"block index {tuple(index)} has not the {len(self.index)} axes of its group")
         slot = self.count
         self.index[:, slot] = index  # before any change: an index out of int32 range raises here
-        self.tick[slot], self.dist[slot], self.entries[slot] = tick, math.nan, entry
+        self.tick[slot], self.lo[slot], self.hi[slot], self.entries[slot] = tick, -math.inf, math.inf, entry
         entry.slot, self.count = slot, slot + 1
 
     def remove(self, entry: _Entry) -> None:
@@ -532,19 +563,27 @@ class _Slots:
         if slot != last:
             moved = self.entries[last]
             self.index[:, slot] = self.index[:, last]
-            self.tick[slot], self.dist[slot], self.entries[slot] = self.tick[last], self.dist[last], moved
-            moved.slot = slot
+            self.tick[slot], self.lo[slot], self.hi[slot] = self.tick[last], self.lo[last], self.hi[last]
+            self.entries[slot], moved.slot = moved, slot
         self.entries[last] = None
         self.count = last
         if MIN_SLOTS < len(self.tick) and last < len(self.tick) // 4:
             self._resize(len(self.tick) // 2)
 
+    def forget(self) -> None:
+        """Every row is to be ranked again."""
+        self.lo[:self.count], self.hi[:self.count] = -math.inf, math.inf
+
+    def rank(self, rows: np.ndarray, hops: np.ndarray, drift: float) -> None:
+        """Set ``rows``' hops, ranked at ``drift``."""
+        self.lo[rows], self.hi[rows] = hops + drift, hops - drift
+
     def _resize(self, capacity: int) -> None:
         n = self.count
-        index, tick, dist, entries = self.index, self.tick, self.dist, self.entries
+        index, tick, lo, hi, entries = self.index, self.tick, self.lo, self.hi, self.entries
         self.index = np.empty((len(index), capacity), np.int32)
-        self.tick, self.dist = np.empty(capacity, np.int64), np.empty(capacity)
-        self.index[:, :n], self.tick[:n], self.dist[:n] = index[:, :n], tick[:n], dist[:n]
+        self.tick, self.lo, self.hi = np.empty(capacity, np.int64), np.empty(capacity), np.empty(capacity)
+        self.index[:, :n], self.tick[:n], self.lo[:n], self.hi[:n] = index[:, :n], tick[:n], lo[:n], hi[:n]
         self.entries = entries[:n] + [None] * (capacity - n)
 
 
@@ -557,23 +596,32 @@ FEW_HOPS = 256
 class _Group:
     """One group's slots and eviction candidates.
 
-    A ranking (hops of every slot, vectorised) keeps the K farthest entries sorted by (distance desc,
-    tick asc); entries touched since go on a heap, and entries added since too once their hops are
-    known (computed together, at the next eviction). The next victim is the better of the two heads.
-    An entry left out of the K and untouched since orders after the K-th, so the order is exact. The
-    group re-ranks when its views moved, when the K run out while such entries remain, or when the heap
-    outgrows a quarter of the group (which bounds its memory). K is twice the candidates the previous
-    ranking used: about as many as the evictions between two view moves.
+    A ranking keeps the K farthest entries sorted by (distance desc, tick asc); those touched since go on
+    a heap, and entries added since too once their hops are known (computed together, at the next
+    eviction). The next victim is the better of the two heads. An entry left out of the K orders after
+    the K-th (a touch only makes it more recent), so the order is exact. The group ranks again when its
+    views moved, when the K run out while such entries remain, or when the heap outgrows a quarter of
+    the group (which bounds its memory). K is twice the candidates the previous ranking used: about as
+    many as the evictions between two view moves.
+
+    A ranking computes the hops of only the rows that may be among the K (``_near_top``): ``drift`` sums
+    the moves of the views the group has seen (``Views.drift``), and a row ranked when the drift was d is
+    within drift - d hops of the hops it was ranked with. A row whose upper bound falls short of the K
+    largest lower bounds orders after all K. So a small move ranks the rows near the top, and a row far
+    below them once the bound, widening with each move, reaches them.
     """
 
     def __init__(self, name: Hashable, ndim: int) -> None:
         self.name = name
         self.slots = _Slots(ndim)
         self.epoch: tuple[int, int] | None = None  # the view moves the ranking saw; None: rank next time
+        self.views: Views | None = None  # the views last ranked under
+        self.drift = 0.0  # the moves of the views seen, summed (``Views.drift``)
         self.cand_negd: list[float] = []  # the candidates, farthest first, as lists: read one at a time
         self.cand_tick: list[int] = []
         self.cand_entries: list[_Entry] = []
         self.next = 0  # candidates before this one were evicted or touched
+        self.floor = -math.inf  # a lower bound (``_Slots.lo``) that 3K rows reached at the ranking
         self.rest = False  # whether entries outside the candidates remain from the ranking
         self.fresh: list[_Candidate] = []
         self.pending: list[tuple[_Entry, Sequence[int]]] = []  # added since the ranking, hops unknown
@@ -586,12 +634,14 @@ class _Group:
             self._bound_heap()
 
     def touch(self, entry: _Entry, tick: int) -> None:
-        self.slots.tick[entry.slot] = tick
-        if self.epoch is not None:
-            dist = float(self.slots.dist[entry.slot])
-            if not math.isnan(dist):  # else pending: its hops are still to come
-                heapq.heappush(self.fresh, (-dist, tick, entry))
-                self._bound_heap()
+        """A touched row ranked under the current views goes on the heap: it may be a candidate. Any other
+        row is none (a ranking takes its candidates from the rows it ranks): it orders after them."""
+        slots, slot = self.slots, entry.slot
+        slots.tick[slot] = tick
+        hops = float(slots.lo[slot]) - self.drift
+        if self.epoch is not None and hops == slots.hi[slot] + self.drift:
+            heapq.heappush(self.fresh, (-hops, tick, entry))
+            self._bound_heap()
 
     def remove(self, entry: _Entry) -> None:
         self.slots.remove(entry)
@@ -607,18 +657,32 @@ class _Group:
 
     def head(self, epoch: tuple[int, int], views_of: ViewsOf, stats: dict[str, int]) -> _Candidate:
         """The group's next victim (the group is not empty); ``epoch``: its view moves so far."""
-        if self.epoch != epoch:
-            self._rank(epoch, views_of, stats)
-        elif self.pending:
-            self._resolve(views_of(self.name), stats)
+        if self.epoch != epoch or self.pending:
+            self._see(views_of(self.name))  # after ``epoch`` was read: a move from now on ranks again
+            if self.epoch != epoch:
+                self._rank(epoch, stats)
+            else:
+                self._resolve(stats)
         while True:
             cand, fresh = self._candidate(), self._fresh()
             if cand is None and self.rest:
-                self._rank(epoch, views_of, stats)
+                self._rank(epoch, stats)
                 continue
             if cand is None or fresh is None:
                 return cand or fresh  # type: ignore[return-value]
             return min(cand, fresh)
+
+    def _see(self, views: Views | None) -> None:
+        """Rank under ``views`` from now on: add their move to the drift, or when it has no bound (to or
+        from no views, another grid), forget every ranked distance."""
+        if views is self.views:
+            return
+        if views is None or self.views is None or (step := self.views.drift(views)) == math.inf:
+            self.slots.forget()
+            self.epoch = None
+        else:
+            self.drift += step
+        self.views = views
 
     def _candidate(self) -> _Candidate | None:
         while self.next < len(self.cand_entries):
@@ -633,34 +697,57 @@ class _Group:
             heapq.heappop(self.fresh)
         return self.fresh[0] if self.fresh else None
 
-    def _rank(self, epoch: tuple[int, int], views_of: ViewsOf, stats: dict[str, int]) -> None:
-        n = self.slots.count
-        views = views_of(self.name)  # after ``epoch`` was read: a move from now on re-ranks again
-        dist = self.slots.dist[:n]
-        dist[:] = math.inf if views is None else views.hops(self.slots.index[:, :n])
-        negd, ticks = -dist, self.slots.tick[:n]
-        chosen = _first(negd, ticks, min(max(MIN_CANDIDATES, min(2 * self.next, n // 4)), n))
+    def _rank(self, epoch: tuple[int, int], stats: dict[str, int]) -> None:
+        n, slots = self.slots.count, self.slots
+        k = min(max(MIN_CANDIDATES, min(2 * self.next, n // 4)), n)
+        rows = self._near_top(k)
+        if self.views is None:
+            hops = np.full(len(rows), math.inf)
+        else:  # take gives C order, which hops reads several times faster than fancy indexing's F order
+            hops = self.views.hops(slots.index.take(rows, axis=1))
+        slots.rank(rows, hops, self.drift)
+        negd, ticks = -hops, slots.tick[rows]
+        chosen = _first(negd, ticks, k)
         self.cand_negd, self.cand_tick = negd[chosen].tolist(), ticks[chosen].tolist()
-        self.cand_entries = [self.slots.entries[slot] for slot in chosen.tolist()]
-        self.next, self.rest = 0, len(chosen) < n
+        self.cand_entries = [slots.entries[slot] for slot in rows[chosen].tolist()]
+        spare = len(rows) - 3 * k  # the next ranking wants at most 2k after at most k of these are gone
+        self.floor = np.partition(hops, spare)[spare] + self.drift if spare >= 0 else -math.inf
+        self.next, self.rest = 0, k < n
         self.fresh, self.pending, self.epoch = [], [], epoch
         stats["reranks"] += 1
-        stats["ranked"] += n
+        stats["ranked"] += len(rows)
 
-    def _resolve(self, views: Views | None, stats: dict[str, int]) -> None:
-        """Hops of the entries added since the ranking, onto the heap."""
-        pending, self.pending = self.pending, []
+    def _near_top(self, k: int) -> np.ndarray:
+        """The rows that may be among the ``k`` farthest under the current views: k rows are at least
+        cut - drift hops away, and only a row that may be as far could order before them.
+
+        The cut, the k-th largest lower bound, is looked for first among the rows at or above the floor
+        (all of them in ``near``): they hold the k largest when they are k or more."""
+        n, reach = self.slots.count, 2 * self.drift
+        lo, hi = self.slots.lo[:n], self.slots.hi[:n]
+        near = np.flatnonzero(hi >= self.floor - reach)  # a row's lo is at most its hi + 2 drift
+        high = lo[near]
+        high = high[high >= self.floor]
+        if len(high) < k:
+            near, high = np.arange(n), lo
+        cut = np.partition(high, len(high) - k)[len(high) - k]
+        return near[hi[near] >= cut - reach]
+
+    def _resolve(self, stats: dict[str, int]) -> None:
+        """Hops of the pending entries, onto the heap."""
+        pending, self.pending, views = self.pending, [], self.views
         if views is None:
             hops = [math.inf] * len(pending)
         elif len(pending) * len(views.boxes) <= FEW_HOPS:
             hops = [views.hops_of(index) for _, index in pending]
         else:
             slots = np.fromiter((entry.slot for entry, _ in pending), np.intp, len(pending))
-            hops = views.hops(self.slots.index[:, slots]).tolist()
-        dists, ticks = self.slots.dist, self.slots.tick
+            hops = views.hops(self.slots.index.take(slots, axis=1)).tolist()
+        lo, hi, ticks, drift = self.slots.lo, self.slots.hi, self.slots.tick, self.drift
         for (entry, _), dist in zip(pending, hops, strict=True):
-            dists[entry.slot] = dist
-            heapq.heappush(self.fresh, (-dist, int(ticks[entry.slot]), entry))
+            slot = entry.slot
+            lo[slot], hi[slot] = dist + drift, dist - drift
+            heapq.heappush(self.fresh, (-dist, int(ticks[slot]), entry))
         stats["ranked"] += len(pending)
 
 
