@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -56,6 +56,9 @@ PURPOSES = ("user", "prefetch")
 ANONYMOUS = "-"
 STORED = "stored"  # the codec part of an L3 key for a pre-encoded store's frames: one entry answers every tol
 MAX_TOLS = 8  # tols per variable whose L3 frames a looser request looks through
+# A frame at a tol within [tol * CLOSE, tol] answers a request at tol whatever the link: it is at most
+# about one bit per value finer (nearly the same size), and sharing it spares an encode and an L3 entry.
+CLOSE = 0.5
 
 
 def parse_size(value: int | str, name: str) -> int:
@@ -140,25 +143,28 @@ class _Encoded:
 
 @dataclass(frozen=True, slots=True)
 class _Request:
-    """A validated (dataset, variable, tol, codec)."""
+    """A validated (dataset, variable, tol, codec); ``close``: tighter tols whose frames answer it too."""
 
     origin: Origin
     variable: VariableInfo
     tol: float
     codec: str
     link_bps: float | None = None  # the client's link throughput, when it said (and the service adapts)
+    close: tuple[float, ...] = ()
 
     @property
     def dataset(self) -> str:
         return self.origin.name
 
-    def l3_keys(self, index: BlockIndex, tighter: Sequence[float]) -> list[tuple]:
-        """The L3 keys that answer this request, its own first: a pre-encoded store's one frame, else the
-        frame at this tol and those at the ``tighter`` tols (within a tighter bound is within this one)."""
+    def l3_keys(self, index: BlockIndex, tols: Sequence[float] | None = None) -> list[tuple]:
+        """The L3 keys of frames that answer this request, its own first: a pre-encoded store's one frame,
+        else the frames at this tol and at ``tols`` (default: the ``close`` ones); within a tighter bound
+        is within this one."""
         dataset, variable = self.dataset, self.variable.name
         if self.variable.stored_tol:
             return [(dataset, variable, self.variable.stored_tol, STORED, index)]
-        return [(dataset, variable, tol, self.codec, index) for tol in (self.tol, *tighter)]
+        tols = (self.tol, *(self.close if tols is None else tols))
+        return [(dataset, variable, tol, self.codec, index) for tol in tols]
 
 
 class BlockService:
@@ -288,14 +294,31 @@ class BlockService:
             raise ValueError(f"the link throughput must be a positive number of bytes/s, got {link_bps!r}")
         return _Request(origin, info, tol, codec_name, link_bps if self.adapt and tol > 0 else None)
 
-    def _tighter(self, req: _Request) -> tuple[float, ...]:
-        """Remember ``req``'s tol for its variable (the ``MAX_TOLS`` most recent); the tighter ones."""
+    def _tighter(self, req: _Request) -> list[float]:
+        """The remembered tols of ``req``'s variable up to its own, loosest first."""
+        tols = self._tols.get((req.dataset, req.variable.name), ())
+        return sorted((t for t in tols if t <= req.tol), reverse=True)
+
+    def _share(self, req: _Request) -> tuple[_Request, tuple[float, ...]]:
+        """``req`` at the tol it is served at, and the remembered tols tighter than ``CLOSE`` x its own.
+
+        Requests whose tols differ a little (a new tol each, all nearly equal) share frames: the loosest
+        remembered tol within [tol * CLOSE, tol] serves the request (a miss is encoded there, so each block
+        is encoded and kept once), and the other remembered tols in that range answer it too. Without one,
+        ``req.tol`` is served; the ``MAX_TOLS`` tols served most recently per variable are remembered."""
+        tighter = self._tighter(req)
+        close = [t for t in tighter if t >= req.tol * CLOSE]
+        tol = close[0] if close else req.tol
         tols = self._tols.setdefault((req.dataset, req.variable.name), OrderedDict())
-        tols[req.tol] = None
-        tols.move_to_end(req.tol)
+        tols[tol] = None
+        tols.move_to_end(tol)
         while len(tols) > MAX_TOLS:
             tols.popitem(last=False)
-        return tuple(t for t in tols if t < req.tol)
+        return replace(req, tol=tol, close=tuple(close[1:])), tuple(t for t in tighter if t < req.tol * CLOSE)
+
+    def _close(self, req: _Request) -> _Request:
+        """``req`` with the remembered tighter tols whose frames answer it (as ``_share`` finds them)."""
+        return replace(req, close=tuple(t for t in self._tighter(req) if req.tol * CLOSE <= t < req.tol))
 
     # ------------------------------------------------------------------ requests
     async def block(
@@ -383,10 +406,10 @@ class BlockService:
         checked = [grid.check(index) for index in indices]
         if session is not None:
             check_session(session)
+        req, tighter = self._share(req)
         self._observe(req, session, position, checked if purpose == "user" else None)
         self._stats.requests[purpose] += len(checked)
         self._stats.batches += batch
-        tighter = self._tighter(req)
         if purpose == "prefetch":
             return [asyncio.ensure_future(self._serve_prefetch(req, index, tighter)) for index in checked]
         tasks = [asyncio.ensure_future(self._serve_user(req, index, tighter)) for index in checked]
@@ -440,8 +463,8 @@ class BlockService:
 
     async def _serve(self, req: _Request, index: BlockIndex, prefetch: bool,
                      tighter: tuple[float, ...] = ()) -> BlockResult:
-        keys = req.l3_keys(index, tighter if req.link_bps is not None else ())
-        cached = self.l3.get_first(keys[:1], prefetch) or self._tighter_frame(req, keys[1:], prefetch)
+        keys = req.l3_keys(index)
+        cached = self.l3.get_first(keys, prefetch) or self._tighter_frame(req, index, tighter, prefetch)
         if cached is not None:
             return BlockResult(cached.frame, "l3", 0.0, 0.0, True)
         raw_nbytes = math.prod(req.variable.block) * req.variable.dtype.itemsize
@@ -456,8 +479,13 @@ class BlockService:
     def _ratio_key(req: _Request) -> tuple:
         return (req.dataset, req.variable.name, req.tol, req.codec)
 
-    def _tighter_frame(self, req: _Request, keys: Sequence[tuple], prefetch: bool) -> _Encoded | None:
-        """The smallest frame at a tighter tol in L3, when sending it beats encoding (a hit: counted)."""
+    def _tighter_frame(self, req: _Request, index: BlockIndex, tighter: Sequence[float],
+                       prefetch: bool) -> _Encoded | None:
+        """The smallest frame at a ``tighter`` tol in L3, when sending it to a client that said its link
+        beats encoding (a hit: counted)."""
+        if req.link_bps is None:
+            return None
+        keys = req.l3_keys(index, tighter)[1:]
         frames = [(len(f.frame), key) for key in keys if (f := self.l3.peek(key)) is not None]
         if not frames:
             return None
@@ -601,13 +629,14 @@ class BlockService:
 
     async def _prefetch(self, item: PrefetchItem) -> None:
         origin = self.origin(item.dataset)
-        req = _Request(origin, origin.info().variable(item.variable), item.tol, item.codec)
-        if item.to_l3 or req.variable.stored_tol:  # a stored frame goes to L3 only
-            cached = self.l3.peek(req.l3_keys(item.index, ())[0])
+        req = self._close(_Request(origin, origin.info().variable(item.variable), item.tol, item.codec))
+        to_l3 = item.to_l3 or bool(req.variable.stored_tol)  # a stored frame goes to L3 only
+        if to_l3:  # a frame at a close tighter tol answers too: then the block is held
+            held = any(self.l3.peek(key) is not None for key in req.l3_keys(item.index))
         else:
-            cached = self.l4.peek((item.dataset, item.variable, item.index))
-        self._stats.prefetch["skipped" if cached is not None else "issued"] += 1
-        if item.to_l3 or req.variable.stored_tol:
+            held = self.l4.peek((item.dataset, item.variable, item.index)) is not None
+        self._stats.prefetch["skipped" if held else "issued"] += 1
+        if to_l3:
             await self._serve(req, item.index, prefetch=True)
         else:
             await self._raw_block(req, item.index, True)
