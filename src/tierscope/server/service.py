@@ -1,7 +1,8 @@
 """The block service: L3 (encoded frames) and L4 (raw blocks) over origins, with server-side prefetch.
 
-One asyncio loop owns every piece of mutable state (tiers' bookkeeping, positions, the prefetch queue,
-counters); origin reads and encodes run in two bounded thread pools:
+One asyncio loop owns every piece of mutable state but the positions (tiers' bookkeeping, the prefetch
+queue, counters), and does bounded work per request; one planning thread owns the positions and makes
+the prefetch plans (``planner.py``); origin reads and encodes run in two bounded thread pools:
 
 - user work (``purpose=user`` requests) has its own pool of ``workers`` threads;
 - prefetch work (server plans and ``purpose=prefetch`` requests) holds one of ``prefetch_workers`` slots
@@ -19,9 +20,11 @@ The HTTP app awaits the service on its own loop; the embedded transport runs it 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -33,16 +36,17 @@ from typing import Any, TypeVar
 import numpy as np
 
 from tierscope import codec
-from tierscope.cache import TierCache, check_policy, entry_charge
+from tierscope.cache import TierCache, Views, check_policy
 from tierscope.codec.device import resolve_device
 from tierscope.errors import BlockIndexError, DatasetNotFoundError
 from tierscope.grid import BlockGrid, BlockIndex
 from tierscope.levels import split_level
 from tierscope.metadata import DatasetInfo, VariableInfo, check_tol
-from tierscope.prefetch import MODES, Box, Position, radius_for
-from tierscope.protocol import MAX_BATCH, MAX_POSITION_BLOCKS
+from tierscope.prefetch import MODES, Box
+from tierscope.protocol import MAX_BATCH, MAX_POSITION_BLOCKS, parse_block_index
 from tierscope.server.choice import Costs
-from tierscope.server.sessions import PLAN_TTL_S, PrefetchItem, PrefetchQueue, Sessions, check_session
+from tierscope.server.planner import Delivery, Planner, TierRoom, View
+from tierscope.server.sessions import PLAN_TTL_S, PrefetchItem, PrefetchQueue, check_session
 from tierscope.server.stats import ServerStats
 from tierscope.store.origin import Origin
 
@@ -99,6 +103,26 @@ def _view_box(grid: BlockGrid, blocks: Sequence[Sequence[int]] | np.ndarray) -> 
         for index in blocks:
             grid.check(index)  # raises, naming the block and the axis
     return Box(tuple(indices.min(axis=0).tolist()), tuple(indices.max(axis=0).tolist()))
+
+
+@functools.cache
+def _header_pattern(ndim: int) -> re.Pattern[str]:
+    """A well-formed position header of blocks with ``ndim`` axes."""
+    block = r"\d{1,9}" + r"\.\d{1,9}" * (ndim - 1)
+    return re.compile(rf"{block}(?:;{block})*")
+
+
+def _header_box(grid: BlockGrid, header: str) -> Box:
+    """The box of a position header's blocks. A well-formed header is read in a few C-level passes (a
+    regular expression, NumPy's text parser, a min and a max: tens of microseconds of the loop for 64
+    blocks); block by block only to name what is wrong with a bad one."""
+    if _header_pattern(grid.ndim).fullmatch(header):
+        indices = np.fromstring(header.replace(";", "."), dtype=np.int64, sep=".").reshape(-1, grid.ndim)
+        lo, hi = indices.min(axis=0), indices.max(axis=0)  # >= 0: digits only
+        if (hi < np.asarray(grid.nblocks)).all():
+            return Box(tuple(lo.tolist()), tuple(hi.tolist()))
+    return _view_box(grid, [parse_block_index(p.strip(), "X-Tierscope-Position block")
+                            for p in header.split(";")])
 
 
 @dataclass(frozen=True)
@@ -213,9 +237,13 @@ class BlockService:
         self.l3: TierCache[_Encoded] = TierCache(parse_size(l3, "l3"), "l3", policy=policy)
         self.l4: TierCache[_Raw] = TierCache(parse_size(l4, "l4"), "l4", policy=policy)
         self.prefetch_mode = check_prefetch(prefetch)
-        self.sessions = Sessions(max_positions)
-        self.l3.set_distance(lambda key: (key[:2], key[4]), self.sessions.views)  # (dataset, variable)
-        self.l4.set_distance(lambda key: (key[:2], key[2]), self.sessions.views)
+        self.max_positions = max_positions
+        # the current views per (dataset, variable), as the planner last handed them back
+        self._views: dict[tuple[str, str], Views | None] = {}
+        self.l3.set_distance(lambda key: (key[:2], key[4]), self._views.get)  # (dataset, variable)
+        self.l4.set_distance(lambda key: (key[:2], key[2]), self._views.get)
+        self._epoch = 0  # configurations so far: the planner's results for an older one are dropped
+        self._positions = 0  # positions the planner holds, as it last said
         self._stats = ServerStats()
         self.queue = PrefetchQueue(plan_ttl)
         self._tols: dict[tuple[str, str], OrderedDict[float, None]] = {}  # recent tols per variable
@@ -239,11 +267,17 @@ class BlockService:
         self._user_idle.set()
         self.queue = PrefetchQueue(self.plan_ttl)
         self._tasks = [asyncio.create_task(self._prefetch_worker()) for _ in range(self.prefetch_workers)]
+        self._planner = Planner(functools.partial(self._loop.call_soon_threadsafe, self._apply),
+                                self.max_positions)
+        self._planned = 0  # views the planner has finished, as it last said
+        self._settling: list[tuple[int, asyncio.Future[None]]] = []  # (views to finish, waiter)
+        self._planner.start()
 
     async def aclose(self) -> None:
         """Stop prefetching and wait for running reads/encodes; the service can be started again."""
         if self._loop is None:
             return
+        self._planner.stop()  # on the loop, briefly: at most the view being planned
         tasks = [*self._tasks, *self._background]
         for task in tasks:
             task.cancel()
@@ -561,60 +595,65 @@ class BlockService:
         return result, end - start
 
     # ------------------------------------------------------------------ positions and prefetch
-    def _observe(self, req: _Request, session: str | None, position: Sequence[Sequence[int]] | None,
+    def _observe(self, req: _Request, session: str | None, position: str | Sequence[Sequence[int]] | None,
                  default: Sequence[BlockIndex] | None) -> None:
-        """Move the session's position (header blocks, else a user request's own blocks); replan."""
-        if position is not None and len(position) > MAX_POSITION_BLOCKS:
-            raise ValueError(
-                f"X-Tierscope-Position lists {len(position)} blocks, at most {MAX_POSITION_BLOCKS} allowed"
-            )
-        blocks = position if position is not None and len(position) else default
-        if blocks is None or not len(blocks):
+        """Check the view (the position header's text or blocks, else a user request's own blocks) and
+        hand it to the planner, which moves the session's position and replans off the loop."""
+        if position is not None and len(position):
+            count = position.count(";") + 1 if isinstance(position, str) else len(position)
+            if count > MAX_POSITION_BLOCKS:
+                raise ValueError(
+                    f"X-Tierscope-Position lists {count} blocks, at most {MAX_POSITION_BLOCKS} allowed")
+            try:
+                box = (_header_box if isinstance(position, str) else _view_box)(req.variable.grid, position)
+            except BlockIndexError as exc:
+                raise ValueError(f"X-Tierscope-Position: {exc}") from None
+        elif default:
+            box = _view_box(req.variable.grid, default)
+        else:
             return
-        grid = req.variable.grid
-        try:
-            view = _view_box(grid, blocks)
-        except BlockIndexError as exc:
-            raise ValueError(f"X-Tierscope-Position: {exc}") from None
         if self.prefetch_mode == "off" and self.l3.policy != "distance":
             return  # validated, but nothing plans or evicts by position: no need to track it
         key = (session or ANONYMOUS, req.dataset, req.variable.name, req.tol)
-        pos, dropped = self.sessions.position(key, grid, req.variable.time_axis)
-        if dropped is not None:
-            self._stats.prefetch["cancelled"] += self.queue.replace(dropped, ())
-            self._views_moved(dropped[1:3])
-        if pos.observe_box(view, score=self.prefetch_mode == "auto"):
-            self.sessions.moved(req.dataset, req.variable.name)
-            self._views_moved((req.dataset, req.variable.name))
-            if self.prefetch_mode != "off":
-                self._plan(key, pos, req)
+        self._planner.observe(View(key, req.variable, box, req.codec, self.prefetch_mode,
+                                   self.l3.policy == "distance", TierRoom.of(self.l3), TierRoom.of(self.l4),
+                                   self.plan_limit, self._epoch))
+
+    def _apply(self, delivery: Delivery) -> None:
+        """A planner's result, on the loop: the position's new plan replaces its queued one (the rest is
+        cancelled), a position pushed out of the table loses its plan, and the tiers re-rank the
+        variables whose views changed. O(1) but for the queue taking the plan."""
+        planned = delivery.planned
+        if planned is not None and planned.epoch == self._epoch:
+            if planned.dropped is not None:
+                self._stats.prefetch["cancelled"] += self.queue.replace(planned.dropped, ())
+            for variable, views in planned.views.items():
+                self._views[variable] = views
+                self._views_moved(variable)
+            if planned.items is not None:
+                self._stats.prefetch["planned"] += len(planned.items)
+                self._stats.prefetch["cancelled"] += self.queue.replace(planned.key, planned.items)
+        if delivery.epoch == self._epoch:
+            self._positions = delivery.positions
+        self._planned = delivery.done
+        while self._settling and self._settling[0][0] <= self._planned:
+            _, waiter = self._settling.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def settled(self) -> None:
+        """Wait until the planner has handed back every view observed so far: then the stats count their
+        plans and the queue holds them."""
+        target = self._planner.issued if self._loop is not None else 0
+        if target > self._planned:
+            waiter = asyncio.get_running_loop().create_future()
+            self._settling.append((target, waiter))
+            await waiter
 
     def _views_moved(self, variable: tuple[str, str]) -> None:
         """A (dataset, variable)'s session views changed: L3 and L4 re-rank its blocks when next evicting."""
         self.l3.moved(variable)
         self.l4.moved(variable)
-
-    def _plan(self, key: tuple[str, str, str, float], pos: Position, req: _Request) -> None:
-        """Queue the blocks around the new position that fit L3 and L4, nearest/most likely first."""
-        var = req.variable
-        raw_nbytes = math.prod(var.block) * var.dtype.itemsize
-        extents = pos.box.extents
-
-        def radius(tier: TierCache) -> int:
-            if tier.capacity == 0:
-                return 0
-            average = tier.size / len(tier) if len(tier) else entry_charge(raw_nbytes, tier.policy)  # L3
-            # starts pessimistic
-            return radius_for(var.grid, tier.capacity, average, pos.time_axis, view=extents)
-
-        r3 = radius(self.l3)
-        blocks = pos.plan(self.prefetch_mode, max(r3, radius(self.l4)), limit=self.plan_limit)
-        items = [  # plan() stays within the larger radius: each block goes to L4, and to L3 when near enough
-            PrefetchItem(req.dataset, var.name, index, req.tol, req.codec, near)
-            for index, near in zip(blocks, pos.within(blocks, r3), strict=True)
-        ]
-        self._stats.prefetch["planned"] += len(items)
-        self._stats.prefetch["cancelled"] += self.queue.replace(key, items)
 
     async def _prefetch_worker(self) -> None:
         while True:
@@ -643,12 +682,14 @@ class BlockService:
 
     # ------------------------------------------------------------------ stats and configuration
     def _on_loop(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the owning loop (state is only touched there), waiting from other threads."""
+        """Run ``fn`` on the owning loop (state is only touched there), waiting from other threads, once
+        the planner has handed back the views observed so far (on the loop, ``settled`` first)."""
         loop = self._loop
         if loop is None or threading.get_ident() == self._loop_thread:
             return fn()
 
         async def call() -> T:
+            await self.settled()
             return fn()
 
         return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout=30)
@@ -665,7 +706,7 @@ class BlockService:
             stats["prefetch"]["expired"] = self.queue.expired
             stats["prefetch"]["queued"] = len(self.queue)
             stats["tiers"] = tiers
-            stats["sessions"] = len(self.sessions)
+            stats["sessions"] = self._positions
             stats["config"] = self.config()
             return stats
 
@@ -715,7 +756,9 @@ class BlockService:
             tier.reconfigure(capacity=size, policy=policy)
             tier.clear()
         self.prefetch_mode = mode or self.prefetch_mode
-        self.sessions.clear()
+        self._epoch += 1  # the planner starts its positions over; its results for the old ones are dropped
+        self._views.clear()
+        self._positions = 0
         self.queue.clear()
         self._tols.clear()
         dropped = []
