@@ -15,6 +15,7 @@ import zarr
 from tierscope import codec
 from tierscope.client.http import HttpTransport
 from tierscope.server import BlockService, ServerThread
+from tierscope.server.sessions import PrefetchItem
 from tierscope.store.origin import ZarrOrigin
 
 from conftest import BLOCK, SHAPE, wait_for
@@ -117,3 +118,23 @@ def test_prefetch_skips_blocks_held_at_a_close_tighter_tol(sample_store, transpo
     assert prefetch["planned"] - held["prefetch"]["planned"] > 0
     assert prefetch["skipped"] - held["prefetch"]["skipped"] == prefetch["planned"] - held["prefetch"]["planned"]
     assert prefetch["issued"] == held["prefetch"]["issued"]
+
+
+def test_a_plan_of_held_blocks_is_skipped_one_block_per_turn_of_the_loop(sample_store, transport):
+    service = BlockService([ZarrOrigin(sample_store)], l3="16MiB", l4="16MiB", prefetch_workers=1)
+    with ServerThread(service) as server:
+        for index in BLOCKS:
+            transport(server.url, index, 0.01)
+        plan = [PrefetchItem("turb", "u", index, 0.01, "lorenzo", True) for index in BLOCKS]
+
+        async def queue_and_look() -> tuple[int, int]:
+            seen = []
+            service.queue.replace(("s", "turb", "u", 0.01), plan)
+            asyncio.get_running_loop().call_soon(lambda: seen.append(service.stats()["prefetch"]["skipped"]))
+            while len(service.queue):
+                await asyncio.sleep(0.01)
+            return seen[0], service.stats()["prefetch"]["skipped"]
+
+        during, after = asyncio.run_coroutine_threadsafe(queue_and_look(), server._loop).result(10)
+    assert after == len(BLOCKS)  # every block was held
+    assert during <= 1  # the callback queued behind the plan ran after one skip, not after the plan

@@ -328,10 +328,9 @@ class BlockService:
             raise ValueError(f"the link throughput must be a positive number of bytes/s, got {link_bps!r}")
         return _Request(origin, info, tol, codec_name, link_bps if self.adapt and tol > 0 else None)
 
-    def _tighter(self, req: _Request) -> list[float]:
-        """The remembered tols of ``req``'s variable up to its own, loosest first."""
-        tols = self._tols.get((req.dataset, req.variable.name), ())
-        return sorted((t for t in tols if t <= req.tol), reverse=True)
+    def _tighter(self, dataset: str, variable: str, tol: float) -> list[float]:
+        """The remembered tols of a variable up to ``tol``, loosest first."""
+        return sorted((t for t in self._tols.get((dataset, variable), ()) if t <= tol), reverse=True)
 
     def _share(self, req: _Request) -> tuple[_Request, tuple[float, ...]]:
         """``req`` at the tol it is served at, and the remembered tols tighter than ``CLOSE`` x its own.
@@ -340,7 +339,7 @@ class BlockService:
         remembered tol within [tol * CLOSE, tol] serves the request (a miss is encoded there, so each block
         is encoded and kept once), and the other remembered tols in that range answer it too. Without one,
         ``req.tol`` is served; the ``MAX_TOLS`` tols served most recently per variable are remembered."""
-        tighter = self._tighter(req)
+        tighter = self._tighter(req.dataset, req.variable.name, req.tol)
         close = [t for t in tighter if t >= req.tol * CLOSE]
         tol = close[0] if close else req.tol
         tols = self._tols.setdefault((req.dataset, req.variable.name), OrderedDict())
@@ -349,10 +348,6 @@ class BlockService:
         while len(tols) > MAX_TOLS:
             tols.popitem(last=False)
         return replace(req, tol=tol, close=tuple(close[1:])), tuple(t for t in tighter if t < req.tol * CLOSE)
-
-    def _close(self, req: _Request) -> _Request:
-        """``req`` with the remembered tighter tols whose frames answer it (as ``_share`` finds them)."""
-        return replace(req, close=tuple(t for t in self._tighter(req) if req.tol * CLOSE <= t < req.tol))
 
     # ------------------------------------------------------------------ requests
     async def block(
@@ -608,8 +603,8 @@ class BlockService:
                 box = (_header_box if isinstance(position, str) else _view_box)(req.variable.grid, position)
             except BlockIndexError as exc:
                 raise ValueError(f"X-Tierscope-Position: {exc}") from None
-        elif default:
-            box = _view_box(req.variable.grid, default)
+        elif default:  # checked already: only its box
+            box = Box(tuple(map(min, zip(*default))), tuple(map(max, zip(*default))))
         else:
             return
         if self.prefetch_mode == "off" and self.l3.policy != "distance":
@@ -658,27 +653,36 @@ class BlockService:
     async def _prefetch_worker(self) -> None:
         while True:
             item = await self.queue.get()
+            req, to_l3 = self._prefetch_request(item)
+            if self._held(req, item.index, to_l3):
+                self._stats.prefetch["skipped"] += 1
+                await asyncio.sleep(0)  # one lookup per turn of the loop, never a whole plan of held blocks
+                continue
             await self._user_idle.wait()  # user requests first: the item waits, and may expire
             async with self._slots:
+                self._stats.prefetch["issued"] += 1
                 try:
-                    await self._prefetch(item)
+                    await (self._serve(req, item.index, True) if to_l3 else self._raw_block(req, item.index, True))
                 except Exception:  # a failed prefetch must never stop the worker
                     self._stats.prefetch["errors"] += 1
                     logger.warning("prefetch of %s failed", item, exc_info=True)
 
-    async def _prefetch(self, item: PrefetchItem) -> None:
+    def _prefetch_request(self, item: PrefetchItem) -> tuple[_Request, bool]:
+        """A planned block as a request (with the close tols whose frames answer it), and whether it goes
+        to L3 (a stored frame goes to L3 only)."""
         origin = self.origin(item.dataset)
-        req = self._close(_Request(origin, origin.info().variable(item.variable), item.tol, item.codec))
-        to_l3 = item.to_l3 or bool(req.variable.stored_tol)  # a stored frame goes to L3 only
-        if to_l3:  # a frame at a close tighter tol answers too: then the block is held
-            held = any(self.l3.peek(key) is not None for key in req.l3_keys(item.index))
-        else:
-            held = self.l4.peek((item.dataset, item.variable, item.index)) is not None
-        self._stats.prefetch["skipped" if held else "issued"] += 1
+        variable = origin.info().variable(item.variable)
+        tighter = self._tighter(item.dataset, item.variable, item.tol)
+        close = tuple(t for t in tighter if item.tol * CLOSE <= t < item.tol)
+        req = _Request(origin, variable, item.tol, item.codec, close=close)
+        return req, item.to_l3 or bool(variable.stored_tol)
+
+    def _held(self, req: _Request, index: BlockIndex, to_l3: bool) -> bool:
+        """Whether the tier a planned block fills holds it already (L3: at its tol or a close tighter one).
+        A prefetch hit, not counted, keeps the block recent: the plan wants it near the view."""
         if to_l3:
-            await self._serve(req, item.index, prefetch=True)
-        else:
-            await self._raw_block(req, item.index, True)
+            return self.l3.get_first(req.l3_keys(index), prefetch=True) is not None
+        return self.l4.get_first([(req.dataset, req.variable.name, index)], prefetch=True) is not None
 
     # ------------------------------------------------------------------ stats and configuration
     def _on_loop(self, fn: Callable[[], T]) -> T:

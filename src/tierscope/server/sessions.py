@@ -15,7 +15,7 @@ import re
 import time
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from tierscope.cache import Views
 from tierscope.grid import BlockGrid, BlockIndex
@@ -42,9 +42,9 @@ def check_session(session: str) -> str:
     return session
 
 
-@dataclass(frozen=True, slots=True)
-class PrefetchItem:
-    """One planned block: fill L4 with its raw block, and L3 with its frame when ``to_l3``."""
+class PrefetchItem(NamedTuple):
+    """One planned block: fill L4 with its raw block, and L3 with its frame when ``to_l3``. A named tuple:
+    a plan makes hundreds at once, several times faster than a frozen dataclass's."""
 
     dataset: str
     variable: str
