@@ -5,6 +5,7 @@ a position's views are coalesced to the newest, and the loop still answers a bad
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -112,3 +113,9 @@ def test_a_bad_position_header_is_a_400_naming_it(server, header, message):
 
 def test_a_position_header_with_spaces_is_read_block_by_block(server):
     assert get(f"{server.url}/datasets/turb/blocks/u/0.0.0.0", {"X-Tierscope-Position": "0.0.0.0; 1.1.1.1"})[0] == 200
+
+
+def test_a_running_service_lets_its_loop_take_the_gil_back_within_half_a_millisecond(server):
+    from tierscope.server.service import GIL_SWITCH_S
+
+    assert GIL_SWITCH_S == 0.0005 and sys.getswitchinterval() <= GIL_SWITCH_S  # CPython's default is 5 ms

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -60,6 +61,10 @@ PURPOSES = ("user", "prefetch")
 ANONYMOUS = "-"
 STORED = "stored"  # the codec part of an L3 key for a pre-encoded store's frames: one entry answers every tol
 MAX_TOLS = 8  # tols per variable whose L3 frames a looser request looks through
+# A thread that wants the GIL gets it within this long of asking (CPython's default is 5 ms). The loop asks
+# after every socket call and wakeup; with the planner or a pool thread busy in Python, the default alone
+# would cost the loop 5 ms at each, its whole lag budget.
+GIL_SWITCH_S = 0.0005
 # A frame at a tol within [tol * CLOSE, tol] answers a request at tol whatever the link: it is at most
 # about one bit per value finer (nearly the same size), and sharing it spares an encode and an L3 entry.
 CLOSE = 0.5
@@ -259,6 +264,7 @@ class BlockService:
         if self._loop is not None:
             raise RuntimeError("this BlockService is already running on an event loop")
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_S))  # the process's, never raised
         self._user_pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tierscope-user")
         self._prefetch_pool = ThreadPoolExecutor(self.prefetch_workers,
                                                  thread_name_prefix="tierscope-prefetch")
