@@ -112,7 +112,8 @@ def test_a_bad_position_header_is_a_400_naming_it(server, header, message):
 
 
 def test_a_position_header_with_spaces_is_read_block_by_block(server):
-    assert get(f"{server.url}/datasets/turb/blocks/u/0.0.0.0", {"X-Tierscope-Position": "0.0.0.0; 1.1.1.1"})[0] == 200
+    spaced = {"X-Tierscope-Position": "0.0.0.0; 1.1.1.1"}
+    assert get(f"{server.url}/datasets/turb/blocks/u/0.0.0.0", spaced)[0] == 200
 
 
 def test_a_running_service_lets_its_loop_take_the_gil_back_within_half_a_millisecond(server):

@@ -365,10 +365,11 @@ class BlockService:
         codec_name: str | None = None,
         purpose: str = "user",
         session: str | None = None,
-        position: Sequence[Sequence[int]] | None = None,
+        position: str | Sequence[Sequence[int]] | None = None,
         link_bps: float | None = None,
     ) -> BlockResult:
-        """One encoded block at ``tol``; ``position`` (the session's current view) steers prefetch."""
+        """One encoded block at ``tol``; ``position`` (the session's current view: its blocks, or an
+        ``X-Tierscope-Position`` header's text) steers prefetch."""
         return (await self.batch(dataset, variable, [index], tol, codec_name, purpose, session,
                                  position, link_bps=link_bps, batch=False))[0]
 
@@ -381,7 +382,7 @@ class BlockService:
         codec_name: str | None = None,
         purpose: str = "user",
         session: str | None = None,
-        position: Sequence[Sequence[int]] | None = None,
+        position: str | Sequence[Sequence[int]] | None = None,
         *,
         link_bps: float | None = None,
         batch: bool = True,
@@ -403,7 +404,7 @@ class BlockService:
         codec_name: str | None = None,
         purpose: str = "user",
         session: str | None = None,
-        position: Sequence[Sequence[int]] | None = None,
+        position: str | Sequence[Sequence[int]] | None = None,
         *,
         link_bps: float | None = None,
     ) -> AsyncIterator[tuple[int, BlockResult]]:
@@ -427,8 +428,8 @@ class BlockService:
 
     def _start(
         self, dataset: str, variable: str, indices: Sequence[BlockIndex], tol: float, codec_name: str | None,
-        purpose: str, session: str | None, position: Sequence[Sequence[int]] | None, link_bps: float | None,
-        batch: bool,
+        purpose: str, session: str | None, position: str | Sequence[Sequence[int]] | None,
+        link_bps: float | None, batch: bool,
     ) -> list[asyncio.Task]:
         """Validate a request, move its session's position, and start one task per block. While a user
         request's tasks run, no prefetch load starts (prefetch waits for ``_user_idle``)."""
@@ -442,7 +443,7 @@ class BlockService:
         if session is not None:
             check_session(session)
         req, tighter = self._share(req)
-        self._observe(req, session, position, checked if purpose == "user" else None)
+        self._observe(req, grid, session, position, checked if purpose == "user" else None)
         self._stats.requests[purpose] += len(checked)
         self._stats.batches += batch
         if purpose == "prefetch":
@@ -596,7 +597,8 @@ class BlockService:
         return result, end - start
 
     # ------------------------------------------------------------------ positions and prefetch
-    def _observe(self, req: _Request, session: str | None, position: str | Sequence[Sequence[int]] | None,
+    def _observe(self, req: _Request, grid: BlockGrid, session: str | None,
+                 position: str | Sequence[Sequence[int]] | None,
                  default: Sequence[BlockIndex] | None) -> None:
         """Check the view (the position header's text or blocks, else a user request's own blocks) and
         hand it to the planner, which moves the session's position and replans off the loop."""
@@ -606,7 +608,7 @@ class BlockService:
                 raise ValueError(
                     f"X-Tierscope-Position lists {count} blocks, at most {MAX_POSITION_BLOCKS} allowed")
             try:
-                box = (_header_box if isinstance(position, str) else _view_box)(req.variable.grid, position)
+                box = (_header_box if isinstance(position, str) else _view_box)(grid, position)
             except BlockIndexError as exc:
                 raise ValueError(f"X-Tierscope-Position: {exc}") from None
         elif default:  # checked already: only its box
@@ -668,7 +670,10 @@ class BlockService:
             async with self._slots:
                 self._stats.prefetch["issued"] += 1
                 try:
-                    await (self._serve(req, item.index, True) if to_l3 else self._raw_block(req, item.index, True))
+                    if to_l3:
+                        await self._serve(req, item.index, True)
+                    else:
+                        await self._raw_block(req, item.index, True)
                 except Exception:  # a failed prefetch must never stop the worker
                     self._stats.prefetch["errors"] += 1
                     logger.warning("prefetch of %s failed", item, exc_info=True)
