@@ -38,7 +38,6 @@ ENCODE_MS_HEADER = "X-Tierscope-Encode-Ms"
 LINK_HEADER = "X-Tierscope-Link"  # client -> server: the link throughput the client measured, bytes/s
 
 
-
 def parse_block_index(text: str, what: str = "block index") -> tuple[int, ...]:
     """Parse ``"3.0.1.2"`` into a block index (non-negative ints, bounded length)."""
     parts = text.split(".")
