@@ -1,10 +1,13 @@
-"""Prefetch planning off the server's loop: positions move and plans are made on the planning thread,
-a position's views are coalesced to the newest, and the loop still answers a bad position header with a
-400 naming it. A real server on loopback and a real ``Planner``."""
+"""The server's loop kept for requests: positions move and plans are made on the planning thread, a
+position's views are coalesced to the newest, the loop still answers a bad position header with a 400
+naming it, takes the GIL back within 0.5 ms, and prefetch threads yield the CPUs to it. A real server on
+loopback and a real ``Planner``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import sys
 import threading
 import urllib.error
@@ -120,3 +123,22 @@ def test_a_running_service_lets_its_loop_take_the_gil_back_within_half_a_millise
     from tierscope.server.service import GIL_SWITCH_S
 
     assert GIL_SWITCH_S == 0.0005 and sys.getswitchinterval() <= GIL_SWITCH_S  # CPython's default is 5 ms
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads have their own nice value on Linux")
+def test_prefetch_threads_run_nicer_than_the_loop_and_user_threads(sample_store):
+    from tierscope.server.service import PREFETCH_NICE
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    service = BlockService([ZarrOrigin(sample_store)])
+    with ServerThread(service) as server:
+        async def nices() -> tuple[int, int, int]:
+            loop = asyncio.get_running_loop()
+            return (nice(), await loop.run_in_executor(service._user_pool, nice),
+                    await loop.run_in_executor(service._prefetch_pool, nice))
+
+        loop_nice, user, prefetch = asyncio.run_coroutine_threadsafe(nices(), server._loop).result(10)
+    assert loop_nice == user == os.getpriority(os.PRIO_PROCESS, 0)
+    assert prefetch == min(loop_nice + PREFETCH_NICE, 19)
