@@ -19,8 +19,9 @@ if TYPE_CHECKING:
     from tierscope.client.source import Source
 
 __all__ = [
-    "ENCODE_MS_HEADER", "LINK_HEADER", "MAX_BATCH", "MAX_POSITION_BLOCKS", "PLAN_OP", "POSITION_HEADER",
-    "CANCEL_OP", "READ_MS_HEADER", "READ_OP", "SESSION_HEADER", "TIER_HEADER", "VIEW_OP", "BlockSpec",
+    "CANCEL_OP", "ENCODE_MS_HEADER", "LINK_HEADER", "MAX_BATCH", "MAX_INDEX_LEN", "MAX_POSITION_BLOCKS",
+    "PLAN_OP", "POSITION_HEADER", "READ_MS_HEADER", "READ_OP", "SESSION_HEADER", "TIER_HEADER", "VIEW_OP",
+    "BlockSpec", "parse_block_index",
 ]
 
 # Block server HTTP (docs/protocol.md)
@@ -28,12 +29,24 @@ MAX_BATCH = 256  # block indices in one batch request
 # A position header lists blocks whose box is the view (clients send its two corners): a few suffice,
 # and a short list keeps every request's cost on the server's loop small.
 MAX_POSITION_BLOCKS = 64
+MAX_INDEX_LEN = 32  # axes of a block index
 SESSION_HEADER = "X-Tierscope-Session"
 POSITION_HEADER = "X-Tierscope-Position"
 TIER_HEADER = "X-Tierscope-Tier"
 READ_MS_HEADER = "X-Tierscope-Read-Ms"
 ENCODE_MS_HEADER = "X-Tierscope-Encode-Ms"
 LINK_HEADER = "X-Tierscope-Link"  # client -> server: the link throughput the client measured, bytes/s
+
+
+def parse_block_index(text: str, what: str = "block index") -> tuple[int, ...]:
+    """Parse ``"3.0.1.2"`` into a block index (non-negative ints, bounded length)."""
+    parts = text.split(".")
+    if not text or len(parts) > MAX_INDEX_LEN or not all(
+        p.isascii() and p.isdigit() and len(p) < 10 for p in parts
+    ):
+        raise ValueError(f"malformed {what} {text[:80]!r}: expected dot-separated integers like 0.3.1.2")
+    return tuple(int(p) for p in parts)
+
 
 # Dask messages between the plugins and the client
 PLAN_OP = "tierscope-prefetch"  # scheduler -> worker stream message carrying a prefetch Plan

@@ -19,13 +19,11 @@ import json
 import logging
 import math
 import os
-import re
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Self
 
-import numpy as np
 from aiohttp import web
 
 from tierscope.errors import (
@@ -36,12 +34,11 @@ from tierscope.errors import (
     VariableNotFoundError,
 )
 from tierscope.server.limits import ByteBudget, ServerBusyError, stream, stream_each
-from tierscope.protocol import LINK_HEADER, MAX_POSITION_BLOCKS
+from tierscope.protocol import LINK_HEADER, MAX_INDEX_LEN, POSITION_HEADER, parse_block_index
 from tierscope.server.service import BlockResult, BlockService
 from tierscope.server.zarr_http import add_zarr_routes
 
-__all__ = [
-    "AppThread", "BATCH_CONTENT_TYPE", "ServerThread", "create_app", "parse_block_index", "run_server"]
+__all__ = ["AppThread", "BATCH_CONTENT_TYPE", "ServerThread", "create_app", "run_server"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +46,6 @@ SERVICE = web.AppKey("service", BlockService)
 TOKEN = web.AppKey("token", str)
 REGISTRY = web.AppKey("registry", object)
 BUDGET = web.AppKey("budget", ByteBudget)
-MAX_INDEX_LEN = 32
 MAX_BODY = 64 << 10  # batch and config bodies are small JSON documents
 SHUTDOWN_TIMEOUT = 10.0
 BATCH_CONTENT_TYPE = "application/x-tierscope-batch"
@@ -104,34 +100,6 @@ async def auth_middleware(request: web.Request, handler):  # noqa: ANN001, ANN20
             return _error(401, "missing or invalid bearer token (send Authorization: Bearer <token>)",
                           "AuthenticationError", headers={"WWW-Authenticate": "Bearer"})
     return await handler(request)
-
-
-def parse_block_index(text: str, what: str = "block index") -> tuple[int, ...]:
-    """Parse ``"3.0.1.2"`` into a block index (non-negative ints, bounded length)."""
-    parts = text.split(".")
-    if not text or len(parts) > MAX_INDEX_LEN or not all(
-        p.isascii() and p.isdigit() and len(p) < 10 for p in parts
-    ):
-        raise ValueError(f"malformed {what} {text[:80]!r}: expected dot-separated integers like 0.3.1.2")
-    return tuple(int(p) for p in parts)
-
-
-_POSITION = re.compile(r"\d{1,9}(?:\.\d{1,9}){0,31}(?:;\d{1,9}(?:\.\d{1,9}){0,31})*")
-
-
-def _parse_position(request: web.Request) -> np.ndarray | list[tuple[int, ...]] | None:
-    """The header's blocks: one regular expression and one NumPy conversion for a well-formed header (a
-    few microseconds of the loop per request), block by block only to name what is wrong with a bad one."""
-    raw = request.headers.get("X-Tierscope-Position")
-    if raw is None:
-        return None
-    parts = raw.split(";")
-    if len(parts) > MAX_POSITION_BLOCKS:
-        raise ValueError(f"X-Tierscope-Position lists {len(parts)} blocks, at most {MAX_POSITION_BLOCKS}")
-    axes = parts[0].count(".") + 1
-    if _POSITION.fullmatch(raw) and raw.count(".") == len(parts) * (axes - 1):  # every block has `axes` axes
-        return np.array(raw.replace(";", ".").split("."), dtype=np.int64).reshape(len(parts), axes)
-    return [parse_block_index(p.strip(), "X-Tierscope-Position block") for p in parts]
 
 
 def _link(request: web.Request) -> float | None:
@@ -238,7 +206,7 @@ async def block(request: web.Request) -> web.StreamResponse:
             codec_name=query.get("codec"),
             purpose=query.get("purpose", "user"),
             session=_session(request),
-            position=_parse_position(request),
+            position=request.headers.get(POSITION_HEADER),
             link_bps=_link(request),
         )
         return await stream(request, [_charged(result)], charge, "application/octet-stream",
@@ -270,7 +238,7 @@ async def batch(request: web.Request) -> web.StreamResponse:
     args = (name, variable, [tuple(b) for b in blocks])
     kwargs = {"tol": _tol(payload.get("tol", 0)), "codec_name": _optional_str(payload, "codec"),
               "purpose": _optional_str(payload, "purpose") or "user", "session": _session(request),
-              "position": _parse_position(request), "link_bps": _link(request)}
+              "position": request.headers.get(POSITION_HEADER), "link_bps": _link(request)}
     async with request.app[BUDGET].hold(len(blocks) * block_nbytes) as charge:
         if streamed:
             results = await service.batch_stream(*args, **kwargs)
@@ -297,11 +265,13 @@ async def _records(blocks: list[list[int]], results: AsyncIterator[tuple[int, Bl
 
 @routes.get("/stats")
 async def stats(request: web.Request) -> web.Response:
+    await request.app[SERVICE].settled()  # the plans of the requests answered before count
     return web.json_response(request.app[SERVICE].stats())
 
 
 @routes.post("/stats/reset")
 async def reset_stats(request: web.Request) -> web.Response:
+    await request.app[SERVICE].settled()
     request.app[SERVICE].reset_stats()
     return web.json_response({"status": "ok"})
 
@@ -310,6 +280,7 @@ async def reset_stats(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     from tierscope.server.metrics import CONTENT_TYPE, render
 
+    await request.app[SERVICE].settled()
     return web.Response(body=render(request.app[REGISTRY]), headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -1,7 +1,8 @@
 """The block service: L3 (encoded frames) and L4 (raw blocks) over origins, with server-side prefetch.
 
-One asyncio loop owns every piece of mutable state (tiers' bookkeeping, positions, the prefetch queue,
-counters); origin reads and encodes run in two bounded thread pools:
+One asyncio loop owns every piece of mutable state but the positions (tiers' bookkeeping, the prefetch
+queue, counters), and does bounded work per request; one planning thread owns the positions and makes
+the prefetch plans (``planner.py``); origin reads and encodes run in two bounded thread pools:
 
 - user work (``purpose=user`` requests) has its own pool of ``workers`` threads;
 - prefetch work (server plans and ``purpose=prefetch`` requests) holds one of ``prefetch_workers`` slots
@@ -19,30 +20,35 @@ The HTTP app awaits the service on its own loop; the embedded transport runs it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import math
 import os
+import re
+import sys
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
 
 from tierscope import codec
-from tierscope.cache import TierCache, check_policy, entry_charge
+from tierscope.cache import TierCache, Views, check_policy
 from tierscope.codec.device import resolve_device
 from tierscope.errors import BlockIndexError, DatasetNotFoundError
 from tierscope.grid import BlockGrid, BlockIndex
 from tierscope.levels import split_level
 from tierscope.metadata import DatasetInfo, VariableInfo, check_tol
-from tierscope.prefetch import MODES, Box, Position, radius_for
-from tierscope.protocol import MAX_BATCH, MAX_POSITION_BLOCKS
+from tierscope.prefetch import MODES, Box
+from tierscope.protocol import MAX_BATCH, MAX_POSITION_BLOCKS, parse_block_index
 from tierscope.server.choice import Costs
-from tierscope.server.sessions import PLAN_TTL_S, PrefetchItem, PrefetchQueue, Sessions, check_session
+from tierscope.server.planner import Delivery, Planner, TierRoom, View
+from tierscope.server.sessions import PLAN_TTL_S, PrefetchItem, PrefetchQueue, check_session
 from tierscope.server.stats import ServerStats
 from tierscope.store.origin import Origin
 
@@ -56,6 +62,16 @@ PURPOSES = ("user", "prefetch")
 ANONYMOUS = "-"
 STORED = "stored"  # the codec part of an L3 key for a pre-encoded store's frames: one entry answers every tol
 MAX_TOLS = 8  # tols per variable whose L3 frames a looser request looks through
+# A thread that wants the GIL gets it within this long of asking (CPython's default is 5 ms). The loop asks
+# after every socket call and wakeup; with the planner or a pool thread busy in Python, the default alone
+# would cost the loop 5 ms at each, its whole lag budget.
+GIL_SWITCH_S = 0.0005
+# Prefetch threads run this much nicer than the process (Linux: a thread's own nice value): on a busy
+# machine a free CPU goes to the loop and the user pool first. Their encodes and reads release the GIL.
+PREFETCH_NICE = 10
+# A frame at a tol within [tol * CLOSE, tol] answers a request at tol whatever the link: it is at most
+# about one bit per value finer (nearly the same size), and sharing it spares an encode and an L3 entry.
+CLOSE = 0.5
 
 
 def parse_size(value: int | str, name: str) -> int:
@@ -96,6 +112,33 @@ def _view_box(grid: BlockGrid, blocks: Sequence[Sequence[int]] | np.ndarray) -> 
         for index in blocks:
             grid.check(index)  # raises, naming the block and the axis
     return Box(tuple(indices.min(axis=0).tolist()), tuple(indices.max(axis=0).tolist()))
+
+
+def _nicer(by: int) -> None:
+    """Lower the calling thread's OS priority (where threads have their own: Linux); else leave it."""
+    with contextlib.suppress(OSError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + by)
+
+
+@functools.cache
+def _header_pattern(ndim: int) -> re.Pattern[str]:
+    """A well-formed position header of blocks with ``ndim`` axes."""
+    block = r"\d{1,9}" + r"\.\d{1,9}" * (ndim - 1)
+    return re.compile(rf"{block}(?:;{block})*")
+
+
+def _header_box(grid: BlockGrid, header: str) -> Box:
+    """The box of a position header's blocks. A well-formed header is read in a few C-level passes (a
+    regular expression, NumPy's text parser, a min and a max: tens of microseconds of the loop for 64
+    blocks); block by block only to name what is wrong with a bad one."""
+    if _header_pattern(grid.ndim).fullmatch(header):
+        indices = np.fromstring(header.replace(";", "."), dtype=np.int64, sep=".").reshape(-1, grid.ndim)
+        lo, hi = indices.min(axis=0), indices.max(axis=0)  # >= 0: digits only
+        if (hi < np.asarray(grid.nblocks)).all():
+            return Box(tuple(lo.tolist()), tuple(hi.tolist()))
+    return _view_box(grid, [parse_block_index(p.strip(), "X-Tierscope-Position block")
+                            for p in header.split(";")])
 
 
 @dataclass(frozen=True)
@@ -140,25 +183,28 @@ class _Encoded:
 
 @dataclass(frozen=True, slots=True)
 class _Request:
-    """A validated (dataset, variable, tol, codec)."""
+    """A validated (dataset, variable, tol, codec); ``close``: tighter tols whose frames answer it too."""
 
     origin: Origin
     variable: VariableInfo
     tol: float
     codec: str
     link_bps: float | None = None  # the client's link throughput, when it said (and the service adapts)
+    close: tuple[float, ...] = ()
 
     @property
     def dataset(self) -> str:
         return self.origin.name
 
-    def l3_keys(self, index: BlockIndex, tighter: Sequence[float]) -> list[tuple]:
-        """The L3 keys that answer this request, its own first: a pre-encoded store's one frame, else the
-        frame at this tol and those at the ``tighter`` tols (within a tighter bound is within this one)."""
+    def l3_keys(self, index: BlockIndex, tols: Sequence[float] | None = None) -> list[tuple]:
+        """The L3 keys of frames that answer this request, its own first: a pre-encoded store's one frame,
+        else the frames at this tol and at ``tols`` (default: the ``close`` ones); within a tighter bound
+        is within this one."""
         dataset, variable = self.dataset, self.variable.name
         if self.variable.stored_tol:
             return [(dataset, variable, self.variable.stored_tol, STORED, index)]
-        return [(dataset, variable, tol, self.codec, index) for tol in (self.tol, *tighter)]
+        tols = (self.tol, *(self.close if tols is None else tols))
+        return [(dataset, variable, tol, self.codec, index) for tol in tols]
 
 
 class BlockService:
@@ -207,9 +253,13 @@ class BlockService:
         self.l3: TierCache[_Encoded] = TierCache(parse_size(l3, "l3"), "l3", policy=policy)
         self.l4: TierCache[_Raw] = TierCache(parse_size(l4, "l4"), "l4", policy=policy)
         self.prefetch_mode = check_prefetch(prefetch)
-        self.sessions = Sessions(max_positions)
-        self.l3.set_distance(lambda key: (key[:2], key[4]), self.sessions.views)  # (dataset, variable)
-        self.l4.set_distance(lambda key: (key[:2], key[2]), self.sessions.views)
+        self.max_positions = max_positions
+        # the current views per (dataset, variable), as the planner last handed them back
+        self._views: dict[tuple[str, str], Views | None] = {}
+        self.l3.set_distance(lambda key: (key[:2], key[4]), self._views.get)  # (dataset, variable)
+        self.l4.set_distance(lambda key: (key[:2], key[2]), self._views.get)
+        self._epoch = 0  # configurations so far: the planner's results for an older one are dropped
+        self._positions = 0  # positions the planner holds, as it last said
         self._stats = ServerStats()
         self.queue = PrefetchQueue(plan_ttl)
         self._tols: dict[tuple[str, str], OrderedDict[float, None]] = {}  # recent tols per variable
@@ -225,19 +275,26 @@ class BlockService:
         if self._loop is not None:
             raise RuntimeError("this BlockService is already running on an event loop")
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_S))  # the process's, never raised
         self._user_pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tierscope-user")
-        self._prefetch_pool = ThreadPoolExecutor(self.prefetch_workers,
-                                                 thread_name_prefix="tierscope-prefetch")
+        self._prefetch_pool = ThreadPoolExecutor(self.prefetch_workers, thread_name_prefix="tierscope-prefetch",
+                                                 initializer=_nicer, initargs=(PREFETCH_NICE,))
         self._slots = asyncio.Semaphore(self.prefetch_workers)
         self._user_idle = asyncio.Event()
         self._user_idle.set()
         self.queue = PrefetchQueue(self.plan_ttl)
         self._tasks = [asyncio.create_task(self._prefetch_worker()) for _ in range(self.prefetch_workers)]
+        self._planner = Planner(functools.partial(self._loop.call_soon_threadsafe, self._apply),
+                                self.max_positions)
+        self._planned = 0  # views the planner has finished, as it last said
+        self._settling: list[tuple[int, asyncio.Future[None]]] = []  # (views to finish, waiter)
+        self._planner.start()
 
     async def aclose(self) -> None:
         """Stop prefetching and wait for running reads/encodes; the service can be started again."""
         if self._loop is None:
             return
+        self._planner.stop()  # on the loop, briefly: at most the view being planned
         tasks = [*self._tasks, *self._background]
         for task in tasks:
             task.cancel()
@@ -288,14 +345,26 @@ class BlockService:
             raise ValueError(f"the link throughput must be a positive number of bytes/s, got {link_bps!r}")
         return _Request(origin, info, tol, codec_name, link_bps if self.adapt and tol > 0 else None)
 
-    def _tighter(self, req: _Request) -> tuple[float, ...]:
-        """Remember ``req``'s tol for its variable (the ``MAX_TOLS`` most recent); the tighter ones."""
+    def _tighter(self, dataset: str, variable: str, tol: float) -> list[float]:
+        """The remembered tols of a variable up to ``tol``, loosest first."""
+        return sorted((t for t in self._tols.get((dataset, variable), ()) if t <= tol), reverse=True)
+
+    def _share(self, req: _Request) -> tuple[_Request, tuple[float, ...]]:
+        """``req`` at the tol it is served at, and the remembered tols tighter than ``CLOSE`` x its own.
+
+        Requests whose tols differ a little (a new tol each, all nearly equal) share frames: the loosest
+        remembered tol within [tol * CLOSE, tol] serves the request (a miss is encoded there, so each block
+        is encoded and kept once), and the other remembered tols in that range answer it too. Without one,
+        ``req.tol`` is served; the ``MAX_TOLS`` tols served most recently per variable are remembered."""
+        tighter = self._tighter(req.dataset, req.variable.name, req.tol)
+        close = [t for t in tighter if t >= req.tol * CLOSE]
+        tol = close[0] if close else req.tol
         tols = self._tols.setdefault((req.dataset, req.variable.name), OrderedDict())
-        tols[req.tol] = None
-        tols.move_to_end(req.tol)
+        tols[tol] = None
+        tols.move_to_end(tol)
         while len(tols) > MAX_TOLS:
             tols.popitem(last=False)
-        return tuple(t for t in tols if t < req.tol)
+        return replace(req, tol=tol, close=tuple(close[1:])), tuple(t for t in tighter if t < req.tol * CLOSE)
 
     # ------------------------------------------------------------------ requests
     async def block(
@@ -307,10 +376,11 @@ class BlockService:
         codec_name: str | None = None,
         purpose: str = "user",
         session: str | None = None,
-        position: Sequence[Sequence[int]] | None = None,
+        position: str | Sequence[Sequence[int]] | None = None,
         link_bps: float | None = None,
     ) -> BlockResult:
-        """One encoded block at ``tol``; ``position`` (the session's current view) steers prefetch."""
+        """One encoded block at ``tol``; ``position`` (the session's current view: its blocks, or an
+        ``X-Tierscope-Position`` header's text) steers prefetch."""
         return (await self.batch(dataset, variable, [index], tol, codec_name, purpose, session,
                                  position, link_bps=link_bps, batch=False))[0]
 
@@ -323,7 +393,7 @@ class BlockService:
         codec_name: str | None = None,
         purpose: str = "user",
         session: str | None = None,
-        position: Sequence[Sequence[int]] | None = None,
+        position: str | Sequence[Sequence[int]] | None = None,
         *,
         link_bps: float | None = None,
         batch: bool = True,
@@ -345,7 +415,7 @@ class BlockService:
         codec_name: str | None = None,
         purpose: str = "user",
         session: str | None = None,
-        position: Sequence[Sequence[int]] | None = None,
+        position: str | Sequence[Sequence[int]] | None = None,
         *,
         link_bps: float | None = None,
     ) -> AsyncIterator[tuple[int, BlockResult]]:
@@ -369,8 +439,8 @@ class BlockService:
 
     def _start(
         self, dataset: str, variable: str, indices: Sequence[BlockIndex], tol: float, codec_name: str | None,
-        purpose: str, session: str | None, position: Sequence[Sequence[int]] | None, link_bps: float | None,
-        batch: bool,
+        purpose: str, session: str | None, position: str | Sequence[Sequence[int]] | None,
+        link_bps: float | None, batch: bool,
     ) -> list[asyncio.Task]:
         """Validate a request, move its session's position, and start one task per block. While a user
         request's tasks run, no prefetch load starts (prefetch waits for ``_user_idle``)."""
@@ -383,10 +453,10 @@ class BlockService:
         checked = [grid.check(index) for index in indices]
         if session is not None:
             check_session(session)
-        self._observe(req, session, position, checked if purpose == "user" else None)
+        req, tighter = self._share(req)
+        self._observe(req, grid, session, position, checked if purpose == "user" else None)
         self._stats.requests[purpose] += len(checked)
         self._stats.batches += batch
-        tighter = self._tighter(req)
         if purpose == "prefetch":
             return [asyncio.ensure_future(self._serve_prefetch(req, index, tighter)) for index in checked]
         tasks = [asyncio.ensure_future(self._serve_user(req, index, tighter)) for index in checked]
@@ -440,8 +510,8 @@ class BlockService:
 
     async def _serve(self, req: _Request, index: BlockIndex, prefetch: bool,
                      tighter: tuple[float, ...] = ()) -> BlockResult:
-        keys = req.l3_keys(index, tighter if req.link_bps is not None else ())
-        cached = self.l3.get_first(keys[:1], prefetch) or self._tighter_frame(req, keys[1:], prefetch)
+        keys = req.l3_keys(index)
+        cached = self.l3.get_first(keys, prefetch) or self._tighter_frame(req, index, tighter, prefetch)
         if cached is not None:
             return BlockResult(cached.frame, "l3", 0.0, 0.0, True)
         raw_nbytes = math.prod(req.variable.block) * req.variable.dtype.itemsize
@@ -456,8 +526,13 @@ class BlockService:
     def _ratio_key(req: _Request) -> tuple:
         return (req.dataset, req.variable.name, req.tol, req.codec)
 
-    def _tighter_frame(self, req: _Request, keys: Sequence[tuple], prefetch: bool) -> _Encoded | None:
-        """The smallest frame at a tighter tol in L3, when sending it beats encoding (a hit: counted)."""
+    def _tighter_frame(self, req: _Request, index: BlockIndex, tighter: Sequence[float],
+                       prefetch: bool) -> _Encoded | None:
+        """The smallest frame at a ``tighter`` tol in L3, when sending it to a client that said its link
+        beats encoding (a hit: counted)."""
+        if req.link_bps is None:
+            return None
+        keys = req.l3_keys(index, tighter)[1:]
         frames = [(len(f.frame), key) for key in keys if (f := self.l3.peek(key)) is not None]
         if not frames:
             return None
@@ -533,93 +608,114 @@ class BlockService:
         return result, end - start
 
     # ------------------------------------------------------------------ positions and prefetch
-    def _observe(self, req: _Request, session: str | None, position: Sequence[Sequence[int]] | None,
+    def _observe(self, req: _Request, grid: BlockGrid, session: str | None,
+                 position: str | Sequence[Sequence[int]] | None,
                  default: Sequence[BlockIndex] | None) -> None:
-        """Move the session's position (header blocks, else a user request's own blocks); replan."""
-        if position is not None and len(position) > MAX_POSITION_BLOCKS:
-            raise ValueError(
-                f"X-Tierscope-Position lists {len(position)} blocks, at most {MAX_POSITION_BLOCKS} allowed"
-            )
-        blocks = position if position is not None and len(position) else default
-        if blocks is None or not len(blocks):
+        """Check the view (the position header's text or blocks, else a user request's own blocks) and
+        hand it to the planner, which moves the session's position and replans off the loop."""
+        if position is not None and len(position):
+            count = position.count(";") + 1 if isinstance(position, str) else len(position)
+            if count > MAX_POSITION_BLOCKS:
+                raise ValueError(
+                    f"X-Tierscope-Position lists {count} blocks, at most {MAX_POSITION_BLOCKS} allowed")
+            try:
+                box = (_header_box if isinstance(position, str) else _view_box)(grid, position)
+            except BlockIndexError as exc:
+                raise ValueError(f"X-Tierscope-Position: {exc}") from None
+        elif default:  # checked already: only its box
+            box = Box(tuple(map(min, zip(*default))), tuple(map(max, zip(*default))))
+        else:
             return
-        grid = req.variable.grid
-        try:
-            view = _view_box(grid, blocks)
-        except BlockIndexError as exc:
-            raise ValueError(f"X-Tierscope-Position: {exc}") from None
         if self.prefetch_mode == "off" and self.l3.policy != "distance":
             return  # validated, but nothing plans or evicts by position: no need to track it
         key = (session or ANONYMOUS, req.dataset, req.variable.name, req.tol)
-        pos, dropped = self.sessions.position(key, grid, req.variable.time_axis)
-        if dropped is not None:
-            self._stats.prefetch["cancelled"] += self.queue.replace(dropped, ())
-            self._views_moved(dropped[1:3])
-        if pos.observe_box(view, score=self.prefetch_mode == "auto"):
-            self.sessions.moved(req.dataset, req.variable.name)
-            self._views_moved((req.dataset, req.variable.name))
-            if self.prefetch_mode != "off":
-                self._plan(key, pos, req)
+        self._planner.observe(View(key, req.variable, box, req.codec, self.prefetch_mode,
+                                   self.l3.policy == "distance", TierRoom.of(self.l3), TierRoom.of(self.l4),
+                                   self.plan_limit, self._epoch))
+
+    def _apply(self, delivery: Delivery) -> None:
+        """A planner's result, on the loop: the position's new plan replaces its queued one (the rest is
+        cancelled), a position pushed out of the table loses its plan, and the tiers re-rank the
+        variables whose views changed. O(1) but for the queue taking the plan."""
+        planned = delivery.planned
+        if planned is not None and planned.epoch == self._epoch:
+            if planned.dropped is not None:
+                self._stats.prefetch["cancelled"] += self.queue.replace(planned.dropped, ())
+            for variable, views in planned.views.items():
+                self._views[variable] = views
+                self._views_moved(variable)
+            if planned.items is not None:
+                self._stats.prefetch["planned"] += len(planned.items)
+                self._stats.prefetch["cancelled"] += self.queue.replace(planned.key, planned.items)
+        if delivery.epoch == self._epoch:
+            self._positions = delivery.positions
+        self._planned = delivery.done
+        while self._settling and self._settling[0][0] <= self._planned:
+            _, waiter = self._settling.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def settled(self) -> None:
+        """Wait until the planner has handed back every view observed so far: then the stats count their
+        plans and the queue holds them."""
+        target = self._planner.issued if self._loop is not None else 0
+        if target > self._planned:
+            waiter = asyncio.get_running_loop().create_future()
+            self._settling.append((target, waiter))
+            await waiter
 
     def _views_moved(self, variable: tuple[str, str]) -> None:
         """A (dataset, variable)'s session views changed: L3 and L4 re-rank its blocks when next evicting."""
         self.l3.moved(variable)
         self.l4.moved(variable)
 
-    def _plan(self, key: tuple[str, str, str, float], pos: Position, req: _Request) -> None:
-        """Queue the blocks around the new position that fit L3 and L4, nearest/most likely first."""
-        var = req.variable
-        raw_nbytes = math.prod(var.block) * var.dtype.itemsize
-        extents = pos.box.extents
-
-        def radius(tier: TierCache) -> int:
-            if tier.capacity == 0:
-                return 0
-            average = tier.size / len(tier) if len(tier) else entry_charge(raw_nbytes, tier.policy)  # L3
-            # starts pessimistic
-            return radius_for(var.grid, tier.capacity, average, pos.time_axis, view=extents)
-
-        r3 = radius(self.l3)
-        blocks = pos.plan(self.prefetch_mode, max(r3, radius(self.l4)), limit=self.plan_limit)
-        items = [  # plan() stays within the larger radius: each block goes to L4, and to L3 when near enough
-            PrefetchItem(req.dataset, var.name, index, req.tol, req.codec, near)
-            for index, near in zip(blocks, pos.within(blocks, r3), strict=True)
-        ]
-        self._stats.prefetch["planned"] += len(items)
-        self._stats.prefetch["cancelled"] += self.queue.replace(key, items)
-
     async def _prefetch_worker(self) -> None:
         while True:
             item = await self.queue.get()
+            req, to_l3 = self._prefetch_request(item)
+            if self._held(req, item.index, to_l3):
+                self._stats.prefetch["skipped"] += 1
+                await asyncio.sleep(0)  # one lookup per turn of the loop, never a whole plan of held blocks
+                continue
             await self._user_idle.wait()  # user requests first: the item waits, and may expire
             async with self._slots:
+                self._stats.prefetch["issued"] += 1
                 try:
-                    await self._prefetch(item)
+                    if to_l3:
+                        await self._serve(req, item.index, True)
+                    else:
+                        await self._raw_block(req, item.index, True)
                 except Exception:  # a failed prefetch must never stop the worker
                     self._stats.prefetch["errors"] += 1
                     logger.warning("prefetch of %s failed", item, exc_info=True)
 
-    async def _prefetch(self, item: PrefetchItem) -> None:
+    def _prefetch_request(self, item: PrefetchItem) -> tuple[_Request, bool]:
+        """A planned block as a request (with the close tols whose frames answer it), and whether it goes
+        to L3 (a stored frame goes to L3 only)."""
         origin = self.origin(item.dataset)
-        req = _Request(origin, origin.info().variable(item.variable), item.tol, item.codec)
-        if item.to_l3 or req.variable.stored_tol:  # a stored frame goes to L3 only
-            cached = self.l3.peek(req.l3_keys(item.index, ())[0])
-        else:
-            cached = self.l4.peek((item.dataset, item.variable, item.index))
-        self._stats.prefetch["skipped" if cached is not None else "issued"] += 1
-        if item.to_l3 or req.variable.stored_tol:
-            await self._serve(req, item.index, prefetch=True)
-        else:
-            await self._raw_block(req, item.index, True)
+        variable = origin.info().variable(item.variable)
+        tighter = self._tighter(item.dataset, item.variable, item.tol)
+        close = tuple(t for t in tighter if item.tol * CLOSE <= t < item.tol)
+        req = _Request(origin, variable, item.tol, item.codec, close=close)
+        return req, item.to_l3 or bool(variable.stored_tol)
+
+    def _held(self, req: _Request, index: BlockIndex, to_l3: bool) -> bool:
+        """Whether the tier a planned block fills holds it already (L3: at its tol or a close tighter one).
+        A prefetch hit, not counted, keeps the block recent: the plan wants it near the view."""
+        if to_l3:
+            return self.l3.get_first(req.l3_keys(index), prefetch=True) is not None
+        return self.l4.get_first([(req.dataset, req.variable.name, index)], prefetch=True) is not None
 
     # ------------------------------------------------------------------ stats and configuration
     def _on_loop(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the owning loop (state is only touched there), waiting from other threads."""
+        """Run ``fn`` on the owning loop (state is only touched there), waiting from other threads, once
+        the planner has handed back the views observed so far (on the loop, ``settled`` first)."""
         loop = self._loop
         if loop is None or threading.get_ident() == self._loop_thread:
             return fn()
 
         async def call() -> T:
+            await self.settled()
             return fn()
 
         return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout=30)
@@ -636,7 +732,7 @@ class BlockService:
             stats["prefetch"]["expired"] = self.queue.expired
             stats["prefetch"]["queued"] = len(self.queue)
             stats["tiers"] = tiers
-            stats["sessions"] = len(self.sessions)
+            stats["sessions"] = self._positions
             stats["config"] = self.config()
             return stats
 
@@ -686,7 +782,9 @@ class BlockService:
             tier.reconfigure(capacity=size, policy=policy)
             tier.clear()
         self.prefetch_mode = mode or self.prefetch_mode
-        self.sessions.clear()
+        self._epoch += 1  # the planner starts its positions over; its results for the old ones are dropped
+        self._views.clear()
+        self._positions = 0
         self.queue.clear()
         self._tols.clear()
         dropped = []

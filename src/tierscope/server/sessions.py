@@ -3,7 +3,8 @@
 A ``Position`` (tierscope.prefetch) is kept per (session, dataset, variable, tol); the table is bounded and
 drops the least recently seen. The prefetch queue holds one plan per position; a new plan for a position
 replaces its old one (the dropped remainder is *cancelled*), and workers take from the plans in turn so one
-busy session cannot starve another. Both live on the service's event loop: no locks.
+busy session cannot starve another. The positions belong to the planning thread (``planner.py``), the
+queue to the service's event loop: each has one owner, no locks.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 import time
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from tierscope.cache import Views
 from tierscope.grid import BlockGrid, BlockIndex
@@ -41,9 +42,9 @@ def check_session(session: str) -> str:
     return session
 
 
-@dataclass(frozen=True, slots=True)
-class PrefetchItem:
-    """One planned block: fill L4 with its raw block, and L3 with its frame when ``to_l3``."""
+class PrefetchItem(NamedTuple):
+    """One planned block: fill L4 with its raw block, and L3 with its frame when ``to_l3``. A named tuple:
+    a plan makes hundreds at once, several times faster than a frozen dataclass's."""
 
     dataset: str
     variable: str
@@ -118,12 +119,14 @@ class PrefetchQueue:
 
     Bounded: a plan older than ``ttl`` seconds is dropped unserved (its session has moved on or gone:
     prefetch is only worth it for the view after the current one), and past ``max_items`` queued
-    blocks the oldest plans go first. Dropped blocks are counted in ``expired``.
+    blocks the oldest plans go first. Dropped blocks are counted in ``expired``. Every operation costs
+    O(1) per plan it queues, serves or drops, however many plans are queued.
     """
 
     def __init__(self, ttl: float = PLAN_TTL_S, max_items: int = MAX_QUEUED) -> None:
         self.ttl, self.max_items = ttl, max_items
-        self._plans: OrderedDict[Hashable, tuple[float, deque[PrefetchItem]]] = OrderedDict()
+        self._plans: OrderedDict[Hashable, tuple[float, deque[PrefetchItem]]] = OrderedDict()  # turns
+        self._ages: dict[Hashable, None] = {}  # the same plans, oldest first
         self._size = 0
         self._ready = asyncio.Event()
         self.expired = 0
@@ -136,28 +139,32 @@ class PrefetchQueue:
         dropped = self._drop(key)
         if items:
             self._plans[key] = (time.monotonic(), deque(items))
+            self._ages[key] = None
             self._size += len(items)
             self._ready.set()
         while self._size > self.max_items:
-            oldest = min(self._plans, key=lambda k: self._plans[k][0])
-            self.expired += self._drop(oldest)
+            self.expired += self._drop(next(iter(self._ages)))
         return dropped
 
     def expire(self) -> int:
         """Drop the plans older than ``ttl``; return how many blocks they still held."""
         cutoff = time.monotonic() - self.ttl
-        dropped = sum(self._drop(k) for k in [k for k, (made, _) in self._plans.items() if made < cutoff])
+        dropped = 0
+        while self._ages and self._plans[oldest := next(iter(self._ages))][0] < cutoff:
+            dropped += self._drop(oldest)
         self.expired += dropped
         return dropped
 
     def clear(self) -> int:
         dropped = self._size
         self._plans.clear()
+        self._ages.clear()
         self._size = 0
         return dropped
 
     def _drop(self, key: Hashable) -> int:
         _, plan = self._plans.pop(key, (0.0, ()))
+        self._ages.pop(key, None)
         self._size -= len(plan)
         return len(plan)
 
@@ -167,13 +174,14 @@ class PrefetchQueue:
             while not self._plans:
                 self._ready.clear()
                 await self._ready.wait()
-            key, (made, plan) = self._plans.popitem(last=False)
+            key, (made, plan) = next(iter(self._plans.items()))
             if time.monotonic() - made > self.ttl:
-                self._size -= len(plan)
-                self.expired += len(plan)
+                self.expired += self._drop(key)
                 continue
             item = plan.popleft()
             self._size -= 1
             if plan:
-                self._plans[key] = (made, plan)  # back of the line
+                self._plans.move_to_end(key)  # back of the line
+            else:
+                self._drop(key)
             return item
