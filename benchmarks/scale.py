@@ -353,6 +353,10 @@ def bench_loop_lag(sweep: Sweep) -> dict[str, Any]:
     from tierscope.server.service import MAX_POSITION_BLOCKS
     from tierscope.store.origin import open_origin
 
+    from tierscope.server.service import GIL_SWITCH_S
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(GIL_SWITCH_S)  # as `tierscope serve` sets its process's (run_server); until the end
     origin = open_origin(sample_url("lag", steps_for(max(sweep.exponents))))
     nblocks = origin.info().variable("u").grid.nblocks
     service = BlockService([origin], l3="256MiB", l4="512MiB", prefetch="auto")
@@ -363,6 +367,7 @@ def bench_loop_lag(sweep: Sweep) -> dict[str, Any]:
         for per_view, prefetch in LAG_CONDITIONS:
             asyncio.run_coroutine_threadsafe(service.configure(prefetch=prefetch), server._loop).result()
             loaded.append({"prefetch": prefetch, **_loaded_lag(server, nblocks, per_view, sweep.lag_s)})
+    sys.setswitchinterval(interval)
     result = {"blocks": math.prod(nblocks), "clients": LAG_CLIENTS, "seconds": sweep.lag_s,
               "position_blocks": MAX_POSITION_BLOCKS, "idle": idle, "loaded": loaded}
     log(f"loop lag: idle p99 {idle['p99_ms']:.2f} ms; loaded p99 " + ", ".join(

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Self
@@ -35,7 +36,7 @@ from tierscope.errors import (
 )
 from tierscope.server.limits import ByteBudget, ServerBusyError, stream, stream_each
 from tierscope.protocol import LINK_HEADER, MAX_INDEX_LEN, POSITION_HEADER, parse_block_index
-from tierscope.server.service import BlockResult, BlockService
+from tierscope.server.service import GIL_SWITCH_S, BlockResult, BlockService
 from tierscope.server.zarr_http import add_zarr_routes
 
 __all__ = ["AppThread", "BATCH_CONTENT_TYPE", "ServerThread", "create_app", "run_server"]
@@ -329,10 +330,12 @@ def run_server(
 ) -> None:
     """Serve until SIGINT/SIGTERM; in-flight responses get up to ``SHUTDOWN_TIMEOUT`` s to finish.
 
+    The process is the server's: its GIL switch interval is lowered to ``GIL_SWITCH_S`` (never raised).
     Every address of ``host`` is bound first, so a taken port is a one-line ``ValueError`` before
     anything starts, and ``ready(base_url)`` (e.g. printing "serving ...") runs only once it is true.
     """
     sockets = _listen(host, port)
+    sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_S))  # this process serves: the loop first
     if ready is not None:
         ready(f"http://{host}:{sockets[0].getsockname()[1]}")
     web.run_app(create_app(service, token=token), sock=sockets, print=None, shutdown_timeout=SHUTDOWN_TIMEOUT)

@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import re
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -64,7 +63,8 @@ STORED = "stored"  # the codec part of an L3 key for a pre-encoded store's frame
 MAX_TOLS = 8  # tols per variable whose L3 frames a looser request looks through
 # A thread that wants the GIL gets it within this long of asking (CPython's default is 5 ms). The loop asks
 # after every socket call and wakeup; with the planner or a pool thread busy in Python, the default alone
-# would cost the loop 5 ms at each, its whole lag budget.
+# would cost the loop 5 ms at each, its whole lag budget. Set by ``app.run_server`` (a process that is a
+# block server), not by a service embedded in someone else's process.
 GIL_SWITCH_S = 0.0005
 # Prefetch threads run this much nicer than the process (Linux: a thread's own nice value): on a busy
 # machine a free CPU goes to the loop and the user pool first. Their encodes and reads release the GIL.
@@ -275,7 +275,6 @@ class BlockService:
         if self._loop is not None:
             raise RuntimeError("this BlockService is already running on an event loop")
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
-        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_S))  # the process's, never raised
         self._user_pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tierscope-user")
         self._prefetch_pool = ThreadPoolExecutor(self.prefetch_workers, thread_name_prefix="tierscope-prefetch",
                                                  initializer=_nicer, initargs=(PREFETCH_NICE,))
