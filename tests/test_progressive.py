@@ -110,13 +110,16 @@ def test_a_newer_view_stops_the_older_views_level0_read(client, levels_store):
         before, total = progressive_stats(), tierscope.stats(client)["total"]
         older = tierscope.progressive(ds["u"].isel(time=GatedLevel0.GATED, z=3))
         assert next(older).encoding["tierscope_level"] == 2
-        assert origin.held.wait(10)  # level 0 started with the first part, and waits at the origin
+        rest: list[xr.DataArray] = []
+        waiting = threading.Thread(target=lambda: rest.extend(older))  # level 0 starts once asked for
+        waiting.start()
+        assert origin.held.wait(10)  # level 0 is loading, held at the origin
         other = tierscope.progressive(ds["v"].isel(time=0, z=3))  # another variable cancels nothing
         newer = tierscope.progressive(ds["u"].isel(time=0, z=12))
         assert [p.encoding["tierscope_level"] for p in newer] == [2, 0]  # while the older one is held
 
-        with pytest.raises(StopIteration):
-            next(older)
+        waiting.join(10)  # its read stopped: the older view ends with no level 0, the gate still shut
+        assert not waiting.is_alive() and rest == [] and not origin.gate.is_set()
         after = progressive_stats()
         assert after["cancelled_views"] - before["cancelled_views"] == 1
         assert after["cancelled_blocks"] - before["cancelled_blocks"] == 16  # level 0 of a plane

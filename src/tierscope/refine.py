@@ -6,10 +6,9 @@ is level 0 coarsened by ``2**k`` along the spatial dimensions, ``tierscope.level
 ``i // 2**k``, and time is never coarsened. It loads that level's selection (its blocks go through the
 same tiers and prefetch as any view), yields it, and goes on to the next finer level, ending with the
 selection itself. A coarse level holds ``8**k`` times fewer blocks, so it can be on screen long before
-level 0 arrives. Level 0 loads in a background thread beside the coarse levels — from the start when a
-newer view can stop its read (direct reads on a connected cluster), else once the first part is out — so
-the exact picture comes about when it would without levels; a coarse level with more than 1/8 of level
-0's blocks is skipped (it would only delay level 0).
+level 0 arrives. Once the first part is out, level 0 loads in a background thread beside the finer
+coarse levels, so the exact picture comes about when it would without levels; a coarse level with more
+than 1/8 of level 0's blocks is skipped (it would only delay level 0).
 
 The module is not named ``progressive`` because ``tierscope.progressive`` is the function: importing a
 submodule of that name would replace the function on the package.
@@ -277,10 +276,11 @@ class _View:
 
 
 def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
-    """The parts, coarse to fine, level 0 loading in the background beside them so the exact picture comes
-    about as soon as it would without levels; only coarse levels at most ``1 / CHEAP`` of level 0's blocks
-    are loaded on the way (dearer ones would delay it). Level 0 starts with the first part when a newer
-    view can stop its read (``view.stop``), else once the first part is out."""
+    """The parts, coarse to fine. Once the first is out, level 0 loads in the background beside the finer
+    coarse levels, so the exact picture comes about as soon as it would without levels; only coarse levels
+    at most ``1 / CHEAP`` of level 0's blocks are loaded on the way (dearer ones would delay it). Level 0
+    does not start with the first part: on a busy machine its 64 blocks' reads and decodes delayed the
+    first picture 2-4x (docs/benchmarks.md). A newer view stops its read (``view.stop``)."""
     first, *rest = levels
     finer = [k for k in rest if k and view.blocks(k) * CHEAP <= view.blocks(0)]
     full: Future[xr.DataArray] | None = None
@@ -288,8 +288,6 @@ def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
         if view.superseded():  # a newer view began before this one's first part
             view.cancel([first, *finer, 0] if first else [0])
             return
-        if first and view.stop is not None:
-            full = _background.submit(_timed, view, 0)
         part = _timed(view, first)
         if view.superseded():  # loaded after a newer view began: stale, and the rest is not loaded
             view.cancel([*finer, 0] if first else [])
@@ -298,11 +296,10 @@ def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
         yield part
         if not first:
             return
-        if full is None:
-            if view.superseded():
-                view.cancel([*finer, 0])
-                return
-            full = _background.submit(_timed, view, 0)
+        if view.superseded():
+            view.cancel([*finer, 0])
+            return
+        full = _background.submit(_timed, view, 0)
         for i, k in enumerate(finer):
             if view.superseded():  # level 0 counts as cancelled when its read was stopped
                 view.cancel(finer[i:] + [0] * (view.stop is not None))
