@@ -300,7 +300,8 @@ def test_a_coarsened_piece_is_xarrays_mean_bit_for_bit(shape, windows, dtype):
     both signs (a window of -0.0 only), infinities; and a fill value counted as missing."""
     rng = np.random.default_rng(len(shape) * 100 + sum(windows.values()))
     values = rng.standard_normal(shape) * np.exp(rng.uniform(-20, 20, shape))
-    values.ravel()[rng.integers(0, values.size, values.size // 50)] = rng.choice([0.0, -0.0, np.inf, -np.inf])
+    special = rng.integers(0, values.size, values.size // 50)
+    values.ravel()[special] = rng.choice([0.0, -0.0, np.inf, -np.inf], special.size)
     values[(slice(0, 2),) * len(shape)] = -0.0
     dims = [f"d{a}" for a in range(len(shape))]
     for nan in (0.0, 0.1, 0.9):

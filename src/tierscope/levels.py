@@ -169,7 +169,7 @@ def _nanmean(values: np.ndarray, axes: Mapping[int, int]) -> np.ndarray:
     else:  # a NaN among the values (or inf - inf: summed again, the same NaN)
         valid = ~np.isnan(values)
         total = _window_sum(np.where(valid, values, 0), axes)
-        count = _window_sum(valid.astype(np.int64), axes).astype(np.intp)
+        count = _window_sum(valid.astype(np.intp), axes)
     with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0: a window of NaN only, NaN
         return np.true_divide(total, count, out=total, casting="unsafe")
 
