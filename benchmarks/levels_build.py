@@ -1,7 +1,7 @@
 """What building coarse levels costs: time and disk of ``ingest --levels N`` against level 0 alone, for
 each store format, and of ``pyramid`` and ``sample --levels N`` against writing level 0.
 
-    python benchmarks/levels_build.py [--shape 2,128,1024,512] [--levels 4] [--repeats 5] [--data DIR]
+    python benchmarks/levels_build.py [--shape 2,64,1024,1024] [--levels 4] [--repeats 5] [--data DIR]
 
 The source is a sample (one float32 variable in 1 MiB blocks; by default 512 MiB, in which 4 coarse
 levels fit), written once into DIR. Runs with and without levels alternate, so a load from other jobs
@@ -65,7 +65,7 @@ def _report(what: str, base: Times, full: Times, extra: str = "") -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="2,128,1024,512", help="sample shape T,Z,Y,X")
+    parser.add_argument("--shape", default="2,64,1024,1024", help="sample shape T,Z,Y,X")
     parser.add_argument("--levels", type=int, default=4, help="coarse levels to build")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--formats", default="zarr,tiledb,hdf5", help="ingest output formats")
