@@ -21,7 +21,7 @@ import tierscope
 from tierscope.cli import main
 from tierscope.client.source import Source
 from tierscope.errors import DatasetNotFoundError, StoreError
-from tierscope.levels import level_info
+from tierscope.levels import coarsen_block, level_info
 from tierscope.server import BlockService, ServerThread
 from tierscope.store import ingest, pyramid, write_sample
 from tierscope.store.origin import open_origin
@@ -269,3 +269,52 @@ def test_pyramid_refuses_and_rebuilds(stores, tmp_path, capsys):
     xr.testing.assert_identical(xr.open_dataset(store, engine="tierscope", level=1).load(),
                                 xr.open_dataset(stores["pz"], engine="tierscope", level=1).load())
     assert not list(tmp_path.glob(".*"))  # no staging left behind
+
+
+PIECES = [  # (shape, windows): NumPy sums runs along the last window axis, then adds the runs in order
+    ((1, 64, 256, 256), {1: 2, 2: 2, 3: 2}),  # several blocks of runs summed at a time
+    ((2, 32, 48, 80), {1: 4, 2: 4, 3: 4}),
+    ((1, 16, 32, 64), {1: 8, 2: 8, 3: 8}),
+    ((1, 32, 64, 48), {1: 16, 2: 16, 3: 16}),
+    ((1, 17, 33, 35), {1: 4, 2: 4, 3: 4}),  # partial windows at every far edge
+    ((12, 16, 4), {0: 2, 1: 4, 2: 4}),  # x one window: y and x runs merge into runs of 16
+    ((5, 8, 8), {1: 8, 2: 8}),  # ... into runs of 64: NumPy's own loop
+    ((10, 6, 2), {0: 2, 1: 2}),  # a last axis kept (bounds): runs of one value
+    ((40, 3), {0: 3}),
+    ((50,), {0: 32}),
+]
+
+
+def _same_bits(got: np.ndarray, expected: np.ndarray) -> bool:
+    """Equal bit for bit, -0.0 apart from 0.0; NaN equals any NaN (inf - inf has no one sign)."""
+    nan = np.isnan(expected)
+    return (got.dtype == expected.dtype and got.shape == expected.shape and np.array_equal(np.isnan(got), nan)
+            and np.array_equal(got[~nan].view(np.uint8), expected[~nan].view(np.uint8)))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf - inf, and float16 overflowing, on both sides
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, np.complex64])
+@pytest.mark.parametrize(("shape", "windows"), PIECES)
+def test_a_coarsened_piece_is_xarrays_mean_bit_for_bit(shape, windows, dtype):
+    """Without NaN, with some, with windows of NaN only; values over 40 orders of magnitude, zeros of
+    both signs (a window of -0.0 only), infinities; and a fill value counted as missing."""
+    rng = np.random.default_rng(len(shape) * 100 + sum(windows.values()))
+    values = rng.standard_normal(shape) * np.exp(rng.uniform(-20, 20, shape))
+    special = rng.integers(0, values.size, values.size // 50)
+    values.ravel()[special] = rng.choice([0.0, -0.0, np.inf, -np.inf], special.size)
+    values[(slice(0, 2),) * len(shape)] = -0.0
+    dims = [f"d{a}" for a in range(len(shape))]
+    for nan in (0.0, 0.1, 0.9):
+        piece = values.astype(dtype)
+        piece[(piece == -999.0) | (rng.random(shape) < nan)] = np.nan  # -999: the fill value below
+        expected = xr.Variable(dims, piece).coarsen({dims[a]: w for a, w in windows.items()}, "mean",
+                                                    boundary="pad").values
+        assert _same_bits(coarsen_block(piece, windows), expected)
+        filled = np.where(np.isnan(piece), -999.0, piece).astype(dtype)
+        expected = np.where(np.isnan(expected), -999.0, expected).astype(dtype)
+        assert _same_bits(coarsen_block(filled, windows, [-999.0]), expected)
+
+
+def test_a_coarsened_integer_piece_is_the_first_of_each_window():
+    piece = np.arange(2 * 9 * 10, dtype=np.int16).reshape(2, 9, 10)
+    np.testing.assert_array_equal(coarsen_block(piece, {1: 4, 2: 4}), piece[:, ::4, ::4])

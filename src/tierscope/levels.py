@@ -150,33 +150,91 @@ def coarsen_block(values: np.ndarray, axes: Mapping[int, int], missing: Sequence
     values = np.ascontiguousarray(values)
     if missing:
         values = np.where(np.isin(values, missing), np.nan, values).astype(values.dtype, copy=False)
-    whole = all(values.shape[a] % w == 0 for a, w in axes.items())
-    if whole and not np.isnan(values).any():
-        out = _mean_whole(values, axes)
-    else:
-        dims = [f"d{a}" for a in range(values.ndim)]
-        out = xr.Variable(dims, values).coarsen({dims[a]: w for a, w in axes.items()}, "mean",
-                                                boundary="pad").values.astype(values.dtype, copy=False)
+    pad = [(0, -n % axes.get(a, 1)) for a, n in enumerate(values.shape)]
+    if any(after for _, after in pad):  # xarray's boundary="pad": NaN, which the mean skips
+        values = np.pad(values, pad, constant_values=np.nan)
+    out = _nanmean(values, axes)
     if missing:
         out = np.where(np.isnan(out), missing[0], out).astype(values.dtype, copy=False)
     return out
 
 
-def _mean_whole(values: np.ndarray, axes: Mapping[int, int]) -> np.ndarray:
-    """xarray's mean for NaN-free whole windows, at a third of its cost: ``np.nanmean`` sums a NaN-free
-    contiguous copy over the reshaped window axes and divides by an integer count; so does this, on the
-    array itself (same shape and strides, so the same summation order and the same bits)."""
-    shape: list[int] = []
-    reduce: list[int] = []
-    for axis, n in enumerate(values.shape):
-        w = axes.get(axis)
-        if w is None:
-            shape.append(n)
-        else:
-            shape += [n // w, w]
-            reduce.append(len(shape) - 1)
-    total = np.add.reduce(values.reshape(shape), axis=tuple(reduce))
-    return np.true_divide(total, np.intp(math.prod(axes.values())), out=total, casting="unsafe")
+def _nanmean(values: np.ndarray, axes: Mapping[int, int]) -> np.ndarray:
+    """What xarray's coarsen mean computes with NumPy: ``np.nanmean`` over the window axes of ``values``
+    reshaped to (n / w, w) pairs — a sum of the values with NaN as 0, divided by an integer count of the
+    others (``casting="unsafe"``). Without NaN the plain sum is that sum: a NaN would have made it NaN."""
+    total = _window_sum(values, axes)
+    if not np.isnan(total).any():
+        count: np.ndarray | np.intp = np.intp(math.prod(axes.values()))
+    else:  # a NaN among the values (or inf - inf: summed again, the same NaN)
+        valid = ~np.isnan(values)
+        total = _window_sum(np.where(valid, values, 0), axes)
+        count = _window_sum(valid.astype(np.intp), axes)
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0: a window of NaN only, NaN
+        return np.true_divide(total, count, out=total, casting="unsafe")
+
+
+_BLOCK_BYTES, _RUN_BYTES = 2**22, 2**19
+"""Values whose runs' sums are added at a time (whole windows of the first axis, at least one), and
+runs summed at a time: few operations, each releasing the GIL, over data that stays in cache."""
+_MAX_RUN, _MAX_RUNS = 16, 256
+"""Longest run, most runs per window: beyond, NumPy's own loop (one call per run) is as fast."""
+
+
+def _window_sum(values: np.ndarray, axes: Mapping[int, int]) -> np.ndarray:
+    """``np.add.reduce`` over the window axes of ``values`` reshaped to (n / w, w) pairs, bit for bit.
+
+    NumPy walks that array in memory order, its iterator leaving out axes of length 1 and merging
+    neighbours of one kind (window or not): into each output value it adds, one after the other, the
+    pairwise sum of each run of the innermost window axis. At 2 to 16 values a run, that is one call per
+    run; here each position in the runs is one strided operation over many runs (``_pairwise``), and
+    NumPy then adds the runs' sums as it would have (its inner loop is over outputs, then)."""
+    split = [(size, window) for a, n in enumerate(values.shape)
+             for size, window in ((n // axes.get(a, 1), False), (axes.get(a, 1), True))]
+    merged: list[list[Any]] = []
+    for size, window in split:
+        if size != 1 and merged and merged[-1][1] == window:
+            merged[-1][0] *= size
+        elif size != 1:
+            merged.append([size, window])
+    run = merged.pop()[0] if merged and merged[-1][1] else 1
+    if (values.dtype.kind not in "iu" and values.dtype not in (np.float32, np.float64) or not merged
+            or not 1 < run <= _MAX_RUN or math.prod(size for size, window in merged if window) > _MAX_RUNS):
+        reduce = tuple(range(1, 2 * values.ndim, 2))
+        return np.add.reduce(values.reshape([size for size, _ in split]), axis=reduce)
+    if merged[0][1]:  # one block when the first axis is a window axis
+        merged.insert(0, [1, False])
+    inner = [size for size, _ in merged[1:]]
+    outer = tuple(a for a, (_, window) in enumerate(merged) if window)
+    blocks = values.reshape(merged[0][0], -1)
+    total = np.empty([size for size, window in merged if not window], values.dtype)
+    step = max(1, _BLOCK_BYTES // blocks[0].nbytes)
+    for start in range(0, len(blocks), step):
+        block = blocks[start:start + step].reshape(-1, run)
+        runs = np.empty(len(block), values.dtype)
+        rows = max(1, _RUN_BYTES // block[0].nbytes)
+        for first in range(0, len(block), rows):
+            _pairwise(block[first:first + rows], runs[first:first + rows])
+        np.add.reduce(runs.reshape(-1, *inner), axis=outer, out=total[start:start + step])
+    return total.reshape([size for size, window in split if not window])
+
+
+def _pairwise(runs: np.ndarray, out: np.ndarray) -> None:
+    """``out`` = NumPy's pairwise sum of each row of ``runs`` (2 to 128 long): below 8 one value after
+    the other (from -0.0, which leaves the first as it is); else 8 partial sums, every 8th value, added
+    as a tree, then the rest one by one."""
+    n = runs.shape[1]
+    if n < 8:
+        np.add(runs[:, 0], runs[:, 1], out=out)
+        rest = range(2, n)
+    else:
+        part = [runs[:, j] for j in range(8)]
+        for i in range(8, n - n % 8, 8):
+            part = [p + runs[:, i + j] for j, p in enumerate(part)]
+        np.add((part[0] + part[1]) + (part[2] + part[3]), (part[4] + part[5]) + (part[6] + part[7]), out=out)
+        rest = range(n - n % 8, n)
+    for i in rest:
+        out += runs[:, i]
 
 
 def coarsen_coord(values: np.ndarray, window: int) -> np.ndarray:

@@ -30,9 +30,10 @@ import re
 import shutil
 import signal
 import threading
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import dask
 import dask.array as da
@@ -332,26 +333,49 @@ def write_groups(fmt: str, out: Path, groups: Sequence[tuple[str, xr.Dataset]]) 
 
 def _write_zarr(out: Path, groups: Sequence[tuple[str, xr.Dataset]]) -> None:
     """xarray writes each group's layout, attributes and in-memory variables; the streamed variables
-    (encoded as xarray would) go through one ``da.store``, so every level reads the same pieces."""
-    import zarr
-
+    (encoded as xarray would) go through one ``da.store``, so every level reads the same pieces. A
+    thread of their own lays the groups out while the pieces are read (a layout is some 20 round trips
+    to zarr's event loop): a group's first write waits for its layout."""
     from tierscope._compat import encode_zarr_variable
 
-    sources, targets = [], []
-    # zarr writes the layout from its own event loop thread, which an interrupt of this thread does
-    # not stop: it would keep adding files to the partial being removed ("Directory not empty")
-    with _signals_held():
-        for name, ds in groups:
-            path = out / name if name else out
-            ds.to_zarr(path, zarr_format=3, consolidated=False, mode="w-", compute=False)
-            variables, _ = conventions.encode_dataset_coordinates(ds)
-            group = zarr.open_group(path, mode="r+", zarr_format=3)
-            for key, var in variables.items():
-                if isinstance(var.data, da.Array):
-                    sources.append(encode_zarr_variable(var, name=key, zarr_format=3).data)
-                    targets.append(group[str(key)])
-    if sources:  # pieces are whole chunks: no two tasks write one chunk
-        da.store(sources, targets, lock=False)
+    streamed = [{str(key): encode_zarr_variable(var, name=key, zarr_format=3).data
+                 for key, var in conventions.encode_dataset_coordinates(ds)[0].items()
+                 if isinstance(var.data, da.Array)} for _, ds in groups]
+    layouts = ThreadPoolExecutor(1, thread_name_prefix="tierscope-layout")  # in order: the store first
+    try:
+        arrays = [layouts.submit(_layout, out, name, ds, keys)
+                  for (name, ds), keys in zip(groups, streamed, strict=True)]
+        sources = [data for variables in streamed for data in variables.values()]
+        targets = [_Pending(group, key) for group, keys in zip(arrays, streamed, strict=True) for key in keys]
+        if sources:  # pieces are whole chunks: no two tasks write one chunk
+            da.store(sources, targets, lock=False)
+        for group in arrays:
+            group.result()  # a layout that failed, even where nothing waited for it
+    finally:
+        # zarr writes a layout from its own event loop thread, which an interrupt of this thread does not
+        # stop: it would keep adding files to the partial being removed ("Directory not empty")
+        with _signals_held():
+            layouts.shutdown(cancel_futures=True)
+
+
+def _layout(out: Path, name: str, ds: xr.Dataset, streamed: Iterable[str]) -> dict[str, Any]:
+    """Write a group's layout; return its ``streamed`` zarr arrays by name."""
+    import zarr
+
+    path = out / name if name else out
+    ds.to_zarr(path, zarr_format=3, consolidated=False, mode="w-", compute=False)
+    group = zarr.open_group(path, mode="r+", zarr_format=3)
+    return {key: group[key] for key in streamed}
+
+
+class _Pending:
+    """A ``da.store`` target: a zarr array that another thread may still be laying out."""
+
+    def __init__(self, group: Future[dict[str, Any]], key: str) -> None:
+        self._group, self._key = group, key
+
+    def __setitem__(self, region: tuple[slice, ...], values: np.ndarray) -> None:
+        self._group.result()[self._key][region] = values
 
 
 def _check_writer(fmt: str) -> None:

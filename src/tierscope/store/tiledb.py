@@ -100,10 +100,11 @@ def write_tiledb(groups: Sequence[Group]) -> None:
                     targets.append(_Cells(array, var.ndim))
                 else:
                     _Cells(array, var.ndim)[tuple(slice(0, n) for n in var.shape)] = var.values
-        # one write per piece (the lock serialises the writes while reads of the source run in
-        # parallel); threads, even under a distributed client: an open array cannot leave the process
+        # one write per piece (each array's lock serialises its writes, while the other arrays' -- the
+        # levels' -- and the reads of the source run in parallel); threads, even under a distributed
+        # client: an open array cannot leave the process
         if sources:
-            da.store(sources, targets, lock=True, scheduler="threads")
+            da.store(sources, targets, lock=False, scheduler="threads")
     # one read then opens one consolidated fragment-metadata file, however many pieces were written
     config = tiledb.Config({"sm.consolidation.mode": "fragment_meta"})
     for (out, _, attrs), members in zip(groups, names, strict=True):
@@ -178,10 +179,12 @@ def _schema(name: str, var: xr.Variable, ctx: tiledb.Ctx) -> tiledb.ArraySchema:
 
 
 class _Cells:
-    """A dask ``store`` target writing into a dense array (a 0-d variable fills its one cell)."""
+    """A dask ``store`` target writing into a dense array (a 0-d variable fills its one cell), one write
+    at a time: threads do not share an open array's writes."""
 
     def __init__(self, array: tiledb.Array, ndim: int) -> None:
         self._array, self._ndim = array, ndim
+        self._lock = threading.Lock()
 
     def __setitem__(self, region: tuple[slice, ...], values: np.ndarray) -> None:
         values = np.asarray(values)
@@ -189,7 +192,8 @@ class _Cells:
             region, values = (slice(0, 1),), values.reshape(1)
         if values.dtype.kind in "UST":
             values = values.astype(object)
-        self._array[region] = values
+        with self._lock:
+            self._array[region] = values
 
 
 class TileDBOrigin(Origin):
