@@ -333,18 +333,25 @@ def write_groups(fmt: str, out: Path, groups: Sequence[tuple[str, xr.Dataset]]) 
 
 def _write_zarr(out: Path, groups: Sequence[tuple[str, xr.Dataset]]) -> None:
     """xarray writes each group's layout, attributes and in-memory variables; the streamed variables
-    (encoded as xarray would) go through one ``da.store``, so every level reads the same pieces. A
-    thread of their own lays the groups out while the pieces are read (a layout is some 20 round trips
-    to zarr's event loop): a group's first write waits for its layout."""
+    (encoded as xarray would) go through one ``da.store``, so every level reads the same pieces. The
+    first group (the store) is laid out first, here; the others by a thread of their own while the
+    pieces are read (a layout is some 20 round trips to zarr's event loop): a group's first write waits
+    for its layout. The first layout also imports, in this thread, what laying out needs (dask's graph
+    code imports ``distributed``): two threads importing one package at once can fail."""
     from tierscope._compat import encode_zarr_variable
 
     streamed = [{str(key): encode_zarr_variable(var, name=key, zarr_format=3).data
                  for key, var in conventions.encode_dataset_coordinates(ds)[0].items()
                  if isinstance(var.data, da.Array)} for _, ds in groups]
-    layouts = ThreadPoolExecutor(1, thread_name_prefix="tierscope-layout")  # in order: the store first
+    layouts = ThreadPoolExecutor(1, thread_name_prefix="tierscope-layout")
     try:
-        arrays = [layouts.submit(_layout, out, name, ds, keys)
-                  for (name, ds), keys in zip(groups, streamed, strict=True)]
+        # zarr writes a layout from its own event loop thread, which an interrupt of this thread does
+        # not stop: it would keep adding files to the partial being removed ("Directory not empty")
+        with _signals_held():
+            first: Future[dict[str, Any]] = Future()
+            first.set_result(_layout(out, *groups[0], streamed[0]))
+        arrays = [first, *(layouts.submit(_layout, out, name, ds, keys)
+                           for (name, ds), keys in zip(groups[1:], streamed[1:], strict=True))]
         sources = [data for variables in streamed for data in variables.values()]
         targets = [_Pending(group, key) for group, keys in zip(arrays, streamed, strict=True) for key in keys]
         if sources:  # pieces are whole chunks: no two tasks write one chunk
@@ -352,9 +359,7 @@ def _write_zarr(out: Path, groups: Sequence[tuple[str, xr.Dataset]]) -> None:
         for group in arrays:
             group.result()  # a layout that failed, even where nothing waited for it
     finally:
-        # zarr writes a layout from its own event loop thread, which an interrupt of this thread does not
-        # stop: it would keep adding files to the partial being removed ("Directory not empty")
-        with _signals_held():
+        with _signals_held():  # nor may the layouts' thread, for the same reason
             layouts.shutdown(cancel_futures=True)
 
 
