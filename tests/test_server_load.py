@@ -100,7 +100,7 @@ def run_load(store, clients, requests):
 
 
 def test_64_clients_mixed_requests(sample_store):
-    elapsed, stats = run_load(sample_store, 64, 50)
+    elapsed, stats = run_load(sample_store, 64, 25)
     assert elapsed < 60
 
 
