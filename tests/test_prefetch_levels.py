@@ -12,6 +12,8 @@ the few blocks nearest the view.
 from __future__ import annotations
 
 import math
+import sys
+import threading
 import time
 
 import numpy as np
@@ -24,7 +26,7 @@ from tierscope.backend import TierscopeDataStore
 from tierscope.cache import entry_charge
 from tierscope.client.source import Source
 from tierscope.dask.coarse import CoarsePlanner, level_box, level_spec
-from tierscope.dask.scheduler import owner_of
+from tierscope.dask.scheduler import THREAD_NAME, owner_of
 from tierscope.grid import BlockGrid
 from tierscope.prefetch import Box, around
 from tierscope.protocol import BlockSpec
@@ -260,3 +262,51 @@ def test_level0_playback_still_hits_l1(client, url):
     hits, looks = (sum(v[i] for v in per_view[3:]) for i in (0, 1))
     assert hits >= 0.9 * looks, per_view
     assert tierscope.stats(client)["scheduler"]["coarse"]["plans"] >= 2
+
+
+PLANNING = ("observe_box", "plan", "around", "_assign")  # moving a position, planning, enumerating blocks
+
+
+def _watch_planning(dask_scheduler) -> str:
+    """On the scheduler's loop: record which threads call the hand-over and the planning functions, on
+    the loop's thread and on threads started from now on (the next plugin's planning thread). The
+    loop's thread name."""
+    from tierscope.dask import coarse
+    from tierscope.dask.scheduler import TierscopeSchedulerPlugin
+    from tierscope.prefetch import Position, around
+
+    codes = {f.__code__: f.__name__ for f in (TierscopeSchedulerPlugin._on_view, Position.observe_box,
+                                               Position.plan, around, coarse._assign)}
+    seen = dask_scheduler.tierscope_seen = {}
+
+    def profile(frame, event, arg):  # noqa: ANN001, ANN202 - a profile function's signature
+        if event == "call" and frame.f_code in codes:
+            seen.setdefault(codes[frame.f_code], set()).add(threading.current_thread().name)
+
+    sys.setprofile(profile)
+    threading.setprofile(profile)
+    return threading.current_thread().name
+
+
+def _unwatch_planning(dask_scheduler) -> dict[str, set[str]]:
+    sys.setprofile(None)
+    threading.setprofile(None)
+    return dask_scheduler.tierscope_seen
+
+
+def test_the_loop_hands_views_over_and_the_planning_thread_plans_them(client, url):
+    """The scheduler's loop places a view's loads and hands the view over, nothing more: no position
+    moves, no plan, no block of any level is enumerated on it."""
+    loop = client.run_on_scheduler(_watch_planning)
+    try:
+        tierscope.connect(client, l1=L1, l2=L2, policy="distance", prefetch="auto")
+        ds0 = xr.open_dataset(url, engine="tierscope")
+        for t in (10, 11, 40):
+            read(ds0, t)
+        stats = tierscope.stats(client)["scheduler"]  # once the planning thread has handed all back
+    finally:
+        seen = client.run_on_scheduler(_unwatch_planning)
+    assert stats["views"] == stats["plans"] == 3
+    assert stats["plan_cpu_s"]["count"] == stats["view_cpu_s"]["count"] == 3
+    assert stats["coarse"]["plans"] >= 4 and stats["coarse"]["enumerated"] > 0
+    assert seen == {"_on_view": {loop}, **dict.fromkeys(PLANNING, {THREAD_NAME})}

@@ -35,13 +35,15 @@ from tierscope.levels import coarser_grid, level_name, split_level
 from tierscope.prefetch import Box, around
 from tierscope.protocol import BlockSpec
 
-__all__ = ["L1_SHARE", "L2_SHARE", "CoarsePlanner", "LevelPlan", "level_box", "level_spec"]
+__all__ = ["COUNTS", "L1_SHARE", "L2_SHARE", "CoarsePlanner", "LevelPlan", "add_counts", "level_box",
+           "level_spec"]
 
 # None of the workers' L1: decoded coarse blocks took L1 room and prefetch decodes from level 0's next
 # view (its playback fell to 70-85% L1 hits); a coarse answer from L2 costs one small decode.
 L1_SHARE = 0.0
 L2_SHARE = 1 / 4  # of the workers' L2: coarse frames, wide
 MAX_REMEMBERED = 1024  # (session, level spec) last plans kept; the least recent go first
+COUNTS = ("plans", "unchanged", "planned", "enumerated", "max_enumerated")
 
 
 def level_spec(spec: BlockSpec, k: int) -> BlockSpec:
@@ -87,7 +89,8 @@ class CoarsePlanner:
     def __init__(self, max_blocks: int = 1024) -> None:
         self.max_blocks = max_blocks
         self._last: OrderedDict[tuple[str, BlockSpec], _Planned] = OrderedDict()
-        self.counts = dict.fromkeys(("plans", "unchanged", "planned", "enumerated", "max_enumerated"), 0)
+        self.counts = dict.fromkeys(COUNTS, 0)  # since this planner began
+        self.last = dict.fromkeys(COUNTS, 0)  # what the last ``plan`` did: a host adds it to its own totals
 
     def forget(self, client: str, spec: BlockSpec) -> None:
         """``spec``'s position just got another plan (the user views that level): the next coarse plan
@@ -117,7 +120,7 @@ class CoarsePlanner:
         workers = tuple(sorted(l2))
         total1, total2 = sum(l1.values()), sum(l2.values())
         left1, left2, left_blocks = L1_SHARE * total1, L2_SHARE * total2, self.max_blocks
-        plans, enumerated = [], 0
+        plans, call = [], dict.fromkeys(COUNTS, 0)
         for k in range(spec.levels - 1, spec.level, -1):
             last = k == spec.level + 1
             coarse = level_spec(spec, k)
@@ -134,21 +137,22 @@ class CoarsePlanner:
             if limit <= 0:
                 continue
             if self._covers(self._last.get(key), box, workers, coarse.time_axis):
-                self.counts["unchanged"] += 1
+                call["unchanged"] += 1
                 continue
             # Nearest first up to the limit (a ball clipped by the grid's edge leaves room farther out).
             blocks = around(coarse.grid, box, sum(coarse.grid.nblocks), limit, coarse.time_axis)
-            enumerated += len(blocks)
+            call["enumerated"] += len(blocks)
             shares, dropped = _assign(coarse, blocks, owner, workers, _split(share1, l1, total1, decoded),
                                       _split(share2, l2, total2, encoded))
             # Every block nearer than this is planned: the last one enumerated, or the first left out.
             reach = box.distance(tuple(blocks[-1].tolist()) if dropped is None else dropped, coarse.time_axis)
             plans.append(LevelPlan(coarse, box, shares))
             self._remember(key, _Planned(box, reach, workers))
-            self.counts["plans"] += 1
-            self.counts["planned"] += sum(len(s) for s in shares.values())
-        self.counts["enumerated"] += enumerated
-        self.counts["max_enumerated"] = max(self.counts["max_enumerated"], enumerated)
+            call["plans"] += 1
+            call["planned"] += sum(len(s) for s in shares.values())
+        call["max_enumerated"] = call["enumerated"]
+        self.last = call
+        add_counts(self.counts, call)
         return plans
 
     def _covers(self, planned: _Planned | None, box: Box, workers: tuple[str, ...], t: int | None) -> bool:
@@ -170,8 +174,13 @@ class CoarsePlanner:
         while len(self._last) > MAX_REMEMBERED:
             self._last.popitem(last=False)
 
-    def reset_stats(self) -> None:
-        self.counts = dict.fromkeys(self.counts, 0)
+
+
+def add_counts(into: dict[str, int], call: Mapping[str, int]) -> None:
+    """Add one ``plan`` call's counts to running totals: sums, and the most blocks enumerated in one view."""
+    for k in COUNTS[:-1]:
+        into[k] += call[k]
+    into["max_enumerated"] = max(into["max_enumerated"], call["enumerated"])
 
 
 def _split(share: float, capacity: Mapping[str, int], total: int, nbytes: float) -> dict[str, int]:
