@@ -394,12 +394,15 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
     ) -> None:
         """Hand the view to the planning thread, with all it needs to know of the workers: O(workers)."""
         started, cpu_started = time.perf_counter(), time.thread_time()
-        decoded, encoded = self._block_nbytes(scheduler, spec)
-        room = Room(tuple(workers), tuple(w for w in workers if self._handles_plans(scheduler, w)),
-                    self._capacities(scheduler, "l1"), self._capacities(scheduler, "l2"), decoded, encoded)
-        self._thread.submit((client, spec), View(client, spec, view, room))
+        self._thread.submit((client, spec), View(client, spec, view, self._room(scheduler, spec, workers)))
         self._view_s.add(time.perf_counter() - started)
         self._view_cpu_s.add(time.thread_time() - cpu_started)
+
+    def _room(self, scheduler: Scheduler, spec: BlockSpec, workers: Sequence[str]) -> Room:
+        """What planning a view of ``spec`` needs to know of the workers, read on the loop."""
+        decoded, encoded = self._block_nbytes(scheduler, spec)
+        return Room(tuple(workers), tuple(w for w in workers if self._handles_plans(scheduler, w)),
+                    self._capacities(scheduler, "l1"), self._capacities(scheduler, "l2"), decoded, encoded)
 
     def _hand_back(self, planned: Planned | None, done: int) -> None:
         """On the planning thread: its result to the loop."""
