@@ -22,6 +22,7 @@ not planned again: its plan is still being carried out, and steps inside one coa
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -36,7 +37,7 @@ from tierscope.prefetch import Box, around
 from tierscope.protocol import BlockSpec
 
 __all__ = ["COUNTS", "L1_SHARE", "L2_SHARE", "CoarsePlanner", "LevelPlan", "add_counts", "level_box",
-           "level_spec"]
+           "level_spec", "owner_columns"]
 
 # None of the workers' L1: decoded coarse blocks took L1 room and prefetch decodes from level 0's next
 # view (its playback fell to 70-85% L1 hits); a coarse answer from L2 costs one small decode.
@@ -46,6 +47,7 @@ MAX_REMEMBERED = 1024  # (session, level spec) last plans kept; the least recent
 COUNTS = ("plans", "unchanged", "planned", "enumerated", "max_enumerated")
 
 
+@functools.lru_cache(maxsize=256)  # every view asks again for the same few levels' specs
 def level_spec(spec: BlockSpec, k: int) -> BlockSpec:
     """The spec of the same variable at level ``k`` (>= ``spec.level``): the dataset ``NAME@k``, whose
     blocks have their own cache keys, owners and position."""
@@ -199,12 +201,8 @@ def _assign(
     fits2: Mapping[str, int],
 ) -> tuple[dict[str, list[tuple[BlockIndex, bool]]], BlockIndex | None]:
     """Each block to its owner while the owner's L2 part has room, the nearest decoded while its L1 part
-    has room (a decoded prefetch fills L2 too); and the first block left out (None: none was). Owners
-    depend on the spatial index only: one lookup per distinct spatial index, the rest vectorised."""
-    spatial = blocks if spec.time_axis is None else np.delete(blocks, spec.time_axis, axis=1)
-    _, first, inverse = np.unique(spatial, axis=0, return_index=True, return_inverse=True)
-    column = {w: i for i, w in enumerate(workers)}
-    who = np.array([column[owner(spec, tuple(blocks[j].tolist()))] for j in first])[inverse.ravel()]
+    has room (a decoded prefetch fills L2 too); and the first block left out (None: none was)."""
+    who = owner_columns(spec, blocks, owner, workers)
     shares: dict[str, list[tuple[BlockIndex, bool]]] = {}
     dropped = len(blocks)
     for i, w in enumerate(workers):
@@ -215,3 +213,19 @@ def _assign(
         rows = np.flatnonzero(mine & (rank < fits2[w]))
         shares[w] = list(zip(map(tuple, blocks[rows].tolist()), (rank[rows] < fits1[w]).tolist()))
     return shares, (None if dropped == len(blocks) else tuple(blocks[dropped].tolist()))
+
+
+def owner_columns(
+    spec: BlockSpec, blocks: np.ndarray, owner: Callable[[BlockSpec, BlockIndex], str], workers: Sequence[str]
+) -> np.ndarray:
+    """Each block's owner, as its position in ``workers``. Owners depend on the spatial index only: one
+    ``owner`` call per distinct spatial index (found on flat indices: one integer sort), the rest
+    vectorised."""
+    t = spec.time_axis
+    spatial = blocks if t is None else np.delete(blocks, t, axis=1)
+    dims = tuple(n for a, n in enumerate(spec.grid.nblocks) if a != t)
+    flat = np.ravel_multi_index(tuple(spatial.T), dims) if dims else np.zeros(len(blocks), dtype=np.int64)
+    _, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
+    column = {w: i for i, w in enumerate(workers)}
+    owners = np.array([column[owner(spec, tuple(b))] for b in blocks[first].tolist()], dtype=np.int64)
+    return owners[inverse.ravel()]

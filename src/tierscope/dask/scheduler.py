@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.serialize import ToPickle
 
@@ -39,7 +40,7 @@ from tierscope import config
 from tierscope._compat import keep_from_stealing, set_stream_handler
 from tierscope.cache import entry_charge
 from tierscope.config import tier_bytes
-from tierscope.dask.coarse import COUNTS, L1_SHARE, L2_SHARE, CoarsePlanner, add_counts
+from tierscope.dask.coarse import COUNTS, L1_SHARE, L2_SHARE, CoarsePlanner, add_counts, owner_columns
 from tierscope.dask.graph import BlockLoadTask, ReportedBlockLoadTask
 from tierscope.dask.observe import install
 from tierscope.dask.prefetcher import Plan
@@ -172,10 +173,7 @@ class ViewPlanner:
             self.owners.current(room.workers)
             blocks, r1 = self._plan(spec, pos, room)
             planned = None if self.mode == "off" else len(blocks)
-            shares: dict[str, list[tuple[BlockIndex, bool]]] = {w: [] for w in room.workers}
-            for index, near in zip(blocks, pos.within(blocks, r1), strict=True):
-                shares[self.owners.of(spec, index)].append((index, near))
-            plans += self._plans(room.targets, client, spec, view.box, shares)
+            plans += self._plans(room.targets, client, spec, view.box, self._shares(spec, pos, blocks, r1))
             self.coarse.forget(client, spec)  # a coarse plan for this level's position was just replaced
             if self.mode != "off" and spec.levels > spec.level + 1:
                 for level in self.coarse.plan(client, spec, view.box, room.l1, room.l2,
@@ -219,6 +217,15 @@ class ViewPlanner:
         r2 = radius_for(spec.grid, int(l2), room.encoded, spec.time_axis, view=extents)
         return pos.plan(self.mode, max(r1, r2), limit=self.max_plan), r1
 
+    def _shares(self, spec: BlockSpec, pos: Position, blocks: list[BlockIndex],
+                r1: int) -> dict[str, list[tuple[BlockIndex, bool]]]:
+        """Each owner's blocks of the view's own plan, in plan order, each decoded when within ``r1``."""
+        indices = np.array(blocks, dtype=np.int64).reshape(-1, spec.grid.ndim)
+        near = (pos.box.distances(indices, pos.time_axis) <= r1).tolist()
+        who = owner_columns(spec, indices, self.owners.of, self.owners.workers)
+        return {w: [(blocks[j], near[j]) for j in np.flatnonzero(who == i).tolist()]
+                for i, w in enumerate(self.owners.workers)}
+
     def _plans(
         self, targets: Sequence[str], client: str, spec: BlockSpec, view: Box,
         shares: dict[str, list[tuple[BlockIndex, bool]]],
@@ -227,11 +234,9 @@ class ViewPlanner:
         self.epoch += 1
         plans = []
         for worker in targets:
-            share = shares.get(worker, ())
-            plans.append((worker, Plan(
-                epoch=self.epoch, session=client, spec=spec, view=(view.lo, view.hi),
-                blocks=tuple(i for i, _ in share), decode=tuple(d for _, d in share),
-            )))
+            blocks, decode = zip(*share) if (share := shares.get(worker)) else ((), ())
+            plans.append((worker, Plan(epoch=self.epoch, session=client, spec=spec, view=(view.lo, view.hi),
+                                       blocks=blocks, decode=decode)))
         return plans
 
 
