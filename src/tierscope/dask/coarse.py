@@ -2,8 +2,8 @@
 
 Level ``k`` has the block shape of level 0 on a grid ``2**k`` times smaller along each spatial axis, so
 its blocks are 8x fewer per level (in 3-D) and each covers 8x more: a small share of the tiers holds the
-coarsest level for many time steps, often all of them. The scheduler plugin calls ``CoarsePlanner.plan``
-on every new view of a dataset with levels: for each coarser level, coarsest first, the view's box mapped
+coarsest level for many time steps, often all of them. The scheduler plugin's planning thread calls
+``CoarsePlanner.plan`` on every new view of a dataset with levels: for each coarser level, coarsest first, the view's box mapped
 onto the level (spatial axes divided, time unchanged), then the blocks around it nearest first, so that
 after a jump anywhere a coarse answer already sits in its owner's L2 (``L1_SHARE`` 0: L1 is level 0's).
 
@@ -175,7 +175,6 @@ class CoarsePlanner:
         self._last.move_to_end(key)
         while len(self._last) > MAX_REMEMBERED:
             self._last.popitem(last=False)
-
 
 
 def add_counts(into: dict[str, int], call: Mapping[str, int]) -> None:

@@ -28,7 +28,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +92,7 @@ class Owners:
         return self.workers
 
     def of(self, spec: BlockSpec, index: BlockIndex) -> str:
+        """The block's owner among the current workers."""
         t = spec.time_axis
         key = (spec.source.url, index if t is None else index[:t] + index[t + 1:])
         owner = self._memo.get(key)
@@ -279,8 +280,10 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
         self._loop: asyncio.AbstractEventLoop | None = None
         self.max_plan, self.max_coarse, self.max_positions = max_plan, max_coarse, max_positions
         self.max_pending = max_pending
-        self._thread: PlanningThread[PositionKey, View, Planned] | None = None  # made in ``start``: the
-        # plugin travels to the scheduler pickled, a thread cannot
+        # Made in ``start`` (the plugin travels to the scheduler pickled, a thread cannot): the planning
+        # thread, and its ``ViewPlanner.forget``, which only the thread calls.
+        self._thread: PlanningThread[PositionKey, View, Planned] | None = None
+        self._forget: Callable[[str], Planned | None] | None = None
         # The loop's: the planner's positions as it last handed them back (the dashboard's sessions).
         self.positions: dict[PositionKey, PositionSummary] = {}
         self._planned = 0  # views the planning thread has finished, as it last said
@@ -292,7 +295,7 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
         self._plan_s = Distribution()  # the planning thread's work per new view, wall time
         self._plan_cpu_s = Distribution()  # the same in CPU time of the planning thread
         self.counts = {"views": 0, "loads": 0, "plans": 0, "planned": 0}
-        self._coarse = dict.fromkeys(COUNTS, 0)
+        self._coarse_counts = dict.fromkeys(COUNTS, 0)
 
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
@@ -431,7 +434,7 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
                 self.counts["plans"] += 1
                 self.counts["planned"] += planned.planned
             if planned.coarse is not None:
-                add_counts(self._coarse, planned.coarse)
+                add_counts(self._coarse_counts, planned.coarse)
             workers = self.scheduler.workers
             for worker, plan in planned.plans:
                 if worker in workers:  # it may have left since the view
@@ -481,7 +484,7 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
         return {**self.counts, "mode": self.mode, "queue": self._queue.summary(),
                 "view_s": self._view_s.summary(), "view_cpu_s": self._view_cpu_s.summary(),
                 "plan_s": self._plan_s.summary(), "plan_cpu_s": self._plan_cpu_s.summary(),
-                "coarse": dict(self._coarse)}
+                "coarse": dict(self._coarse_counts)}
 
     def reset_stats(self) -> None:
         self._queue = Distribution()
@@ -490,4 +493,4 @@ class TierscopeSchedulerPlugin(SchedulerPlugin):
         self._plan_s = Distribution()
         self._plan_cpu_s = Distribution()
         self.counts = dict.fromkeys(self.counts, 0)
-        self._coarse = dict.fromkeys(COUNTS, 0)
+        self._coarse_counts = dict.fromkeys(COUNTS, 0)
