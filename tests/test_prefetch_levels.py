@@ -310,3 +310,19 @@ def test_the_loop_hands_views_over_and_the_planning_thread_plans_them(client, ur
     assert stats["plan_cpu_s"]["count"] == stats["view_cpu_s"]["count"] == 3
     assert stats["coarse"]["plans"] >= 4 and stats["coarse"]["enumerated"] > 0
     assert seen == {"_on_view": {loop}, **dict.fromkeys(PLANNING, {THREAD_NAME})}
+
+
+def _positions_of(dask_scheduler, client_id: str) -> list[str]:
+    from tierscope.dask.scheduler import SCHEDULER_PLUGIN_NAME
+
+    positions = dask_scheduler.plugins[SCHEDULER_PLUGIN_NAME].positions
+    return [spec.source.dataset for client, spec in positions if client == client_id]
+
+
+def test_a_closed_clients_positions_are_forgotten_by_the_planning_thread(cluster, client, url):
+    tierscope.connect(client, l1=L1, l2=L2, policy="distance", prefetch="auto")
+    with Client(cluster) as other:  # the default client now: the view's graph goes through it
+        read(xr.open_dataset(url, engine="tierscope"), 5)
+        tierscope.stats(client)  # the planning thread has handed the view back
+        assert client.run_on_scheduler(_positions_of, client_id=other.id) == ["walk"]
+    assert wait_for(lambda: client.run_on_scheduler(_positions_of, client_id=other.id) == [])
