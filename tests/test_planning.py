@@ -42,7 +42,8 @@ def test_plans_run_on_the_planning_thread_and_a_failing_one_does_not_stop_it():
         return 1 // item  # 0 raises
 
     done: list[tuple[object, int]] = []
-    thread: PlanningThread[int, int, int] = PlanningThread(plan, lambda r, n: done.append((r, n)), "test-planner")
+    thread: PlanningThread[int, int, int] = PlanningThread(plan, lambda r, n: done.append((r, n)),
+                                                           "test-planner")
     thread.start()
     try:
         thread.submit(0, 0)

@@ -26,7 +26,7 @@ from tierscope.backend import TierscopeDataStore
 from tierscope.cache import entry_charge
 from tierscope.client.source import Source
 from tierscope.dask.coarse import CoarsePlanner, level_box, level_spec
-from tierscope.dask.scheduler import THREAD_NAME, owner_of
+from tierscope.dask.scheduler import THREAD_NAME, Owners, owner_of
 from tierscope.grid import BlockGrid
 from tierscope.prefetch import Box, around
 from tierscope.protocol import BlockSpec
@@ -163,12 +163,12 @@ def test_coarse_plans_are_bounded_whatever_the_dataset_size():
     for nt in (100, 20_000):
         spec = spec_of(f"sample://big?shape={nt},512,512,512&block=1,64,64,64&levels=3")
         assert spec.levels == 4 and spec.grid.nblocks == (nt, 8, 8, 8)
-        planner = CoarsePlanner(max_blocks=1024)
-        workers = ["tcp://a:1", "tcp://b:1"]
+        planner, owners = CoarsePlanner(max_blocks=1024), Owners()
+        workers = owners.current(["tcp://a:1", "tcp://b:1"])
         tiers = dict.fromkeys(workers, 64 << 30)  # room for every coarse block: only the cap binds
         started = time.perf_counter()
         plans = planner.plan("c", spec, Box((nt // 2, 2, 0, 0), (nt // 2, 2, 7, 7)), tiers, tiers, 0.5,
-                             lambda s, i: owner_of(s, i, workers))
+                             owners.columns)
         elapsed = time.perf_counter() - started
         assert [p.spec.level for p in plans] == [3, 2, 1]  # coarsest first
         planned = [sum(len(s) for s in p.shares.values()) for p in plans]

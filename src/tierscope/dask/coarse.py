@@ -3,9 +3,10 @@
 Level ``k`` has the block shape of level 0 on a grid ``2**k`` times smaller along each spatial axis, so
 its blocks are 8x fewer per level (in 3-D) and each covers 8x more: a small share of the tiers holds the
 coarsest level for many time steps, often all of them. The scheduler plugin's planning thread calls
-``CoarsePlanner.plan`` on every new view of a dataset with levels: for each coarser level, coarsest first, the view's box mapped
-onto the level (spatial axes divided, time unchanged), then the blocks around it nearest first, so that
-after a jump anywhere a coarse answer already sits in its owner's L2 (``L1_SHARE`` 0: L1 is level 0's).
+``CoarsePlanner.plan`` on every new view of a dataset with levels: for each coarser level, coarsest
+first, the view's box mapped onto the level (spatial axes divided, time unchanged), then the blocks
+around it nearest first, so that after a jump anywhere a coarse answer already sits in its owner's L2
+(``L1_SHARE`` 0: L1 is level 0's).
 
 Budgets: the coarse levels together may fill ``L1_SHARE`` of the workers' L1 and ``L2_SHARE`` of their
 L2 (level 0's own plan keeps the rest); the coarsest level gets half of that, the next half of what is
@@ -37,7 +38,7 @@ from tierscope.prefetch import Box, around
 from tierscope.protocol import BlockSpec
 
 __all__ = ["COUNTS", "L1_SHARE", "L2_SHARE", "CoarsePlanner", "LevelPlan", "add_counts", "level_box",
-           "level_spec", "owner_columns"]
+           "level_spec"]
 
 # None of the workers' L1: decoded coarse blocks took L1 room and prefetch decodes from level 0's next
 # view (its playback fell to 70-85% L1 hits); a coarse answer from L2 costs one small decode.
@@ -111,13 +112,14 @@ class CoarsePlanner:
         l1: Mapping[str, int],
         l2: Mapping[str, int],
         ratio: float,
-        owner: Callable[[BlockSpec, BlockIndex], str],
+        owners: Callable[[BlockSpec, np.ndarray], np.ndarray],
     ) -> list[LevelPlan]:
         """Plans for the levels coarser than ``spec``'s around ``view``, coarsest first; levels whose
         last plan still covers the view are left out.
 
         ``l1``/``l2``: each worker's tier capacity in bytes; ``ratio``: encoded over decoded block size
-        (the workers' measured average); ``owner``: the block's owner worker.
+        (the workers' measured average); ``owners``: each block of an (n, ndim) array's owner, as its
+        position in the sorted workers (``scheduler.Owners.columns``).
         """
         workers = tuple(sorted(l2))
         total1, total2 = sum(l1.values()), sum(l2.values())
@@ -144,7 +146,7 @@ class CoarsePlanner:
             # Nearest first up to the limit (a ball clipped by the grid's edge leaves room farther out).
             blocks = around(coarse.grid, box, sum(coarse.grid.nblocks), limit, coarse.time_axis)
             call["enumerated"] += len(blocks)
-            shares, dropped = _assign(coarse, blocks, owner, workers, _split(share1, l1, total1, decoded),
+            shares, dropped = _assign(coarse, blocks, owners, workers, _split(share1, l1, total1, decoded),
                                       _split(share2, l2, total2, encoded))
             # Every block nearer than this is planned: the last one enumerated, or the first left out.
             reach = box.distance(tuple(blocks[-1].tolist()) if dropped is None else dropped, coarse.time_axis)
@@ -194,14 +196,14 @@ def _split(share: float, capacity: Mapping[str, int], total: int, nbytes: float)
 def _assign(
     spec: BlockSpec,
     blocks: np.ndarray,
-    owner: Callable[[BlockSpec, BlockIndex], str],
+    owners: Callable[[BlockSpec, np.ndarray], np.ndarray],
     workers: Sequence[str],
     fits1: Mapping[str, int],
     fits2: Mapping[str, int],
 ) -> tuple[dict[str, list[tuple[BlockIndex, bool]]], BlockIndex | None]:
     """Each block to its owner while the owner's L2 part has room, the nearest decoded while its L1 part
     has room (a decoded prefetch fills L2 too); and the first block left out (None: none was)."""
-    who = owner_columns(spec, blocks, owner, workers)
+    who = owners(spec, blocks)
     shares: dict[str, list[tuple[BlockIndex, bool]]] = {}
     dropped = len(blocks)
     for i, w in enumerate(workers):
@@ -213,18 +215,3 @@ def _assign(
         shares[w] = list(zip(map(tuple, blocks[rows].tolist()), (rank[rows] < fits1[w]).tolist()))
     return shares, (None if dropped == len(blocks) else tuple(blocks[dropped].tolist()))
 
-
-def owner_columns(
-    spec: BlockSpec, blocks: np.ndarray, owner: Callable[[BlockSpec, BlockIndex], str], workers: Sequence[str]
-) -> np.ndarray:
-    """Each block's owner, as its position in ``workers``. Owners depend on the spatial index only: one
-    ``owner`` call per distinct spatial index (found on flat indices: one integer sort), the rest
-    vectorised."""
-    t = spec.time_axis
-    spatial = blocks if t is None else np.delete(blocks, t, axis=1)
-    dims = tuple(n for a, n in enumerate(spec.grid.nblocks) if a != t)
-    flat = np.ravel_multi_index(tuple(spatial.T), dims) if dims else np.zeros(len(blocks), dtype=np.int64)
-    _, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
-    column = {w: i for i, w in enumerate(workers)}
-    owners = np.array([column[owner(spec, tuple(b))] for b in blocks[first].tolist()], dtype=np.int64)
-    return owners[inverse.ravel()]

@@ -40,7 +40,7 @@ from tierscope import config
 from tierscope._compat import keep_from_stealing, set_stream_handler
 from tierscope.cache import entry_charge
 from tierscope.config import tier_bytes
-from tierscope.dask.coarse import COUNTS, L1_SHARE, L2_SHARE, CoarsePlanner, add_counts, owner_columns
+from tierscope.dask.coarse import COUNTS, L1_SHARE, L2_SHARE, CoarsePlanner, add_counts
 from tierscope.dask.graph import BlockLoadTask, ReportedBlockLoadTask
 from tierscope.dask.observe import install
 from tierscope.dask.prefetcher import Plan
@@ -66,8 +66,12 @@ PositionKey = tuple[str, BlockSpec]  # (client, spec)
 
 def owner_of(spec: BlockSpec, index: BlockIndex, workers: Sequence[str]) -> str:
     """The block's owner: highest random weight over ``workers`` of its dataset and spatial index."""
-    spatial = tuple(i for axis, i in enumerate(index) if axis != spec.time_axis)
-    block = f"{spec.source.url}|{spatial}".encode()
+    return _rendezvous(spec.source.url, tuple(i for axis, i in enumerate(index) if axis != spec.time_axis),
+                       workers)
+
+
+def _rendezvous(url: str, spatial: tuple[int, ...], workers: Sequence[str]) -> str:
+    block = f"{url}|{spatial}".encode()
 
     def weight(worker: str) -> bytes:
         return hashlib.blake2b(block + b"|" + worker.encode(), digest_size=8).digest()
@@ -78,7 +82,7 @@ def owner_of(spec: BlockSpec, index: BlockIndex, workers: Sequence[str]) -> str:
 class Owners:
     """``owner_of`` over the current workers, remembered per (dataset, spatial index): a plan's blocks
     share few spatial indices (a time scrub none new), and each hash costs one digest per worker. The loop
-    (placement) and the planning thread each have their own."""
+    (placement, ``of``) and the planning thread (plans, ``columns``) each have their own."""
 
     def __init__(self) -> None:
         self.workers: tuple[str, ...] = ()
@@ -94,12 +98,28 @@ class Owners:
     def of(self, spec: BlockSpec, index: BlockIndex) -> str:
         """The block's owner among the current workers."""
         t = spec.time_axis
-        key = (spec.source.url, index if t is None else index[:t] + index[t + 1:])
+        return self._owner(spec.source.url, index if t is None else index[:t] + index[t + 1:])
+
+    def columns(self, spec: BlockSpec, blocks: np.ndarray) -> np.ndarray:
+        """Each block of an (n, ndim) array's owner, as its position in ``workers``: one lookup per
+        distinct spatial index (found on flat indices: one integer sort), the rest vectorised."""
+        t = spec.time_axis
+        spatial = blocks if t is None else np.delete(blocks, t, axis=1)
+        dims = tuple(n for a, n in enumerate(spec.grid.nblocks) if a != t)
+        flat = np.ravel_multi_index(tuple(spatial.T), dims) if dims else np.zeros(len(blocks), dtype=np.int64)
+        distinct, inverse = np.unique(flat, return_inverse=True)
+        url, column = spec.source.url, {w: i for i, w in enumerate(self.workers)}
+        indices = zip(*(axis.tolist() for axis in np.unravel_index(distinct, dims))) if dims else [()]
+        owners = np.array([column[self._owner(url, index)] for index in indices], dtype=np.int64)
+        return owners[inverse.ravel()]
+
+    def _owner(self, url: str, spatial: tuple[int, ...]) -> str:
+        key = (url, spatial)
         owner = self._memo.get(key)
         if owner is None:
             if len(self._memo) >= MAX_OWNERS:
                 self._memo.clear()
-            owner = self._memo[key] = owner_of(spec, index, self.workers)
+            owner = self._memo[key] = _rendezvous(url, spatial, self.workers)
         return owner
 
 
@@ -178,7 +198,7 @@ class ViewPlanner:
             self.coarse.forget(client, spec)  # a coarse plan for this level's position was just replaced
             if self.mode != "off" and spec.levels > spec.level + 1:
                 for level in self.coarse.plan(client, spec, view.box, room.l1, room.l2,
-                                              room.encoded / room.decoded, self.owners.of):
+                                              room.encoded / room.decoded, self.owners.columns):
                     plans += self._plans(room.targets, client, level.spec, level.box, level.shares)
                 coarse = self.coarse.last
         summary = PositionSummary(pos.box, pos.views, pos.chosen())
@@ -223,7 +243,7 @@ class ViewPlanner:
         """Each owner's blocks of the view's own plan, in plan order, each decoded when within ``r1``."""
         indices = np.array(blocks, dtype=np.int64).reshape(-1, spec.grid.ndim)
         near = (pos.box.distances(indices, pos.time_axis) <= r1).tolist()
-        who = owner_columns(spec, indices, self.owners.of, self.owners.workers)
+        who = self.owners.columns(spec, indices)
         return {w: [(blocks[j], near[j]) for j in np.flatnonzero(who == i).tolist()]
                 for i, w in enumerate(self.owners.workers)}
 
