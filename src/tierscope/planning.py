@@ -96,17 +96,17 @@ class PlanningThread(Generic[K, V, R]):
                 if self._stopping:
                     return
                 if self._calls:
-                    what, work, item = "a call", self._calls.pop(0), False
+                    what, work, counted = "a call", self._calls.pop(0), False
                 else:
-                    key, view = self._pending.popitem(last=False)
-                    what, work, item = repr(key), functools.partial(self._plan, view), True
+                    key, queued = self._pending.popitem(last=False)
+                    what, work, counted = repr(key), functools.partial(self._plan, queued), True
             try:
                 result = work()
             except Exception:  # a bad item must never stop planning
                 logger.warning("planning %s on %s failed", what, self._thread.name, exc_info=True)
                 result = None
             with self._ready:
-                self._done += item
+                self._done += counted  # calls are not counted in ``issued``
                 done, idle = self._done, not (self._pending or self._calls)
             if result is not None or idle:  # a result goes at once; items that changed nothing, when idle
                 self._deliver(result, done)
