@@ -3,6 +3,7 @@
     python benchmarks/scale.py            # the full sweep (7-9 minutes on 2 cores shared with other work)
     python benchmarks/scale.py --quick    # fewer sizes, views and requests (about 2 minutes)
     python benchmarks/scale.py --out DIR  # where scale.png and scale.json go (default docs/img)
+    python benchmarks/scale.py --only cluster  # one section (repeatable): its table rows, no plot
 
 The grids are those of synthetic ``sample://`` datasets with 512^3-point time steps in 1 MiB blocks
 (8 x 8 x 8 blocks a step), so the number of steps sets the size: 10^3 .. 10^7 blocks. Everything runs the
@@ -11,7 +12,9 @@ real parts on loopback. Measured, in this order:
 1. the scheduler plugin's work per new view, without a cluster (tiers of 64 GiB, random z-slice views, on
    grids of 10^3 .. 10^7 blocks with time axes of 10 .. 10^4 steps): ``plan``, what ``_plan`` does with
    the view's observation (``Position.observe_box``, ``radius_for`` for L1 and L2, ``Position.plan``);
-   ``view``, all of ``_on_view`` (that, plus each planned block's owner and decode flag, the plans sent);
+   ``view``, all of the plugin's work per view: the loop's snapshot of the workers (``_room``) and the
+   planning thread's ``ViewPlanner.plan`` (that, plus each planned block's owner and decode flag, the
+   plans made), run here in one thread;
 2. ``radius_for`` per call (cold: its cache cleared; warm) for L1 = 64 GiB and a 1 x 1 x 8 x 8 view;
 3. the block server's event-loop lag (a coroutine on the server's loop sleeping 1 ms and measuring its
    lateness), idle, and while 8 clients in another process send block requests carrying the largest
@@ -21,8 +24,9 @@ real parts on loopback. Measured, in this order:
 5. per grid size, with ``tierscope serve`` in its own process and one LocalCluster (2 workers x 1 thread,
    ``tierscope.connect`` with 1 GiB tiers, prefetch auto): ``xr.open_dataset``, full z-slice views at
    random time steps and z (the first view apart, then p50), and the scheduler plugin's own account of
-   its work per new view (``TierscopeSchedulerPlugin.stats()``: ``view_cpu_s`` in CPU time of the loop's
-   thread, judged against the target, and ``view_s`` in wall time);
+   its work per new view (``TierscopeSchedulerPlugin.stats()``: on the scheduler's loop, ``view_cpu_s`` in
+   CPU time of the loop's thread, judged against the target, and ``view_s`` in wall time; on its planning
+   thread, ``plan_cpu_s`` and ``plan_s``);
 6. the amortised insert into a ``distance``-policy tier of 10^2 .. 10^5 entries, the view moving every 64
    inserts.
 
@@ -92,7 +96,7 @@ class Sweep:
     exponents: tuple[int, ...]  # grid sizes 10^e blocks
     time_steps: tuple[int, ...]  # time axes of the planning and radius sweeps
     plan_views: int  # views timed for ``plan``
-    dispatch_views: int  # views for ``view`` (all of ``_on_view``)
+    dispatch_views: int  # views for ``view`` (all of the plugin's work per view)
     cluster_views: int  # views per grid size on the LocalCluster, the first included
     opens: int  # open_dataset calls per grid size, the first included
     lag_s: float
@@ -196,18 +200,18 @@ def bench_planning(sweep: Sweep, seed: int = 0) -> list[dict[str, Any]]:
     """Per (time axis, grid size), random z-slice views, tiers of 64 GiB (one worker):
     - ``plan``: what the plugin's ``_plan`` does for a new view, through the public calls it makes
       (``Position.observe_box``, ``radius_for`` for L1 and L2, ``Position.plan``), over ``plan_views``;
-    - ``view``: all of the plugin's work per new view (``_on_view`` on a stub scheduler: the above, plus
-      each planned block's owner and decode flag, and the plan sent), over ``dispatch_views``."""
+    - ``view``: all of the plugin's work per new view (the loop's ``_room`` on a stub scheduler, then the
+      planning thread's ``ViewPlanner.plan``: the above, plus each planned block's owner and decode flag,
+      and the plans made), over ``dispatch_views``."""
     from tierscope.client.source import Source
-    from tierscope.dask.scheduler import TierscopeSchedulerPlugin
+    from tierscope.dask.scheduler import TierscopeSchedulerPlugin, View, ViewPlanner
     from tierscope.dask.tiers import BlockSpec
     from tierscope.grid import BlockGrid
     from tierscope.prefetch import Position, radius_for
 
     worker = "tcp://127.0.0.1:1"
     scheduler = SimpleNamespace(  # one worker with no tier metrics yet: configured sizes, no L2 average
-        workers={worker: SimpleNamespace(metrics={}, memory_limit=2 * PLAN_TIER)},
-        worker_send=lambda address, msg: None)
+        workers={worker: SimpleNamespace(metrics={}, memory_limit=2 * PLAN_TIER)})
     rows = []
     for steps, exponent in itertools.product(sweep.time_steps, sweep.exponents):
         nblocks = plan_grid(10**exponent, steps)
@@ -224,14 +228,15 @@ def bench_planning(sweep: Sweep, seed: int = 0) -> list[dict[str, Any]]:
             wall.append(time.perf_counter() - started)
             cpu.append(time.thread_time() - cpu_started)
         spec = BlockSpec(Source.parse("http://127.0.0.1:1/datasets/plan"), "u", 1e-3, grid, "float32")
-        view_cpu = []
+        planner, view_wall, view_cpu = ViewPlanner(plugin.mode), [], []
         for box in _random_views(nblocks, sweep.dispatch_views, seed + 1):
-            cpu_started = time.thread_time()
-            plugin._on_view(scheduler, "client", spec, box, [worker])
+            started, cpu_started = time.perf_counter(), time.thread_time()
+            planner.plan(View("client", spec, box, plugin._room(scheduler, spec, [worker])))
+            view_wall.append(time.perf_counter() - started)
             view_cpu.append(time.thread_time() - cpu_started)
         rows.append({"time_steps": steps, "blocks": math.prod(nblocks), "grid": nblocks,
                      "planned_per_view": planned / len(wall), "plan": summary_ms(wall),
-                     "plan_cpu": summary_ms(cpu), "view": plugin.stats()["view_s"],
+                     "plan_cpu": summary_ms(cpu), "view": summary_ms(view_wall),
                      "view_cpu": summary_ms(view_cpu)})
         log(f"planning: {steps} steps, {math.prod(nblocks):.2e} blocks: p99 CPU: plan "
             f"{rows[-1]['plan_cpu']['p99_ms']:.2f} ms, whole view {rows[-1]['view_cpu']['p99_ms']:.2f} ms")
@@ -458,10 +463,13 @@ def bench_flood(sweep: Sweep) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------ 5. the cluster, per size
-def _scheduler_stats(dask_scheduler: Any) -> dict[str, Any]:
+async def _scheduler_stats(dask_scheduler: Any) -> dict[str, Any]:
+    """The plugin's stats once its planning thread has handed back every view."""
     from tierscope.dask.scheduler import SCHEDULER_PLUGIN_NAME
 
-    return dask_scheduler.plugins[SCHEDULER_PLUGIN_NAME].stats()
+    plugin = dask_scheduler.plugins[SCHEDULER_PLUGIN_NAME]
+    await plugin.settled()
+    return plugin.stats()
 
 
 def _reset_scheduler_stats(dask_scheduler: Any) -> None:
@@ -518,11 +526,14 @@ def bench_cluster(sweep: Sweep, seed: int = 2) -> list[dict[str, Any]]:
                              "open_s": statistics.median(s for _, s in opens[1:]), "first_view_s": views[0],
                              "view": summary_ms(views[1:]), "scheduler_view": scheduler["view_s"],
                              "scheduler_view_cpu": scheduler["view_cpu_s"],
+                             "scheduler_plan": scheduler["plan_s"], "scheduler_plan_cpu": scheduler["plan_cpu_s"],
                              "load_average": os.getloadavg()[0]})
                 row = rows[-1]
                 log(f"cluster: {row['blocks']:.2e} blocks: open {row['open_s'] * 1e3:.0f} ms, first view "
                     f"{views[0]:.2f} s, view p50 {row['view']['p50_ms']:.0f} ms, scheduler p99 "
-                    f"{scheduler['view_cpu_s']['p99_ms']:.2f} ms CPU ({scheduler['view_s']['p99_ms']:.2f} wall)")
+                    f"{scheduler['view_cpu_s']['p99_ms']:.2f} ms CPU ({scheduler['view_s']['p99_ms']:.2f} wall), "
+                    f"planning thread p99 {scheduler['plan_cpu_s']['p99_ms']:.2f} ms CPU "
+                    f"({scheduler['plan_s']['p99_ms']:.2f} wall)")
     finally:
         stop_server(server)
     return rows
@@ -601,6 +612,11 @@ def _cluster_rows(cluster: list[dict[str, Any]]) -> list[Row]:
         rows.append(("scheduler work per new view, LocalCluster: CPU p50; p99 (`view_cpu_s`; wall `view_s`)",
                      _blocks(r["blocks"]), f"{_ms(cpu)} ({_ms(r['scheduler_view'])}; {cpu['count']} views)",
                      "CPU p99 <= 5 ms" if top else "", cpu["p99_ms"] <= TARGETS["plan_p99_ms"] if top else None))
+    for r in cluster:
+        plan = r["scheduler_plan_cpu"]
+        rows.append(("scheduler planning thread per new view, LocalCluster: CPU p50; p99 (`plan_cpu_s`; wall "
+                     "`plan_s`)", _blocks(r["blocks"]),
+                     f"{_ms(plan)} ({_ms(r['scheduler_plan'])}; {plan['count']} views)", "", None))
     growth = cluster[-1]["scheduler_view_cpu"]["p50_ms"] / cluster[0]["scheduler_view_cpu"]["p50_ms"]
     rows.append(("scheduler work per new view, LocalCluster: growth of CPU p50",
                  f"{_blocks(cluster[-1]['blocks'])} / {_blocks(cluster[0]['blocks'])}", f"{growth:.2f}x",
@@ -610,7 +626,7 @@ def _cluster_rows(cluster: list[dict[str, Any]]) -> list[Row]:
 
 def _planning_rows(planning: list[dict[str, Any]]) -> list[Row]:
     rows: list[Row] = []
-    for what, label in (("plan", "observe + `_plan`"), ("view", "whole `_on_view`")):
+    for what, label in (("plan", "observe + `_plan`"), ("view", "whole view (`_room` + `ViewPlanner.plan`)")):
         for r in planning:
             at_target = r["time_steps"] >= 10_000
             cpu = r[f"{what}_cpu"]
@@ -658,12 +674,19 @@ def _flood_rows(flood: dict[str, Any]) -> list[Row]:
 
 def markdown(results: dict[str, Any]) -> str:
     """The summary table: each cost at each size, with its target and whether it was met."""
-    rows = [*_cluster_rows(results["cluster"]), *_planning_rows(results["planning"])]
+    rows: list[Row] = []
+    if "cluster" in results:
+        rows += _cluster_rows(results["cluster"])
+    if "planning" in results:
+        rows += _planning_rows(results["planning"])
     rows += [("`radius_for`, L1 64 GiB, view 1x1x8x8: cold; warm", f"{r['time_steps']:,} steps",
               f"{r['cold_us']:.0f}; {r['warm_us']:.1f} us (radius {r['radius']})", "", None)
-             for r in results["radius"]]
-    rows += [*_lag_rows(results["loop_lag"]), *_flood_rows(results["flood"])]
-    for r in results["inserts"]:
+             for r in results.get("radius", ())]
+    if "loop_lag" in results:
+        rows += _lag_rows(results["loop_lag"])
+    if "flood" in results:
+        rows += _flood_rows(results["flood"])
+    for r in results.get("inserts", ()):
         at_target = r["entries"] >= 10**5
         rows.append(("tier insert, `distance` policy, view moves every 64 inserts: CPU (wall)",
                      f"{r['entries']:,} entries", f"{r['insert_cpu_us']:.1f} ({r['insert_us']:.1f}) us",
@@ -710,6 +733,8 @@ def plot(results: dict[str, Any], path: Path) -> Path:
             label="LocalCluster view_s (wall)")
     ax.plot(blocks, [r["scheduler_view_cpu"]["p99_ms"] for r in cluster], "kv-",
             label="LocalCluster view_cpu_s")
+    ax.plot(blocks, [r["scheduler_plan_cpu"]["p99_ms"] for r in cluster], "kd--",
+            label="LocalCluster plan_cpu_s (planning thread)")
     ax.axhline(TARGETS["plan_p99_ms"], color="grey", ls=":", label="target")
     _axes(ax, "scheduler work per new view, p99 (CPU, 64 GiB tiers)", "grid blocks", "ms")
 
@@ -771,12 +796,18 @@ def _axes(ax: Any, title: str, xlabel: str, ylabel: str) -> None:
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
 
+SECTIONS: dict[str, Callable[[Sweep], Any]] = {
+    "planning": bench_planning, "radius": bench_radius, "loop_lag": bench_loop_lag, "flood": bench_flood,
+    "cluster": bench_cluster, "inserts": bench_inserts}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer sizes, views and requests")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img", help="where scale.png/.json go")
+    parser.add_argument("--only", action="append", choices=SECTIONS, metavar="SECTION",
+                        help=f"run only this section (repeatable; one of {', '.join(SECTIONS)}); no plot")
     args = parser.parse_args()
     sweep = QUICK if args.quick else FULL
     logging.getLogger("distributed").setLevel(logging.ERROR)
@@ -786,22 +817,23 @@ def main() -> None:
     results: dict[str, Any] = {"machine": machine(), "source": source_version(), "sweep": asdict(sweep),
                                "targets": TARGETS, "load_average_before": os.getloadavg()[0]}
     log(f"machine: {results['machine']}")
-    sections: dict[str, Callable[[Sweep], Any]] = {
-        "planning": bench_planning, "radius": bench_radius, "loop_lag": bench_loop_lag, "flood": bench_flood,
-        "cluster": bench_cluster, "inserts": bench_inserts}
     results["section_seconds"] = {}
-    for name, bench in sections.items():
-        results[name], results["section_seconds"][name] = timed(bench, sweep)
+    for name, bench in SECTIONS.items():
+        if not args.only or name in args.only:
+            results[name], results["section_seconds"][name] = timed(bench, sweep)
     results["seconds"] = time.perf_counter() - started
+    results["load_average_after"] = os.getloadavg()[0]
     (args.out / "scale.json").write_text(json.dumps(results, indent=1))
-    png = plot(results, args.out / "scale.png")
+    png = None if args.only else plot(results, args.out / "scale.png")
     m = results["machine"]
     print(f"Machine: {m['processor']} ({m['machine']}), {m['cpu_count']} cores, Python {m['python']}; "
-          f"`python benchmarks/scale.py{' --quick' if args.quick else ''}` at {results['source']}, "
-          f"{results['seconds']:.0f} s; load average {results['load_average_before']:.1f} before the run "
-          f"(other work shares the cores).\n")
+          f"`python benchmarks/scale.py{' --quick' if args.quick else ''}"
+          f"{''.join(f' --only {o}' for o in args.only or ())}` at {results['source']}, "
+          f"{results['seconds']:.0f} s; load average {results['load_average_before']:.1f} before the run, "
+          f"{results['load_average_after']:.1f} after (other work shares the cores).\n")
     print(markdown(results))
     print(f"\nplot: {png}\nnumbers: {args.out / 'scale.json'}")
+
 
 
 if __name__ == "__main__":

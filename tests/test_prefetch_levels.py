@@ -12,6 +12,8 @@ the few blocks nearest the view.
 from __future__ import annotations
 
 import math
+import sys
+import threading
 import time
 
 import numpy as np
@@ -24,7 +26,7 @@ from tierscope.backend import TierscopeDataStore
 from tierscope.cache import entry_charge
 from tierscope.client.source import Source
 from tierscope.dask.coarse import CoarsePlanner, level_box, level_spec
-from tierscope.dask.scheduler import owner_of
+from tierscope.dask.scheduler import THREAD_NAME, Owners, owner_of
 from tierscope.grid import BlockGrid
 from tierscope.prefetch import Box, around
 from tierscope.protocol import BlockSpec
@@ -161,12 +163,12 @@ def test_coarse_plans_are_bounded_whatever_the_dataset_size():
     for nt in (100, 20_000):
         spec = spec_of(f"sample://big?shape={nt},512,512,512&block=1,64,64,64&levels=3")
         assert spec.levels == 4 and spec.grid.nblocks == (nt, 8, 8, 8)
-        planner = CoarsePlanner(max_blocks=1024)
-        workers = ["tcp://a:1", "tcp://b:1"]
+        planner, owners = CoarsePlanner(max_blocks=1024), Owners()
+        workers = owners.current(["tcp://a:1", "tcp://b:1"])
         tiers = dict.fromkeys(workers, 64 << 30)  # room for every coarse block: only the cap binds
         started = time.perf_counter()
         plans = planner.plan("c", spec, Box((nt // 2, 2, 0, 0), (nt // 2, 2, 7, 7)), tiers, tiers, 0.5,
-                             lambda s, i: owner_of(s, i, workers))
+                             owners.columns)
         elapsed = time.perf_counter() - started
         assert [p.spec.level for p in plans] == [3, 2, 1]  # coarsest first
         planned = [sum(len(s) for s in p.shares.values()) for p in plans]
@@ -260,3 +262,67 @@ def test_level0_playback_still_hits_l1(client, url):
     hits, looks = (sum(v[i] for v in per_view[3:]) for i in (0, 1))
     assert hits >= 0.9 * looks, per_view
     assert tierscope.stats(client)["scheduler"]["coarse"]["plans"] >= 2
+
+
+PLANNING = ("observe_box", "plan", "around", "_assign")  # moving a position, planning, enumerating blocks
+
+
+def _watch_planning(dask_scheduler) -> str:
+    """On the scheduler's loop: record which threads call the hand-over and the planning functions, on
+    the loop's thread and on threads started from now on (the next plugin's planning thread). The
+    loop's thread name."""
+    from tierscope.dask import coarse
+    from tierscope.dask.scheduler import TierscopeSchedulerPlugin
+    from tierscope.prefetch import Position, around
+
+    codes = {f.__code__: f.__name__ for f in (TierscopeSchedulerPlugin._on_view, Position.observe_box,
+                                               Position.plan, around, coarse._assign)}
+    seen = dask_scheduler.tierscope_seen = {}
+
+    def profile(frame, event, arg):  # noqa: ANN001, ANN202 - a profile function's signature
+        if event == "call" and frame.f_code in codes:
+            seen.setdefault(codes[frame.f_code], set()).add(threading.current_thread().name)
+
+    sys.setprofile(profile)
+    threading.setprofile(profile)
+    return threading.current_thread().name
+
+
+def _unwatch_planning(dask_scheduler) -> dict[str, set[str]]:
+    sys.setprofile(None)
+    threading.setprofile(None)
+    return dask_scheduler.tierscope_seen
+
+
+def test_the_loop_hands_views_over_and_the_planning_thread_plans_them(client, url):
+    """The scheduler's loop places a view's loads and hands the view over, nothing more: no position
+    moves, no plan, no block of any level is enumerated on it."""
+    loop = client.run_on_scheduler(_watch_planning)
+    try:
+        tierscope.connect(client, l1=L1, l2=L2, policy="distance", prefetch="auto")
+        ds0 = xr.open_dataset(url, engine="tierscope")
+        for t in (10, 11, 40):
+            read(ds0, t)
+        stats = tierscope.stats(client)["scheduler"]  # once the planning thread has handed all back
+    finally:
+        seen = client.run_on_scheduler(_unwatch_planning)
+    assert stats["views"] == stats["plans"] == 3
+    assert stats["plan_cpu_s"]["count"] == stats["view_cpu_s"]["count"] == 3
+    assert stats["coarse"]["plans"] >= 4 and stats["coarse"]["enumerated"] > 0
+    assert seen == {"_on_view": {loop}, **dict.fromkeys(PLANNING, {THREAD_NAME})}
+
+
+def _positions_of(dask_scheduler, client_id: str) -> list[str]:
+    from tierscope.dask.scheduler import SCHEDULER_PLUGIN_NAME
+
+    positions = dask_scheduler.plugins[SCHEDULER_PLUGIN_NAME].positions
+    return [spec.source.dataset for client, spec in positions if client == client_id]
+
+
+def test_a_closed_clients_positions_are_forgotten_by_the_planning_thread(cluster, client, url):
+    tierscope.connect(client, l1=L1, l2=L2, policy="distance", prefetch="auto")
+    with Client(cluster) as other:  # the default client now: the view's graph goes through it
+        read(xr.open_dataset(url, engine="tierscope"), 5)
+        tierscope.stats(client)  # the planning thread has handed the view back
+        assert client.run_on_scheduler(_positions_of, client_id=other.id) == ["walk"]
+    assert wait_for(lambda: client.run_on_scheduler(_positions_of, client_id=other.id) == [])

@@ -2,10 +2,11 @@
 
 Level ``k`` has the block shape of level 0 on a grid ``2**k`` times smaller along each spatial axis, so
 its blocks are 8x fewer per level (in 3-D) and each covers 8x more: a small share of the tiers holds the
-coarsest level for many time steps, often all of them. The scheduler plugin calls ``CoarsePlanner.plan``
-on every new view of a dataset with levels: for each coarser level, coarsest first, the view's box mapped
-onto the level (spatial axes divided, time unchanged), then the blocks around it nearest first, so that
-after a jump anywhere a coarse answer already sits in its owner's L2 (``L1_SHARE`` 0: L1 is level 0's).
+coarsest level for many time steps, often all of them. The scheduler plugin's planning thread calls
+``CoarsePlanner.plan`` on every new view of a dataset with levels: for each coarser level, coarsest
+first, the view's box mapped onto the level (spatial axes divided, time unchanged), then the blocks
+around it nearest first, so that after a jump anywhere a coarse answer already sits in its owner's L2
+(``L1_SHARE`` 0: L1 is level 0's).
 
 Budgets: the coarse levels together may fill ``L1_SHARE`` of the workers' L1 and ``L2_SHARE`` of their
 L2 (level 0's own plan keeps the rest); the coarsest level gets half of that, the next half of what is
@@ -22,6 +23,7 @@ not planned again: its plan is still being carried out, and steps inside one coa
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -35,15 +37,18 @@ from tierscope.levels import coarser_grid, level_name, split_level
 from tierscope.prefetch import Box, around
 from tierscope.protocol import BlockSpec
 
-__all__ = ["L1_SHARE", "L2_SHARE", "CoarsePlanner", "LevelPlan", "level_box", "level_spec"]
+__all__ = ["COUNTS", "L1_SHARE", "L2_SHARE", "CoarsePlanner", "LevelPlan", "add_counts", "level_box",
+           "level_spec"]
 
 # None of the workers' L1: decoded coarse blocks took L1 room and prefetch decodes from level 0's next
 # view (its playback fell to 70-85% L1 hits); a coarse answer from L2 costs one small decode.
 L1_SHARE = 0.0
 L2_SHARE = 1 / 4  # of the workers' L2: coarse frames, wide
 MAX_REMEMBERED = 1024  # (session, level spec) last plans kept; the least recent go first
+COUNTS = ("plans", "unchanged", "planned", "enumerated", "max_enumerated")
 
 
+@functools.lru_cache(maxsize=256)  # every view asks again for the same few levels' specs
 def level_spec(spec: BlockSpec, k: int) -> BlockSpec:
     """The spec of the same variable at level ``k`` (>= ``spec.level``): the dataset ``NAME@k``, whose
     blocks have their own cache keys, owners and position."""
@@ -87,7 +92,8 @@ class CoarsePlanner:
     def __init__(self, max_blocks: int = 1024) -> None:
         self.max_blocks = max_blocks
         self._last: OrderedDict[tuple[str, BlockSpec], _Planned] = OrderedDict()
-        self.counts = dict.fromkeys(("plans", "unchanged", "planned", "enumerated", "max_enumerated"), 0)
+        self.counts = dict.fromkeys(COUNTS, 0)  # since this planner began
+        self.last = dict.fromkeys(COUNTS, 0)  # what the last ``plan`` did: a host adds it to its own totals
 
     def forget(self, client: str, spec: BlockSpec) -> None:
         """``spec``'s position just got another plan (the user views that level): the next coarse plan
@@ -106,18 +112,19 @@ class CoarsePlanner:
         l1: Mapping[str, int],
         l2: Mapping[str, int],
         ratio: float,
-        owner: Callable[[BlockSpec, BlockIndex], str],
+        owners: Callable[[BlockSpec, np.ndarray], np.ndarray],
     ) -> list[LevelPlan]:
         """Plans for the levels coarser than ``spec``'s around ``view``, coarsest first; levels whose
         last plan still covers the view are left out.
 
         ``l1``/``l2``: each worker's tier capacity in bytes; ``ratio``: encoded over decoded block size
-        (the workers' measured average); ``owner``: the block's owner worker.
+        (the workers' measured average); ``owners``: each block of an (n, ndim) array's owner, as its
+        position in the sorted workers (``scheduler.Owners.columns``).
         """
         workers = tuple(sorted(l2))
         total1, total2 = sum(l1.values()), sum(l2.values())
         left1, left2, left_blocks = L1_SHARE * total1, L2_SHARE * total2, self.max_blocks
-        plans, enumerated = [], 0
+        plans, call = [], dict.fromkeys(COUNTS, 0)
         for k in range(spec.levels - 1, spec.level, -1):
             last = k == spec.level + 1
             coarse = level_spec(spec, k)
@@ -134,21 +141,22 @@ class CoarsePlanner:
             if limit <= 0:
                 continue
             if self._covers(self._last.get(key), box, workers, coarse.time_axis):
-                self.counts["unchanged"] += 1
+                call["unchanged"] += 1
                 continue
             # Nearest first up to the limit (a ball clipped by the grid's edge leaves room farther out).
             blocks = around(coarse.grid, box, sum(coarse.grid.nblocks), limit, coarse.time_axis)
-            enumerated += len(blocks)
-            shares, dropped = _assign(coarse, blocks, owner, workers, _split(share1, l1, total1, decoded),
+            call["enumerated"] += len(blocks)
+            shares, dropped = _assign(coarse, blocks, owners, workers, _split(share1, l1, total1, decoded),
                                       _split(share2, l2, total2, encoded))
             # Every block nearer than this is planned: the last one enumerated, or the first left out.
             reach = box.distance(tuple(blocks[-1].tolist()) if dropped is None else dropped, coarse.time_axis)
             plans.append(LevelPlan(coarse, box, shares))
             self._remember(key, _Planned(box, reach, workers))
-            self.counts["plans"] += 1
-            self.counts["planned"] += sum(len(s) for s in shares.values())
-        self.counts["enumerated"] += enumerated
-        self.counts["max_enumerated"] = max(self.counts["max_enumerated"], enumerated)
+            call["plans"] += 1
+            call["planned"] += sum(len(s) for s in shares.values())
+        call["max_enumerated"] = call["enumerated"]
+        self.last = call
+        add_counts(self.counts, call)
         return plans
 
     def _covers(self, planned: _Planned | None, box: Box, workers: tuple[str, ...], t: int | None) -> bool:
@@ -170,8 +178,12 @@ class CoarsePlanner:
         while len(self._last) > MAX_REMEMBERED:
             self._last.popitem(last=False)
 
-    def reset_stats(self) -> None:
-        self.counts = dict.fromkeys(self.counts, 0)
+
+def add_counts(into: dict[str, int], call: Mapping[str, int]) -> None:
+    """Add one ``plan`` call's counts to running totals: sums, and the most blocks enumerated in one view."""
+    for k in COUNTS[:-1]:
+        into[k] += call[k]
+    into["max_enumerated"] = max(into["max_enumerated"], call["enumerated"])
 
 
 def _split(share: float, capacity: Mapping[str, int], total: int, nbytes: float) -> dict[str, int]:
@@ -184,18 +196,14 @@ def _split(share: float, capacity: Mapping[str, int], total: int, nbytes: float)
 def _assign(
     spec: BlockSpec,
     blocks: np.ndarray,
-    owner: Callable[[BlockSpec, BlockIndex], str],
+    owners: Callable[[BlockSpec, np.ndarray], np.ndarray],
     workers: Sequence[str],
     fits1: Mapping[str, int],
     fits2: Mapping[str, int],
 ) -> tuple[dict[str, list[tuple[BlockIndex, bool]]], BlockIndex | None]:
     """Each block to its owner while the owner's L2 part has room, the nearest decoded while its L1 part
-    has room (a decoded prefetch fills L2 too); and the first block left out (None: none was). Owners
-    depend on the spatial index only: one lookup per distinct spatial index, the rest vectorised."""
-    spatial = blocks if spec.time_axis is None else np.delete(blocks, spec.time_axis, axis=1)
-    _, first, inverse = np.unique(spatial, axis=0, return_index=True, return_inverse=True)
-    column = {w: i for i, w in enumerate(workers)}
-    who = np.array([column[owner(spec, tuple(blocks[j].tolist()))] for j in first])[inverse.ravel()]
+    has room (a decoded prefetch fills L2 too); and the first block left out (None: none was)."""
+    who = owners(spec, blocks)
     shares: dict[str, list[tuple[BlockIndex, bool]]] = {}
     dropped = len(blocks)
     for i, w in enumerate(workers):
@@ -206,3 +214,4 @@ def _assign(
         rows = np.flatnonzero(mine & (rank < fits2[w]))
         shares[w] = list(zip(map(tuple, blocks[rows].tolist()), (rank[rows] < fits1[w]).tolist()))
     return shares, (None if dropped == len(blocks) else tuple(blocks[dropped].tolist()))
+

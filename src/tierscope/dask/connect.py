@@ -58,17 +58,22 @@ def connect(
 
     client = client_or_cluster if isinstance(client_or_cluster, Client) else Client(client_or_cluster)
     equipped = client.register_plugin(TierscopeWorkerPlugin(l1, l2, policy, device), name=PLUGIN_NAME)
-    if client.run_on_scheduler(_has_plugin):  # replaced, not overwritten: distributed warns on overwrites
+    if client.run_on_scheduler(_close_plugin):  # replaced, not overwritten: distributed warns on overwrites
         client.unregister_scheduler_plugin(SCHEDULER_PLUGIN_NAME)
     client.register_plugin(TierscopeSchedulerPlugin(prefetch, l1, l2, equipped=sorted(equipped)))
     (enable if direct else disable)(client)
     return client
 
 
-def _has_plugin(dask_scheduler: Any) -> bool:
+async def _close_plugin(dask_scheduler: Any) -> bool:
+    """Close the current scheduler plugin (its planning thread ends: removing a plugin does not close
+    it); whether there was one."""
     from tierscope.dask.scheduler import SCHEDULER_PLUGIN_NAME
 
-    return SCHEDULER_PLUGIN_NAME in dask_scheduler.plugins
+    plugin = dask_scheduler.plugins.get(SCHEDULER_PLUGIN_NAME)
+    if plugin is not None:
+        await plugin.close()
+    return plugin is not None
 
 
 def _default_client() -> Any:
@@ -100,11 +105,15 @@ def _worker_stats(dask_worker: Any) -> dict[str, Any] | None:
     return plugin.stats() if plugin is not None else None
 
 
-def _scheduler_stats(dask_scheduler: Any) -> dict[str, Any] | None:
+async def _scheduler_stats(dask_scheduler: Any) -> dict[str, Any] | None:
+    """The scheduler plugin's stats once its planning thread has handed back the views it was given."""
     from tierscope.dask.scheduler import SCHEDULER_PLUGIN_NAME
 
     plugin = dask_scheduler.plugins.get(SCHEDULER_PLUGIN_NAME)
-    return plugin.stats() if plugin is not None else None
+    if plugin is None:
+        return None
+    await plugin.settled()
+    return plugin.stats()
 
 
 def _add(into: dict[str, Any], stats: dict[str, Any]) -> None:

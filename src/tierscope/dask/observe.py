@@ -82,11 +82,10 @@ def render(scheduler: Scheduler) -> str:
     plugin = _plugin(scheduler)
     sessions = []
     if plugin is not None:
-        for (client, spec), pos in list(plugin._positions.items()):
-            box = pos.box
-            where = "-" if box is None else f"{list(box.lo)} .. {list(box.hi)}"
+        for (client, spec), pos in list(plugin.positions.items()):
+            where = f"{list(pos.box.lo)} .. {list(pos.box.hi)}"
             sessions.append([client, f"{spec.source.dataset}/{spec.variable}", f"{spec.tol:g}", where,
-                             str(pos.views), pos.chosen()])
+                             str(pos.views), pos.predictor])
     counts = plugin.stats() if plugin is not None else {}
     summary = ", ".join(f"{k} {counts[k]}" for k in ("views", "loads", "plans", "planned") if k in counts)
     return (
@@ -137,7 +136,7 @@ class _Collector:
                 counts = plugin.stats()
                 for event in ("views", "loads", "plans", "planned"):
                     events.add_metric([event], counts[event])
-                positions.add_metric([], len(plugin._positions))
+                positions.add_metric([], len(plugin.positions))
             workers = _workers(scheduler).values()
             for outcome in _PREFETCH:
                 prefetch.add_metric([outcome], sum(s["prefetch"][outcome] for s in workers))

@@ -7,28 +7,24 @@ which alone owns the positions (``Sessions``), observes and plans, then hands th
 loop (``deliver``, which the service makes a ``loop.call_soon_threadsafe``): the loop owns the prefetch
 queue and the tiers, and applies the result in O(1).
 
-A position whose newer view arrives before its older one was taken is observed once, at the newest view.
-At most ``max_pending`` views wait; beyond that the oldest are dropped (a plan is for the view after the
-current one: an old view's plan is stale anyway).
+The queue and the thread are ``tierscope.planning.PlanningThread``'s (shared with the scheduler plugin):
+a position whose newer view arrives before its older one was taken is observed once, at the newest view,
+and at most ``max_pending`` views wait (the oldest are dropped).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from tierscope.cache import TierCache, Views, entry_charge
 from tierscope.metadata import VariableInfo
+from tierscope.planning import PlanningThread
 from tierscope.prefetch import Box, Position, radius_for
 from tierscope.server.sessions import PositionKey, PrefetchItem, Sessions
 
 __all__ = ["Delivery", "Planned", "Planner", "TierRoom", "View"]
-
-logger = logging.getLogger(__name__)
 
 THREAD_NAME = "tierscope-planner"
 
@@ -99,61 +95,29 @@ class Planner:
     def __init__(self, deliver: Callable[[Delivery], object], max_positions: int = 1024,
                  max_pending: int = 1024) -> None:
         self.sessions = Sessions(max_positions)  # the planning thread's alone
-        self.max_pending = max_pending
         self._deliver = deliver
-        self._ready = threading.Condition()  # guards what follows, shared by the loop and the thread
-        self._pending: OrderedDict[PositionKey, View] = OrderedDict()
-        self._issued = self._done = 0  # views queued (a coalesced one is not new), views finished
-        self._stopping = False
         self._epoch = 0  # the planning thread's
-        self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
+        self._thread: PlanningThread[PositionKey, View, Planned] = PlanningThread(
+            self._observe, self._hand_back, THREAD_NAME, max_pending)
 
     @property
     def issued(self) -> int:
         """Views queued so far: when ``Delivery.done`` reaches this, all of them have been handed back."""
-        with self._ready:
-            return self._issued
+        return self._thread.issued
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         """Finish the view being planned, drop the rest, and end the thread."""
-        with self._ready:
-            self._stopping = True
-            self._ready.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
+        self._thread.stop()
 
     def observe(self, view: View) -> None:
         """Queue ``view`` for planning (O(1)): it replaces a view of the same position still waiting."""
-        with self._ready:
-            if view.key not in self._pending:
-                self._issued += 1
-            self._pending[view.key] = view
-            while len(self._pending) > self.max_pending:
-                self._pending.popitem(last=False)
-                self._done += 1
-            self._ready.notify()
+        self._thread.submit(view.key, view)
 
-    def _run(self) -> None:
-        while True:
-            with self._ready:
-                while not self._pending and not self._stopping:
-                    self._ready.wait()
-                if self._stopping:
-                    return
-                _, view = self._pending.popitem(last=False)
-            try:
-                planned = self._observe(view)
-            except Exception:  # a bad view must never stop planning
-                logger.warning("planning %s failed", view.key, exc_info=True)
-                planned = None
-            with self._ready:
-                self._done += 1
-                done, idle = self._done, not self._pending
-            if planned is not None or idle:  # a plan goes at once; views that changed nothing, when idle
-                self._deliver(Delivery(planned, done, len(self.sessions), self._epoch))
+    def _hand_back(self, planned: Planned | None, done: int) -> None:
+        self._deliver(Delivery(planned, done, len(self.sessions), self._epoch))
 
     def _observe(self, view: View) -> Planned | None:
         """Move ``view``'s position; its new plan and the views that changed, or None if nothing did."""
