@@ -3,6 +3,7 @@
     python benchmarks/scale.py            # the full sweep (7-9 minutes on 2 cores shared with other work)
     python benchmarks/scale.py --quick    # fewer sizes, views and requests (about 2 minutes)
     python benchmarks/scale.py --out DIR  # where scale.png and scale.json go (default docs/img)
+    python benchmarks/scale.py --only loop_lag  # one section alone, its numbers to DIR/scale-loop_lag.json
 
 The grids are those of synthetic ``sample://`` datasets with 512^3-point time steps in 1 MiB blocks
 (8 x 8 x 8 blocks a step), so the number of steps sets the size: 10^3 .. 10^7 blocks. Everything runs the
@@ -15,7 +16,8 @@ real parts on loopback. Measured, in this order:
 2. ``radius_for`` per call (cold: its cache cleared; warm) for L1 = 64 GiB and a 1 x 1 x 8 x 8 view;
 3. the block server's event-loop lag (a coroutine on the server's loop sleeping 1 ms and measuring its
    lateness), idle, and while 8 clients in another process send block requests carrying the largest
-   position header, their views moving every request or every 64 requests;
+   position header, their views moving every request or every 64 requests; the process set up as
+   ``tierscope serve`` sets its own (``run_server``: GIL switch interval 0.5 ms, start-up heap frozen);
 4. a flood of requests, each with a new tol and a new session, against ``tierscope serve`` in its own
    process: its resident memory growth, the encodes, and the prefetch queue right after and 5 s later;
 5. per grid size, with ``tierscope serve`` in its own process and one LocalCluster (2 workers x 1 thread,
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import itertools
 import json
 import logging
@@ -350,10 +353,9 @@ def bench_loop_lag(sweep: Sweep) -> dict[str, Any]:
     request: the worst case) and every 64 requests (a z-slice's blocks per view); the latter again with
     server prefetch off, which leaves the loop only the requests' own work (headers, positions)."""
     from tierscope.server import BlockService, ServerThread
-    from tierscope.server.service import MAX_POSITION_BLOCKS
+    from tierscope.server.app import freeze_heap
+    from tierscope.server.service import GIL_SWITCH_S, MAX_POSITION_BLOCKS
     from tierscope.store.origin import open_origin
-
-    from tierscope.server.service import GIL_SWITCH_S
 
     interval = sys.getswitchinterval()
     sys.setswitchinterval(GIL_SWITCH_S)  # as `tierscope serve` sets its process's (run_server); until the end
@@ -362,12 +364,14 @@ def bench_loop_lag(sweep: Sweep) -> dict[str, Any]:
     service = BlockService([origin], l3="256MiB", l4="512MiB", prefetch="auto")
     loaded = []
     with ServerThread(service) as server:
+        freeze_heap()  # as run_server does once its app is made; unfrozen at the end
         idle = {**asyncio.run_coroutine_threadsafe(_probe(min(sweep.lag_s, 2.0)), server._loop).result(),
                 "load_average": os.getloadavg()[0]}
         for per_view, prefetch in LAG_CONDITIONS:
             asyncio.run_coroutine_threadsafe(service.configure(prefetch=prefetch), server._loop).result()
             loaded.append({"prefetch": prefetch, **_loaded_lag(server, nblocks, per_view, sweep.lag_s)})
     sys.setswitchinterval(interval)
+    gc.unfreeze()
     result = {"blocks": math.prod(nblocks), "clients": LAG_CLIENTS, "seconds": sweep.lag_s,
               "position_blocks": MAX_POSITION_BLOCKS, "idle": idle, "loaded": loaded}
     log(f"loop lag: idle p99 {idle['p99_ms']:.2f} ms; loaded p99 " + ", ".join(
@@ -772,11 +776,19 @@ def _axes(ax: Any, title: str, xlabel: str, ylabel: str) -> None:
     ax.legend(fontsize=7)
 
 
+SECTIONS: dict[str, Callable[[Sweep], Any]] = {
+    "planning": bench_planning, "radius": bench_radius, "loop_lag": bench_loop_lag, "flood": bench_flood,
+    "cluster": bench_cluster, "inserts": bench_inserts}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer sizes, views and requests")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img", help="where scale.png/.json go")
+    parser.add_argument("--only", choices=sorted(SECTIONS),
+                        help="run this section alone (to iterate on it): its numbers go to scale-SECTION.json, "
+                             "no table, no plot")
     args = parser.parse_args()
     sweep = QUICK if args.quick else FULL
     logging.getLogger("distributed").setLevel(logging.ERROR)
@@ -786,13 +798,16 @@ def main() -> None:
     results: dict[str, Any] = {"machine": machine(), "source": source_version(), "sweep": asdict(sweep),
                                "targets": TARGETS, "load_average_before": os.getloadavg()[0]}
     log(f"machine: {results['machine']}")
-    sections: dict[str, Callable[[Sweep], Any]] = {
-        "planning": bench_planning, "radius": bench_radius, "loop_lag": bench_loop_lag, "flood": bench_flood,
-        "cluster": bench_cluster, "inserts": bench_inserts}
+    sections = {args.only: SECTIONS[args.only]} if args.only else SECTIONS
     results["section_seconds"] = {}
     for name, bench in sections.items():
         results[name], results["section_seconds"][name] = timed(bench, sweep)
     results["seconds"] = time.perf_counter() - started
+    if args.only:
+        path = args.out / f"scale-{args.only}.json"
+        path.write_text(json.dumps(results, indent=1))
+        print(f"numbers: {path}")
+        return
     (args.out / "scale.json").write_text(json.dumps(results, indent=1))
     png = plot(results, args.out / "scale.png")
     m = results["machine"]
@@ -802,7 +817,6 @@ def main() -> None:
           f"(other work shares the cores).\n")
     print(markdown(results))
     print(f"\nplot: {png}\nnumbers: {args.out / 'scale.json'}")
-
 
 if __name__ == "__main__":
     main()

@@ -135,6 +135,21 @@ def test_a_server_process_lets_its_loop_take_the_gil_back_within_half_a_millisec
     assert float(before) == 0.005 and float(after) == GIL_SWITCH_S == 0.0005  # CPython's default is 5 ms
 
 
+def test_a_server_process_freezes_its_start_up_heap_out_of_the_collector(sample_store):
+    # its modules' objects are never traversed again by a full collection; an embedded service's host
+    # process keeps its collector as it was
+    code = ("import gc, sys; from tierscope.server import BlockService, run_server; "
+            "from tierscope.store.origin import ZarrOrigin; "
+            f"service = BlockService([ZarrOrigin({str(sample_store)!r})]); "
+            "print(gc.get_freeze_count(), flush=True); "
+            "run_server(service, '127.0.0.1', 0, ready=lambda url: sys.exit(print(gc.get_freeze_count(), "
+            "len(gc.get_objects()))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         timeout=60).stdout.split()
+    before, frozen, tracked = map(int, out)
+    assert before == 0 and frozen > 10_000 and tracked < frozen / 10
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads have their own nice value on Linux")
 def test_prefetch_threads_run_nicer_than_the_loop_and_user_threads(sample_store):
     from tierscope.server.service import PREFETCH_NICE
