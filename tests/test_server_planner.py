@@ -100,6 +100,28 @@ def test_the_oldest_waiting_views_are_dropped_past_the_cap():
     assert [d.planned.key[0] for d in delivered if d.planned is not None] == ["b", "c"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's context switches: /proc (Linux)")
+def test_a_request_repeating_its_view_does_not_wake_the_planner(sample_store):
+    def planner_switches() -> int:
+        (planner,) = [t for t in threading.enumerate() if t.name == THREAD_NAME]
+        with open(f"/proc/self/task/{planner.native_id}/status") as status:
+            return int(status.read().split("voluntary_ctxt_switches:")[1].split()[0])
+
+    service = BlockService([ZarrOrigin(sample_store)], l3="4MiB", l4="4MiB", prefetch="auto")
+    with ServerThread(service) as server:
+        headers = {"X-Tierscope-Session": "s", "X-Tierscope-Position": "1.0.0.0;1.1.1.1"}
+        url = f"{server.url}/datasets/turb/blocks/u/1.0.0.0"
+        assert get(url, headers)[0] == 200
+        assert wait_for(lambda: service._planned == service._planner.issued)  # the view planned
+        before = planner_switches()
+        for _ in range(40):  # the same view: nothing to plan
+            assert get(url, headers)[0] == 200
+        woken = planner_switches() - before
+        stats = json.loads(get(f"{server.url}/stats")[1])  # takes the waiting views first
+    assert woken < 5  # once a request before: 40 or more
+    assert stats["sessions"] == 1 and service._planned == service._planner.issued
+
+
 @pytest.mark.parametrize(
     ("header", "message"),
     [

@@ -125,8 +125,13 @@ class Planner:
         if self._thread.is_alive():
             self._thread.join(timeout=30)
 
-    def observe(self, view: View) -> None:
-        """Queue ``view`` for planning (O(1)): it replaces a view of the same position still waiting."""
+    def observe(self, view: View, wake: bool = True) -> None:
+        """Queue ``view`` for planning (O(1)): it replaces a view of the same position still waiting.
+
+        ``wake=False``: the view repeats its position's last one, so it changes nothing but the table's
+        order of recency; it waits for the next view that wakes the thread (or ``wake``). Waking the
+        thread for each request was a context switch per request, in which the loop, holding the GIL,
+        often lost its CPU to the thread it woke."""
         with self._ready:
             if view.key not in self._pending:
                 self._issued += 1
@@ -134,6 +139,12 @@ class Planner:
             while len(self._pending) > self.max_pending:
                 self._pending.popitem(last=False)
                 self._done += 1
+            if wake:
+                self._ready.notify()
+
+    def wake(self) -> None:
+        """Have the thread take the views waiting (those queued without waking it)."""
+        with self._ready:
             self._ready.notify()
 
     def _run(self) -> None:
