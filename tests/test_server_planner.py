@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -20,7 +21,7 @@ import pytest
 from tierscope.metadata import VariableInfo
 from tierscope.prefetch import Box, Position
 from tierscope.server import BlockService, ServerThread
-from tierscope.server.planner import THREAD_NAME, Planner, TierRoom, View
+from tierscope.server.planner import REST, THREAD_NAME, Planner, TierRoom, View
 from tierscope.store.origin import ZarrOrigin
 
 from conftest import BLOCK, SHAPE, wait_for
@@ -85,6 +86,29 @@ def test_a_position_is_planned_once_at_its_newest_view():
     fresh.observe_box(view("a", 2).box)
     expected = fresh.plan("neighbourhood", ROOM.radius(VARIABLE, fresh), limit=64)
     assert [item.index for item in plans[0].items] == expected
+
+
+def test_the_planner_rests_as_long_as_each_plan_took_it():
+    # so it holds the GIL and a CPU at most half the time however fast views move (the loop needs both)
+    big = VariableInfo("u", ("time", "z", "y", "x"), (64, 512, 512, 512), np.dtype("<f4"), (1, 64, 64, 64))
+    room = TierRoom(capacity=1 << 30, nbytes=0, blocks=0, policy="lru")  # plans of 512 blocks, ~3 ms each
+    delivered = []
+    planner = Planner(delivered.append)
+    planner.start()
+    try:
+        cpu_clock = time.pthread_getcpuclockid(planner._thread.ident)
+        cpu, wall = time.clock_gettime(cpu_clock), time.perf_counter()
+        for t in range(400):  # four sessions, each moving on every view: always a view waiting
+            for session in "abcd":
+                planner.observe(View((session, "turb", "u", 0.0), big, Box((t % 64, 0, 0, 0), (t % 64, 0, 7, 7)),
+                                     "lorenzo", "auto", False, room, room, 512, 0))
+            time.sleep(0.001)
+        assert wait_for(lambda: delivered and delivered[-1].done == planner.issued)
+        cpu, wall = time.clock_gettime(cpu_clock) - cpu, time.perf_counter() - wall
+    finally:
+        planner.stop()
+    plans = sum(d.planned is not None and bool(d.planned.items) for d in delivered)
+    assert plans > 20 and cpu <= wall / (1 + REST)
 
 
 def test_the_oldest_waiting_views_are_dropped_past_the_cap():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ __all__ = ["Delivery", "Planned", "Planner", "TierRoom", "View"]
 logger = logging.getLogger(__name__)
 
 THREAD_NAME = "tierscope-planner"
+# After making a plan the thread rests this many times as long as the plan took it (CPU time), GIL and
+# CPU free for the loop: planning, mostly Python holding the GIL, then takes at most half of either,
+# however fast views move; views that arrive meanwhile coalesce to each position's newest.
+REST = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +160,7 @@ class Planner:
                 if self._stopping:
                     return
                 _, view = self._pending.popitem(last=False)
+            started = time.thread_time()
             try:
                 planned = self._observe(view)
             except Exception:  # a bad view must never stop planning
@@ -165,6 +171,8 @@ class Planner:
                 done, idle = self._done, not self._pending
             if planned is not None or idle:  # a plan goes at once; views that changed nothing, when idle
                 self._deliver(Delivery(planned, done, len(self.sessions), self._epoch))
+            if planned is not None and planned.items:
+                time.sleep((time.thread_time() - started) * REST)
 
     def _observe(self, view: View) -> Planned | None:
         """Move ``view``'s position; its new plan and the views that changed, or None if nothing did."""
