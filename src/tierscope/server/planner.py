@@ -9,7 +9,9 @@ queue and the tiers, and applies the result in O(1).
 
 A position whose newer view arrives before its older one was taken is observed once, at the newest view.
 At most ``max_pending`` views wait; beyond that the oldest are dropped (a plan is for the view after the
-current one: an old view's plan is stale anyway).
+current one: an old view's plan is stale anyway). The thread shares the GIL with the loop: after each
+plan it rests as long as the plan took it (``REST``), and a view that repeats its position's last one does
+not wake it (``observe(wake=False)``).
 """
 
 from __future__ import annotations
