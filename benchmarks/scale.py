@@ -766,7 +766,8 @@ def _lag_panel(ax: Any, lag: dict[str, Any]) -> None:
     ax.set_yscale("log")
     ax.set_title(f"server loop lag, {lag['clients']} clients, view moves ...")
     ax.set_ylabel("ms")
-    ax.legend(fontsize=8)
+    ax.set_ylim(top=ax.get_ylim()[1] * 30)  # room above the bars for the legend
+    ax.legend(fontsize=6, ncol=2, loc="upper left")
 
 
 def _flood_panel(ax: Any, flood: dict[str, Any]) -> None:
