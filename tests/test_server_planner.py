@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -100,6 +101,28 @@ def test_the_oldest_waiting_views_are_dropped_past_the_cap():
     assert [d.planned.key[0] for d in delivered if d.planned is not None] == ["b", "c"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's context switches: /proc (Linux)")
+def test_a_request_repeating_its_view_does_not_wake_the_planner(sample_store):
+    def planner_switches() -> int:
+        (planner,) = [t for t in threading.enumerate() if t.name == THREAD_NAME]
+        with open(f"/proc/self/task/{planner.native_id}/status") as status:
+            return int(status.read().split("voluntary_ctxt_switches:")[1].split()[0])
+
+    service = BlockService([ZarrOrigin(sample_store)], l3="4MiB", l4="4MiB", prefetch="auto")
+    with ServerThread(service) as server:
+        headers = {"X-Tierscope-Session": "s", "X-Tierscope-Position": "1.0.0.0;1.1.1.1"}
+        url = f"{server.url}/datasets/turb/blocks/u/1.0.0.0"
+        assert get(url, headers)[0] == 200
+        assert wait_for(lambda: service._planned == service._planner.issued)  # the view planned
+        before = planner_switches()
+        for _ in range(40):  # the same view: nothing to plan
+            assert get(url, headers)[0] == 200
+        woken = planner_switches() - before
+        stats = json.loads(get(f"{server.url}/stats")[1])  # takes the waiting views first
+    assert woken < 5  # once a request before: 40 or more
+    assert stats["sessions"] == 1 and service._planned == service._planner.issued
+
+
 @pytest.mark.parametrize(
     ("header", "message"),
     [
@@ -133,6 +156,21 @@ def test_a_server_process_lets_its_loop_take_the_gil_back_within_half_a_millisec
     before, after = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                    timeout=60).stdout.split()
     assert float(before) == 0.005 and float(after) == GIL_SWITCH_S == 0.0005  # CPython's default is 5 ms
+
+
+def test_a_server_process_freezes_its_start_up_heap_out_of_the_collector(sample_store):
+    # its modules' objects are never traversed again by a full collection; an embedded service's host
+    # process keeps its collector as it was
+    code = ("import gc, sys; from tierscope.server import BlockService, run_server; "
+            "from tierscope.store.origin import ZarrOrigin; "
+            f"service = BlockService([ZarrOrigin({str(sample_store)!r})]); "
+            "print(gc.get_freeze_count(), flush=True); "
+            "run_server(service, '127.0.0.1', 0, ready=lambda url: sys.exit(print(gc.get_freeze_count(), "
+            "len(gc.get_objects()))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         timeout=60).stdout.split()
+    before, frozen, tracked = map(int, out)
+    assert before == 0 and frozen > 10_000 and tracked < frozen / 10
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads have their own nice value on Linux")

@@ -11,6 +11,13 @@ place in the queue, so a position is planned once, at its newest view. At most `
 wait; beyond that the oldest are dropped (a plan is for the view after the current one: an old view's
 plan is stale anyway). ``call`` runs a function on the thread before the next item: how the loop changes
 what the thread owns without touching it.
+
+The thread shares the GIL with the loop, and planning is mostly Python that holds it: after each item
+it rests ``REST`` times as long as the item took it (CPU time), so planning takes at most half of the
+GIL and a CPU however fast views move (views arriving meanwhile coalesce to each position's newest).
+An item submitted with ``wake=False`` waits for the next one that wakes the thread: a host submits a
+view that repeats its position's last one that way, since waking the thread per request cost the loop,
+holding the GIL, its CPU to the thread it woke.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
@@ -29,6 +37,8 @@ logger = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 R = TypeVar("R")
+
+REST = 1.0  # after each item, rest this many times the CPU time it took
 
 
 class PlanningThread(Generic[K, V, R]):
@@ -67,8 +77,9 @@ class PlanningThread(Generic[K, V, R]):
         if self._thread.is_alive():
             self._thread.join(timeout=30)
 
-    def submit(self, key: K, item: V) -> None:
-        """Queue ``item`` (O(1)): it replaces an item of the same key still waiting."""
+    def submit(self, key: K, item: V, wake: bool = True) -> None:
+        """Queue ``item`` (O(1)): it replaces an item of the same key still waiting. ``wake=False``: it
+        waits for the next item (or ``wake``) that wakes the thread."""
         with self._ready:
             if key not in self._pending:
                 self._issued += 1
@@ -76,6 +87,12 @@ class PlanningThread(Generic[K, V, R]):
             while len(self._pending) > self.max_pending:
                 self._pending.popitem(last=False)
                 self._done += 1
+            if wake:
+                self._ready.notify()
+
+    def wake(self) -> None:
+        """Have the thread take the items waiting (those queued without waking it)."""
+        with self._ready:
             self._ready.notify()
 
     def call(self, fn: Callable[[], R | None], drop: Callable[[K], bool]) -> None:
@@ -100,6 +117,7 @@ class PlanningThread(Generic[K, V, R]):
                 else:
                     key, queued = self._pending.popitem(last=False)
                     what, work, counted = repr(key), functools.partial(self._plan, queued), True
+            started = time.thread_time()
             try:
                 result = work()
             except Exception:  # a bad item must never stop planning
@@ -110,3 +128,5 @@ class PlanningThread(Generic[K, V, R]):
                 done, idle = self._done, not (self._pending or self._calls)
             if result is not None or idle:  # a result goes at once; items that changed nothing, when idle
                 self._deliver(result, done)
+            if counted and result is not None:
+                time.sleep((time.thread_time() - started) * REST)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -39,7 +40,7 @@ from tierscope.protocol import LINK_HEADER, MAX_INDEX_LEN, POSITION_HEADER, pars
 from tierscope.server.service import GIL_SWITCH_S, BlockResult, BlockService
 from tierscope.server.zarr_http import add_zarr_routes
 
-__all__ = ["AppThread", "BATCH_CONTENT_TYPE", "ServerThread", "create_app", "run_server"]
+__all__ = ["AppThread", "BATCH_CONTENT_TYPE", "ServerThread", "create_app", "freeze_heap", "run_server"]
 
 logger = logging.getLogger(__name__)
 
@@ -330,15 +331,27 @@ def run_server(
 ) -> None:
     """Serve until SIGINT/SIGTERM; in-flight responses get up to ``SHUTDOWN_TIMEOUT`` s to finish.
 
-    The process is the server's: its GIL switch interval is lowered to ``GIL_SWITCH_S`` (never raised).
-    Every address of ``host`` is bound first, so a taken port is a one-line ``ValueError`` before
-    anything starts, and ``ready(base_url)`` (e.g. printing "serving ...") runs only once it is true.
+    The process is the server's: its GIL switch interval is lowered to ``GIL_SWITCH_S`` (never raised),
+    and what it holds once the app is made (modules, the service) is frozen out of the garbage collector
+    (``freeze_heap``). Every address of ``host`` is bound first, so a taken port is a one-line
+    ``ValueError`` before anything starts, and ``ready(base_url)`` (e.g. printing "serving ...") runs only
+    once it is true.
     """
     sockets = _listen(host, port)
     sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_S))  # this process serves: the loop first
+    app = create_app(service, token=token)
+    freeze_heap()
     if ready is not None:
         ready(f"http://{host}:{sockets[0].getsockname()[1]}")
-    web.run_app(create_app(service, token=token), sock=sockets, print=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    web.run_app(app, sock=sockets, print=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+
+
+def freeze_heap() -> None:
+    """Collect, then move every object left to the collector's permanent generation: a server process's
+    full collections then traverse what serving made, not the ~10^5 objects of its modules, which took the
+    GIL from the loop for ~60 ms each (docs/server.md). For a process that serves, like the switch interval."""
+    gc.collect()
+    gc.freeze()
 
 
 def _listen(host: str, port: int) -> list[socket.socket]:

@@ -9,7 +9,9 @@ queue and the tiers, and applies the result in O(1).
 
 The queue and the thread are ``tierscope.planning.PlanningThread``'s (shared with the scheduler plugin):
 a position whose newer view arrives before its older one was taken is observed once, at the newest view,
-and at most ``max_pending`` views wait (the oldest are dropped).
+at most ``max_pending`` views wait (the oldest are dropped), and after each plan the thread rests as long
+as the plan took it (``planning.REST``: it shares the GIL with the loop). A view that repeats its
+position's last one does not wake the thread (``observe(wake=False)``).
 """
 
 from __future__ import annotations
@@ -112,9 +114,18 @@ class Planner:
         """Finish the view being planned, drop the rest, and end the thread."""
         self._thread.stop()
 
-    def observe(self, view: View) -> None:
-        """Queue ``view`` for planning (O(1)): it replaces a view of the same position still waiting."""
-        self._thread.submit(view.key, view)
+    def observe(self, view: View, wake: bool = True) -> None:
+        """Queue ``view`` for planning (O(1)): it replaces a view of the same position still waiting.
+
+        ``wake=False``: the view repeats its position's last one, so it changes nothing but the table's
+        order of recency; it waits for the next view that wakes the thread (or ``wake``). Waking the
+        thread for each request was a context switch per request, in which the loop, holding the GIL,
+        often lost its CPU to the thread it woke."""
+        self._thread.submit(view.key, view, wake=wake)
+
+    def wake(self) -> None:
+        """Have the thread take the views waiting (those queued without waking it)."""
+        self._thread.wake()
 
     def _hand_back(self, planned: Planned | None, done: int) -> None:
         self._deliver(Delivery(planned, done, len(self.sessions), self._epoch))

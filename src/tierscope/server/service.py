@@ -47,7 +47,7 @@ from tierscope.prefetch import MODES, Box
 from tierscope.protocol import MAX_BATCH, MAX_POSITION_BLOCKS, parse_block_index
 from tierscope.server.choice import Costs
 from tierscope.server.planner import Delivery, Planner, TierRoom, View
-from tierscope.server.sessions import PLAN_TTL_S, PrefetchItem, PrefetchQueue, check_session
+from tierscope.server.sessions import PLAN_TTL_S, PositionKey, PrefetchItem, PrefetchQueue, check_session
 from tierscope.server.stats import ServerStats
 from tierscope.store.origin import Origin
 
@@ -256,6 +256,9 @@ class BlockService:
         self.max_positions = max_positions
         # the current views per (dataset, variable), as the planner last handed them back
         self._views: dict[tuple[str, str], Views | None] = {}
+        # the box of the view last handed to the planner per position, the most recent max_positions: a
+        # request repeating it does not wake the planner
+        self._handed: OrderedDict[PositionKey, Box] = OrderedDict()
         self.l3.set_distance(lambda key: (key[:2], key[4]), self._views.get)  # (dataset, variable)
         self.l4.set_distance(lambda key: (key[:2], key[2]), self._views.get)
         self._epoch = 0  # configurations so far: the planner's results for an older one are dropped
@@ -286,6 +289,7 @@ class BlockService:
         self._planner = Planner(functools.partial(self._loop.call_soon_threadsafe, self._apply),
                                 self.max_positions)
         self._planned = 0  # views the planner has finished, as it last said
+        self._handed.clear()  # a new planner: its positions start empty
         self._settling: list[tuple[int, asyncio.Future[None]]] = []  # (views to finish, waiter)
         self._planner.start()
 
@@ -628,9 +632,14 @@ class BlockService:
         if self.prefetch_mode == "off" and self.l3.policy != "distance":
             return  # validated, but nothing plans or evicts by position: no need to track it
         key = (session or ANONYMOUS, req.dataset, req.variable.name, req.tol)
+        moved = self._handed.get(key) != box
+        self._handed[key] = box
+        self._handed.move_to_end(key)
+        if len(self._handed) > self.max_positions:
+            self._handed.popitem(last=False)
         self._planner.observe(View(key, req.variable, box, req.codec, self.prefetch_mode,
                                    self.l3.policy == "distance", TierRoom.of(self.l3), TierRoom.of(self.l4),
-                                   self.plan_limit, self._epoch))
+                                   self.plan_limit, self._epoch), wake=moved)
 
     def _apply(self, delivery: Delivery) -> None:
         """A planner's result, on the loop: the position's new plan replaces its queued one (the rest is
@@ -659,6 +668,7 @@ class BlockService:
         plans and the queue holds them."""
         target = self._planner.issued if self._loop is not None else 0
         if target > self._planned:
+            self._planner.wake()  # views that repeated their position's last one wait for a wake
             waiter = asyncio.get_running_loop().create_future()
             self._settling.append((target, waiter))
             await waiter
@@ -783,6 +793,7 @@ class BlockService:
         self.prefetch_mode = mode or self.prefetch_mode
         self._epoch += 1  # the planner starts its positions over; its results for the old ones are dropped
         self._views.clear()
+        self._handed.clear()
         self._positions = 0
         self.queue.clear()
         self._tols.clear()
