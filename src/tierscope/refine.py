@@ -32,7 +32,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from types import ModuleType
 from typing import Any, NamedTuple, overload
 
@@ -278,7 +278,8 @@ class _View:
 def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
     """The parts, coarse to fine. Once the first is out, level 0 loads in the background beside the finer
     coarse levels, so the exact picture comes about as soon as it would without levels; only coarse levels
-    at most ``1 / CHEAP`` of level 0's blocks are loaded on the way (dearer ones would delay it). Level 0
+    at most ``1 / CHEAP`` of level 0's blocks are loaded on the way (dearer ones would delay it), and one
+    still loading when level 0 is ready is passed over: level 0 never waits for a coarser part. Level 0
     does not start with the first part: on a busy machine its 64 blocks' reads and decodes delayed the
     first picture 2-4x (docs/benchmarks.md). A newer view stops its read (``view.stop``)."""
     first, *rest = levels
@@ -304,7 +305,11 @@ def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
             if view.superseded():  # level 0 counts as cancelled when its read was stopped
                 view.cancel(finer[i:] + [0] * (view.stop is not None))
                 return
-            part = _timed(view, k)
+            coarse = _background.submit(_timed, view, k)
+            wait((coarse, full), return_when=FIRST_COMPLETED)
+            if full.done():  # the exact part is ready: a coarser one now would only hold it back
+                break
+            part = coarse.result()
             if view.superseded():
                 view.cancel(finer[i + 1:] + [0] * (view.stop is not None))
                 return
@@ -359,8 +364,9 @@ def _cancellable(stop: Any) -> contextlib.AbstractContextManager:
 
 
 CHEAP = 8  # a coarse level is loaded on the way to level 0 when it has at most 1/CHEAP of its blocks
-# Level-0 loads beside the coarse ones: one per progressive view in flight, a few views at a time.
-_background = ThreadPoolExecutor(4, thread_name_prefix="tierscope-progressive")
+# Level-0 loads and the finer coarse ones beside them: two per progressive view in flight, a few views at
+# a time.
+_background = ThreadPoolExecutor(8, thread_name_prefix="tierscope-progressive")
 
 
 @overload
