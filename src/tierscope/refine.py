@@ -307,14 +307,13 @@ def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
                 return
             coarse = _background.submit(_timed, view, k)
             wait((coarse, full), return_when=FIRST_COMPLETED)
-            if full.done():  # the exact part is ready: a coarser one now would only hold it back
-                break
-            part = coarse.result()
-            if view.superseded():
+            if view.superseded():  # a newer view began while this part loaded: stale
                 view.cancel(finer[i + 1:] + [0] * (view.stop is not None))
                 return
+            if full.done():  # the exact part is ready: a coarser one now would only hold it back
+                break
             _count(parts=1)
-            yield part
+            yield coarse.result()
         part = full.result()
         if not view.superseded():
             _count(parts=1)
