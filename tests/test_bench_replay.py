@@ -155,6 +155,22 @@ def data(sample_store, tmp_path_factory):
                      ingest(sample_store, out / "turb.h5", BLOCK, fmt="hdf5"), "u")
 
 
+def test_references_are_read_before_the_replay(data):
+    """The stored values of a sequence's views are read once, before any system: a read after a view
+    would lengthen that view's think time for the first system only."""
+    import xarray as xr
+
+    from tierscope.bench.replay import _Reference
+
+    seq = generate("jumps", BlockGrid(SHAPE, BLOCK), 6, seed=2, steps=2)
+    ref = _Reference(data)
+    ref.prepare(seq.views)
+    stored = xr.open_zarr(data.zarr, consolidated=False)["u"]
+    ref.array = None  # the replay's lookups must not read the store again
+    for view in seq.views:
+        np.testing.assert_array_equal(ref(view), stored.isel(view.isel(stored.dims)).values)
+
+
 def test_replay_end_to_end(data, cluster, tmp_path):
     import xarray as xr
     from distributed import Client

@@ -136,6 +136,26 @@ def test_a_newer_view_stops_the_older_views_level0_read(client, levels_store):
         ds.close()
 
 
+def test_coarse_parts_move_no_position_at_the_server(client, levels_store):
+    """A coarse part is not a view: its owners' fetches say so (``X-Tierscope-Moves: no``) and the server
+    keeps no position and plans no prefetch for it; level 0's read is the one view it sees."""
+    service = BlockService([ZarrOrigin(levels_store)], l3="16MiB", l4="16MiB", prefetch="auto")
+    with ServerThread(service) as server, xr.open_dataset(f"{server.url}/datasets/turb",
+                                                          engine="tierscope") as ds:
+        parts = list(tierscope.progressive(ds["u"].isel(time=1, z=9)))
+        assert [p.encoding["tierscope_level"] for p in parts] == [2, 0]
+        stats = service.stats()
+        assert stats["requests"]["user"] == 1 + 16  # the coarse block was served, as a user request
+        assert stats["sessions"] == 1  # level 0's position only
+        level0 = stats["prefetch"]["planned"]
+        assert level0 > 0
+        coarse = xr.open_dataset(f"{server.url}/datasets/turb", engine="tierscope", level=2)
+        coarse["u"].isel(time=2, z=2).load()  # a level-2 block not held, read as a view: that moves one
+        stats = service.stats()
+        assert stats["sessions"] == 2 and stats["prefetch"]["planned"] > level0
+        coarse.close()
+
+
 def test_on_update_gets_each_part_and_returns_level0_or_none_when_cancelled(client, levels_url):
     ds = xr.open_dataset(levels_url, engine="tierscope")
     seen: list[int] = []

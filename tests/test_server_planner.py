@@ -67,6 +67,35 @@ def test_positions_move_and_plans_are_made_on_the_planning_thread(sample_store):
     assert threads == {THREAD_NAME}  # none of it on the loop's thread
 
 
+def test_a_request_that_moves_no_position_plans_nothing(sample_store):
+    """``X-Tierscope-Moves: no`` (a progressive view's coarse part, docs/protocol.md): the blocks are
+    served as user requests, but the session keeps no position and nothing is planned, on every route."""
+    from tierscope.client.http import HttpTransport
+
+    service = BlockService([ZarrOrigin(sample_store)], l3="4MiB", l4="4MiB", prefetch="auto")
+    with ServerThread(service) as server:
+        transport = HttpTransport(server.url)
+        blocks = [(1, 0, 0, 0), (1, 1, 1, 1)]
+        view = {"session": "s", "position": blocks}
+        try:
+            transport.fetch("turb", "u", blocks[0], 0.0, **view, moves=False)
+            transport.fetch_many("turb", "u", blocks, 0.0, **view, moves=False)
+            assert len(list(transport.fetch_each("turb", "u", blocks, 0.0, **view, moves=False))) == 2
+            stats = service.stats()
+            assert stats["requests"]["user"] == 5 and stats["sessions"] == 0
+            assert stats["prefetch"]["planned"] == 0
+            transport.fetch_many("turb", "u", blocks, 0.0, **view)  # a view: it moves the position
+            stats = service.stats()
+            assert stats["sessions"] == 1 and stats["prefetch"]["planned"] > 0
+        finally:
+            transport.close()
+
+
+def test_a_bad_moves_header_is_a_400_naming_it(server):
+    status, body = get(f"{server.url}/datasets/turb/blocks/u/0.0.0.0", {"X-Tierscope-Moves": "0"})
+    assert status == 400 and "X-Tierscope-Moves must be yes or no" in json.loads(body)["error"], body
+
+
 def test_a_position_is_planned_once_at_its_newest_view():
     delivered = []
     planner = Planner(delivered.append)

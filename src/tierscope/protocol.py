@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CANCEL_OP", "ENCODE_MS_HEADER", "LINK_HEADER", "MAX_BATCH", "MAX_INDEX_LEN", "MAX_POSITION_BLOCKS",
-    "PLAN_OP", "POSITION_HEADER", "READ_MS_HEADER", "READ_OP", "SESSION_HEADER", "TIER_HEADER", "VIEW_OP",
-    "BlockSpec", "parse_block_index",
+    "MOVES_HEADER", "PLAN_OP", "POSITION_HEADER", "READ_MS_HEADER", "READ_OP", "SESSION_HEADER", "TIER_HEADER",
+    "VIEW_OP", "BlockSpec", "parse_block_index",
 ]
 
 # Block server HTTP (docs/protocol.md)
@@ -36,6 +36,9 @@ TIER_HEADER = "X-Tierscope-Tier"
 READ_MS_HEADER = "X-Tierscope-Read-Ms"
 ENCODE_MS_HEADER = "X-Tierscope-Encode-Ms"
 LINK_HEADER = "X-Tierscope-Link"  # client -> server: the link throughput the client measured, bytes/s
+# client -> server: "no" for a user request that is not a view of its own (a progressive view's coarse
+# part): it moves no position and plans no prefetch. Absent (older clients) or "yes": it does.
+MOVES_HEADER = "X-Tierscope-Moves"
 
 
 def parse_block_index(text: str, what: str = "block index") -> tuple[int, ...]:

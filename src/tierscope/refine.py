@@ -32,7 +32,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from types import ModuleType
 from typing import Any, NamedTuple, overload
 
@@ -236,18 +236,19 @@ class _View:
             return coarsest
         return next((k for k in range(coarsest) if self.blocks(k) * per_block * 1e3 <= budget_ms), coarsest)
 
-    def load(self, k: int) -> xr.DataArray:
+    def load(self, k: int, stop: Any = None) -> xr.DataArray:
         """Level ``k``'s part, its level in ``encoding["tierscope_level"]``; level 0 is the selection.
 
         A coarse part is not a view of its own: it moves no position (``direct.unreported``), so it plans
-        no prefetch of its own; the level-0 read plans the coarse levels around the view already."""
+        no prefetch of its own; the level-0 read plans the coarse levels around the view already. ``stop``
+        (a coarse part's): stops its direct read, which then raises ``ReadCancelledError``."""
         if k == 0:
             with _cancellable(self.stop):
                 part = self.selection.compute()
         else:
             level = self.pyramid.dataset(k)[self.variable]
             part = level.isel(dict(zip(self.var.dims, (r.key() for r in self.ranges_at(k)), strict=True)))
-            with _unreported():
+            with _unreported(), _cancellable(stop):
                 part = part.compute().rename(self.selection.name)
         part.encoding["tierscope_level"] = k
         return part
@@ -278,7 +279,8 @@ class _View:
 def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
     """The parts, coarse to fine. Once the first is out, level 0 loads in the background beside the finer
     coarse levels, so the exact picture comes about as soon as it would without levels; only coarse levels
-    at most ``1 / CHEAP`` of level 0's blocks are loaded on the way (dearer ones would delay it). Level 0
+    at most ``1 / CHEAP`` of level 0's blocks are loaded on the way (dearer ones would delay it), and one
+    still loading when level 0 is ready is passed over: level 0 never waits for a coarser part. Level 0
     does not start with the first part: on a busy machine its 64 blocks' reads and decodes delayed the
     first picture 2-4x (docs/benchmarks.md). A newer view stops its read (``view.stop``)."""
     first, *rest = levels
@@ -304,12 +306,19 @@ def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
             if view.superseded():  # level 0 counts as cancelled when its read was stopped
                 view.cancel(finer[i:] + [0] * (view.stop is not None))
                 return
-            part = _timed(view, k)
-            if view.superseded():
+            drop = _direct_cancel()  # stops this part's read once level 0 is ready (its work would only
+            # take the cores from the next view)
+            coarse = _background.submit(_timed, view, k, drop)
+            wait((coarse, full), return_when=FIRST_COMPLETED)
+            if view.superseded():  # a newer view began while this part loaded: stale
                 view.cancel(finer[i + 1:] + [0] * (view.stop is not None))
                 return
+            if full.done():  # the exact part is ready: a coarser one now would only hold it back
+                if drop is not None:
+                    drop.set()
+                break
             _count(parts=1)
-            yield part
+            yield coarse.result()
         part = full.result()
         if not view.superseded():
             _count(parts=1)
@@ -322,13 +331,14 @@ def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
         view.retire()
 
 
-def _timed(view: _View, k: int) -> xr.DataArray:
-    """Level ``k``'s part, its load time measured (for ``budget_ms``) and its blocks counted."""
+def _timed(view: _View, k: int, stop: Any = None) -> xr.DataArray:
+    """Level ``k``'s part, its load time measured (for ``budget_ms``) and its blocks counted; ``stop``: as
+    for ``_View.load``."""
     if k:
         view.pyramid.dataset(k)  # opening a level once is not part of its load time
     blocks = view.blocks(k)
     t0 = time.perf_counter()
-    part = view.load(k)
+    part = view.load(k, stop)
     view.measured(blocks, time.perf_counter() - t0)
     _count(blocks=blocks)
     return part
@@ -359,8 +369,9 @@ def _cancellable(stop: Any) -> contextlib.AbstractContextManager:
 
 
 CHEAP = 8  # a coarse level is loaded on the way to level 0 when it has at most 1/CHEAP of its blocks
-# Level-0 loads beside the coarse ones: one per progressive view in flight, a few views at a time.
-_background = ThreadPoolExecutor(4, thread_name_prefix="tierscope-progressive")
+# Level-0 loads and the finer coarse ones beside them: two per progressive view in flight, a few views at
+# a time.
+_background = ThreadPoolExecutor(8, thread_name_prefix="tierscope-progressive")
 
 
 @overload

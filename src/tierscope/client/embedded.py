@@ -50,9 +50,11 @@ class EmbeddedTransport(Transport):
         purpose: str = "user",
         session: str | None = None,
         position: Sequence[BlockIndex] | None = None,
+        *,
+        moves: bool = True,
     ) -> Fetched:
         result = _sync.sync(self.service.block(dataset, variable, index, tol=tol, purpose=purpose,
-                                               session=session, position=position))
+                                               session=session, position=position, moves=moves))
         return _fetched(result)
 
     def fetch_many(
@@ -64,13 +66,15 @@ class EmbeddedTransport(Transport):
         purpose: str = "user",
         session: str | None = None,
         position: Sequence[BlockIndex] | None = None,
+        *,
+        moves: bool = True,
     ) -> list[Fetched]:
         indices = list(indices)
         frames = []
         for start in range(0, len(indices), MAX_BATCH):
             results = _sync.sync(self.service.batch(
                 dataset, variable, indices[start:start + MAX_BATCH], tol=tol, purpose=purpose,
-                session=session, position=position,
+                session=session, position=position, moves=moves,
             ))
             frames.extend(_fetched(r) for r in results)
         return frames

@@ -24,7 +24,7 @@ from tierscope.errors import (
 )
 from tierscope.grid import BlockIndex
 from tierscope.metadata import DatasetInfo
-from tierscope.protocol import LINK_HEADER, MAX_BATCH
+from tierscope.protocol import LINK_HEADER, MAX_BATCH, MOVES_HEADER
 
 __all__ = ["HttpTransport"]
 
@@ -129,8 +129,11 @@ class HttpTransport(Transport):
             rate = nbytes / network_s
             self.link_bps = rate if self.link_bps is None else self.link_bps + LINK_WEIGHT * (rate - self.link_bps)
 
-    def _block_headers(self, session: str | None, position: Sequence[BlockIndex] | None) -> dict[str, str]:
+    def _block_headers(self, session: str | None, position: Sequence[BlockIndex] | None,
+                       moves: bool) -> dict[str, str]:
         headers = view_headers(session, position)
+        if not moves:
+            headers[MOVES_HEADER] = "no"
         if self.link_bps is not None:
             headers[LINK_HEADER] = f"{self.link_bps:.0f}"
         return headers
@@ -208,11 +211,14 @@ class HttpTransport(Transport):
         purpose: str = "user",
         session: str | None = None,
         position: Sequence[BlockIndex] | None = None,
+        *,
+        moves: bool = True,
     ) -> Fetched:
         path = f"/datasets/{dataset}/blocks/{variable}/{_block_path(index)}"
         params = {"tol": repr(float(tol)), "purpose": purpose}
         t0 = time.perf_counter()
-        body, headers = _sync.sync(self._request("GET", path, params, self._block_headers(session, position)))
+        body, headers = _sync.sync(self._request("GET", path, params,
+                                                 self._block_headers(session, position, moves)))
         elapsed = time.perf_counter() - t0
         try:
             server_ms = float(headers["X-Tierscope-Read-Ms"]) + float(headers["X-Tierscope-Encode-Ms"])
@@ -234,6 +240,8 @@ class HttpTransport(Transport):
         session: str | None = None,
         position: Sequence[BlockIndex] | None = None,
         codec: str | None = None,
+        *,
+        moves: bool = True,
     ) -> list[Fetched]:
         """Many blocks in one ``POST /datasets/{name}/batch`` round trip per 256 blocks."""
         frames: list[Fetched] = []
@@ -245,7 +253,7 @@ class HttpTransport(Transport):
                 request["codec"] = codec
             t0 = time.perf_counter()
             body, _ = _sync.sync(self._request("POST", f"/datasets/{dataset}/batch",
-                                               headers=self._block_headers(session, position),
+                                               headers=self._block_headers(session, position, moves),
                                                json_body=request))
             blocks = [block for _, block in split_batch(body)]
             self._measured(len(body), time.perf_counter() - t0, max(b.server_s for b in blocks))
@@ -261,6 +269,8 @@ class HttpTransport(Transport):
         purpose: str = "user",
         session: str | None = None,
         position: Sequence[BlockIndex] | None = None,
+        *,
+        moves: bool = True,
     ) -> Iterator[tuple[BlockIndex, Fetched]]:
         """Streamed batches (``"stream": true``, docs/protocol.md): each block as the server has it ready,
         so the caller decodes one while the next is still being read, encoded or sent."""
@@ -270,8 +280,8 @@ class HttpTransport(Transport):
                        "blocks": indices[start:start + MAX_BATCH]}
             arrived: queue.SimpleQueue = queue.SimpleQueue()
             done = asyncio.run_coroutine_threadsafe(
-                self._stream(f"/datasets/{dataset}/batch", self._block_headers(session, position), request,
-                             arrived), _sync.loop())
+                self._stream(f"/datasets/{dataset}/batch", self._block_headers(session, position, moves),
+                             request, arrived), _sync.loop())
             try:
                 for _ in range(len(request["blocks"])):
                     item = arrived.get()

@@ -60,8 +60,12 @@ class Transport(abc.ABC):
         purpose: str = "user",
         session: str | None = None,
         position: Sequence[BlockIndex] | None = None,
+        *,
+        moves: bool = True,
     ) -> Fetched:
-        """One encoded block; ``session``/``position`` (the current view's blocks) steer server prefetch."""
+        """One encoded block; ``session``/``position`` (the current view's blocks) steer server prefetch.
+        ``moves=False``: the request is no view of its own (a progressive view's coarse part), so the
+        server moves no position for it (``X-Tierscope-Moves: no``)."""
 
     def fetch_many(
         self,
@@ -72,9 +76,12 @@ class Transport(abc.ABC):
         purpose: str = "user",
         session: str | None = None,
         position: Sequence[BlockIndex] | None = None,
+        *,
+        moves: bool = True,
     ) -> list[Fetched]:
         """Encoded blocks of one variable, in order (one round trip where possible)."""
-        return [self.fetch(dataset, variable, i, tol, purpose, session, position) for i in indices]
+        return [self.fetch(dataset, variable, i, tol, purpose, session, position, moves=moves)
+                for i in indices]
 
     def fetch_each(
         self,
@@ -85,10 +92,12 @@ class Transport(abc.ABC):
         purpose: str = "user",
         session: str | None = None,
         position: Sequence[BlockIndex] | None = None,
+        *,
+        moves: bool = True,
     ) -> Iterator[tuple[BlockIndex, Fetched]]:
         """(index, block) pairs of one variable, each as soon as it arrives, in any order (a transport
         that cannot stream gives them when all arrived)."""
-        fetched = self.fetch_many(dataset, variable, indices, tol, purpose, session, position)
+        fetched = self.fetch_many(dataset, variable, indices, tol, purpose, session, position, moves=moves)
         yield from zip((tuple(i) for i in indices), fetched, strict=True)
 
     @abc.abstractmethod

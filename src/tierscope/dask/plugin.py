@@ -109,7 +109,8 @@ class TierscopeWorkerPlugin(WorkerPlugin):
         fetches go to a thread, so the loop keeps answering heartbeats and plans. ``session`` and ``view``
         (the box's corners) say where the reader is now: the fetches tell the server, before the scheduler's
         plan for this view arrives, so a jump drops the server's prefetch for the old position at once.
-        ``read``: the read's id, for ``_on_cancel`` (a cancelled read answers None).
+        ``view`` None: the read is no view (``direct.unreported``), and its fetch says so to the server
+        (``moves=False``). ``read``: the read's id, for ``_on_cancel`` (a cancelled read answers None).
         """
         tiers = self.tiers
         if tiers is None:
@@ -129,7 +130,7 @@ class TierscopeWorkerPlugin(WorkerPlugin):
             if read is not None:
                 self._reads[read] = stop
             try:
-                got = await asyncio.to_thread(tiers.read_loading, spec, pieces, stop)
+                got = await asyncio.to_thread(tiers.read_loading, spec, pieces, stop, view is not None)
             except ReadCancelledError:
                 return {"parts": None}
             except Exception as exc:  # e.g. the server is down: the graph's loads retry and report it

@@ -107,13 +107,14 @@ class WorkerTiers:
 
     def read_loading(
         self, spec: BlockSpec, pieces: Sequence[tuple[BlockIndex, tuple[slice, ...]]],
-        stop: threading.Event | None = None,
+        stop: threading.Event | None = None, moves: bool = True,
     ) -> list[np.ndarray]:
         """Parts of blocks, the missing ones fetched in one streamed batch (the server works on them side by
         side and sends each when ready) and each decoded as it arrives, all in parallel: a cold view's
         share of one worker as a pipeline, instead of a task, a request and a decode per block one after
         the other. ``stop`` set (the read was cancelled): at the next block the rest of the batch is
-        dropped, decodes not started are not run, and ``ReadCancelledError`` is raised."""
+        dropped, decodes not started are not run, and ``ReadCancelledError`` is raised. ``moves=False``: the
+        read is no view (``direct.unreported``), so its fetch moves no position at the server either."""
         indices = list(dict.fromkeys(index for index, _ in pieces))
         # a small read (a progressive view's coarse part) must not queue behind a big one's decodes
         submit = _run_now if len(indices) <= INLINE_DECODES else self._decoders().submit
@@ -128,7 +129,7 @@ class WorkerTiers:
                     wanted[keys[0]] = index
             if wanted:
                 arriving = self.l2.load_stream(list(wanted), lambda keys: self._fetch_each(
-                    spec, [wanted[k] for k in keys], "user"), prefetch=False)
+                    spec, [wanted[k] for k in keys], moves), prefetch=False)
                 with contextlib.closing(arriving):  # a stop drops the rest of the stream
                     for key, frame in arriving:
                         decoding[wanted[key]] = submit(self.load, spec, wanted[key], frame)
@@ -280,20 +281,22 @@ class WorkerTiers:
         self._count_fetch(purpose, len(fetched), time.perf_counter() - t0, max(f.server_s for f in fetched))
         return [f.frame for f in fetched]
 
-    def _fetch_each(self, spec: BlockSpec, indices: list[BlockIndex], purpose: str) -> Iterator[tuple[Hashable, bytes]]:
-        """(block key, frame) pairs as they arrive from one streamed batch."""
+    def _fetch_each(
+        self, spec: BlockSpec, indices: list[BlockIndex], moves: bool
+    ) -> Iterator[tuple[Hashable, bytes]]:
+        """(block key, frame) pairs as they arrive from one streamed batch of a user read."""
         session, view = self._position(spec)
         t0, count, server_s = time.perf_counter(), 0, 0.0
         try:
             for index, fetched in spec.source.transport().fetch_each(
-                spec.source.dataset, spec.variable, indices, spec.tol, purpose=purpose, session=session,
-                position=view,
+                spec.source.dataset, spec.variable, indices, spec.tol, purpose="user", session=session,
+                position=view, moves=moves,
             ):
                 count, server_s = count + 1, max(server_s, fetched.server_s)
                 yield spec.block_key(index), fetched.frame
         finally:
             if count:
-                self._count_fetch(purpose, count, time.perf_counter() - t0, server_s)
+                self._count_fetch("user", count, time.perf_counter() - t0, server_s)
 
     def _count_fetch(self, purpose: str, blocks: int, elapsed: float, server_s: float) -> None:
         """A round trip's blocks, and its time split into the server's and the network's share."""

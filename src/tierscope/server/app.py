@@ -36,7 +36,7 @@ from tierscope.errors import (
     VariableNotFoundError,
 )
 from tierscope.server.limits import ByteBudget, ServerBusyError, stream, stream_each
-from tierscope.protocol import LINK_HEADER, MAX_INDEX_LEN, POSITION_HEADER, parse_block_index
+from tierscope.protocol import LINK_HEADER, MAX_INDEX_LEN, MOVES_HEADER, POSITION_HEADER, parse_block_index
 from tierscope.server.service import GIL_SWITCH_S, BlockResult, BlockService
 from tierscope.server.zarr_http import add_zarr_routes
 
@@ -113,6 +113,15 @@ def _link(request: web.Request) -> float | None:
         return float(raw[:32])
     except ValueError:
         raise ValueError(f"{LINK_HEADER} must be a number of bytes per second, got {raw[:40]!r}") from None
+
+
+def _moves(request: web.Request) -> bool:
+    """Whether the request moves its session's position (``X-Tierscope-Moves``: ``yes``, the default, or
+    ``no``)."""
+    raw = request.headers.get(MOVES_HEADER, "yes")
+    if raw not in ("yes", "no"):
+        raise ValueError(f"{MOVES_HEADER} must be yes or no, got {raw[:40]!r}")
+    return raw == "yes"
 
 
 def _session(request: web.Request) -> str | None:
@@ -210,6 +219,7 @@ async def block(request: web.Request) -> web.StreamResponse:
             session=_session(request),
             position=request.headers.get(POSITION_HEADER),
             link_bps=_link(request),
+            moves=_moves(request),
         )
         return await stream(request, [_charged(result)], charge, "application/octet-stream",
                             _result_headers(result))
@@ -240,7 +250,8 @@ async def batch(request: web.Request) -> web.StreamResponse:
     args = (name, variable, [tuple(b) for b in blocks])
     kwargs = {"tol": _tol(payload.get("tol", 0)), "codec_name": _optional_str(payload, "codec"),
               "purpose": _optional_str(payload, "purpose") or "user", "session": _session(request),
-              "position": request.headers.get(POSITION_HEADER), "link_bps": _link(request)}
+              "position": request.headers.get(POSITION_HEADER), "link_bps": _link(request),
+              "moves": _moves(request)}
     async with request.app[BUDGET].hold(len(blocks) * block_nbytes) as charge:
         if streamed:
             results = await service.batch_stream(*args, **kwargs)

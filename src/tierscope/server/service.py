@@ -381,11 +381,13 @@ class BlockService:
         session: str | None = None,
         position: str | Sequence[Sequence[int]] | None = None,
         link_bps: float | None = None,
+        moves: bool = True,
     ) -> BlockResult:
         """One encoded block at ``tol``; ``position`` (the session's current view: its blocks, or an
-        ``X-Tierscope-Position`` header's text) steers prefetch."""
+        ``X-Tierscope-Position`` header's text) steers prefetch; ``moves=False``: the request is no view
+        of its own (a progressive view's coarse part), so it moves no position and plans nothing."""
         return (await self.batch(dataset, variable, [index], tol, codec_name, purpose, session,
-                                 position, link_bps=link_bps, batch=False))[0]
+                                 position, link_bps=link_bps, moves=moves, batch=False))[0]
 
     async def batch(
         self,
@@ -399,13 +401,15 @@ class BlockService:
         position: str | Sequence[Sequence[int]] | None = None,
         *,
         link_bps: float | None = None,
+        moves: bool = True,
         batch: bool = True,
     ) -> list[BlockResult]:
         """Many blocks of one variable in one call (at most ``MAX_BATCH``), served concurrently.
 
-        ``link_bps``: the throughput the client measured on its link to here (bytes/s), for ``adapt``."""
+        ``link_bps``: the throughput the client measured on its link to here (bytes/s), for ``adapt``;
+        ``moves``: as for ``block``."""
         tasks = self._start(dataset, variable, indices, tol, codec_name, purpose, session, position,
-                            link_bps, batch)
+                            link_bps, moves, batch)
         # shielded: a client that hangs up does not cancel a load other requests may be waiting on
         return list(await asyncio.shield(asyncio.gather(*tasks)))
 
@@ -421,11 +425,12 @@ class BlockService:
         position: str | Sequence[Sequence[int]] | None = None,
         *,
         link_bps: float | None = None,
+        moves: bool = True,
     ) -> AsyncIterator[tuple[int, BlockResult]]:
         """``batch``, each block as soon as it is ready: (its place in ``indices``, its result), so no
         block waits for an unrelated one. Validation errors raise before the first."""
         tasks = self._start(dataset, variable, indices, tol, codec_name, purpose, session, position,
-                            link_bps, True)
+                            link_bps, moves, True)
         return self._as_completed(tasks)
 
     @staticmethod
@@ -443,10 +448,11 @@ class BlockService:
     def _start(
         self, dataset: str, variable: str, indices: Sequence[BlockIndex], tol: float, codec_name: str | None,
         purpose: str, session: str | None, position: str | Sequence[Sequence[int]] | None,
-        link_bps: float | None, batch: bool,
+        link_bps: float | None, moves: bool, batch: bool,
     ) -> list[asyncio.Task]:
-        """Validate a request, move its session's position, and start one task per block. While a user
-        request's tasks run, no prefetch load starts (prefetch waits for ``_user_idle``)."""
+        """Validate a request, move its session's position (unless ``moves`` is False: then its position
+        header is ignored), and start one task per block. While a user request's tasks run, no prefetch
+        load starts (prefetch waits for ``_user_idle``)."""
         if self._loop is None:
             raise RuntimeError("BlockService.start() must run on an event loop before serving blocks")
         req = self._request(dataset, variable, tol, codec_name, purpose, link_bps)
@@ -457,7 +463,8 @@ class BlockService:
         if session is not None:
             check_session(session)
         req, tighter = self._share(req)
-        self._observe(req, grid, session, position, checked if purpose == "user" else None)
+        if moves:
+            self._observe(req, grid, session, position, checked if purpose == "user" else None)
         self._stats.requests[purpose] += len(checked)
         self._stats.batches += batch
         if purpose == "prefetch":
