@@ -172,9 +172,9 @@ def test_coarse_plans_are_bounded_whatever_the_dataset_size():
         elapsed = time.perf_counter() - started
         assert [p.spec.level for p in plans] == [3, 2, 1]  # coarsest first
         planned = [sum(len(s) for s in p.shares.values()) for p in plans]
-        assert planner.counts["max_enumerated"] <= 1024 and sum(planned) <= 1024
+        assert planner.last["max_enumerated"] <= 1024 and sum(planned) <= 1024
         assert elapsed < 0.5, elapsed
-        enumerated.append(planner.counts["enumerated"])
+        enumerated.append(planner.last["enumerated"])
         if nt == 100:  # the coarsest level (one block per time step) is covered whole
             assert planned[0] == 100
         else:  # the cap bounds it: a window of 512 time steps around the view

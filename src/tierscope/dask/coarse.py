@@ -16,7 +16,8 @@ which puts the coarsest level of a small spatial grid on few workers, so each ow
 own part of each level's share (in proportion to its capacity). Work per view is bounded whatever the
 dataset's size: at most ``max_blocks`` blocks enumerated over all levels (the coarsest level half of
 them, each finer one half of what is left; taken from vectorised rings, ``prefetch.around``), counted in
-``counts["enumerated"]`` and ``counts["max_enumerated"]`` (the most in one view). A level whose mapped
+``last["enumerated"]`` (the scheduler plugin's ``stats()["coarse"]`` adds them up, and keeps the most in
+one view as ``max_enumerated``). A level whose mapped
 box has not left the last plan's (same spatial blocks, time within a quarter of the plan's reach) is
 not planned again: its plan is still being carried out, and steps inside one coarse block change nothing.
 """
@@ -92,8 +93,7 @@ class CoarsePlanner:
     def __init__(self, max_blocks: int = 1024) -> None:
         self.max_blocks = max_blocks
         self._last: OrderedDict[tuple[str, BlockSpec], _Planned] = OrderedDict()
-        self.counts = dict.fromkeys(COUNTS, 0)  # since this planner began
-        self.last = dict.fromkeys(COUNTS, 0)  # what the last ``plan`` did: a host adds it to its own totals
+        self.last = dict.fromkeys(COUNTS, 0)  # what the last ``plan`` did: its host adds it to its totals
 
     def forget(self, client: str, spec: BlockSpec) -> None:
         """``spec``'s position just got another plan (the user views that level): the next coarse plan
@@ -156,7 +156,6 @@ class CoarsePlanner:
             call["planned"] += sum(len(s) for s in shares.values())
         call["max_enumerated"] = call["enumerated"]
         self.last = call
-        add_counts(self.counts, call)
         return plans
 
     def _covers(self, planned: _Planned | None, box: Box, workers: tuple[str, ...], t: int | None) -> bool:
@@ -214,4 +213,3 @@ def _assign(
         rows = np.flatnonzero(mine & (rank < fits2[w]))
         shares[w] = list(zip(map(tuple, blocks[rows].tolist()), (rank[rows] < fits1[w]).tolist()))
     return shares, (None if dropped == len(blocks) else tuple(blocks[dropped].tolist()))
-
