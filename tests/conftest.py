@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
+
+from tierscope.store.origin import Origin
 
 SHAPE = (4, 16, 32, 32)
 BLOCK = (1, 8, 16, 16)
@@ -18,6 +21,33 @@ def wait_for(predicate, timeout=10.0):
             return True
         time.sleep(0.02)
     return False
+
+
+class GatedOrigin(Origin):
+    """Another origin's blocks, the order of reads recorded; a read for which ``gated(index)`` holds waits
+    for ``gate`` (``held`` says one is waiting), so queued work stays queued until the test opens it. Its
+    coarse levels are the other origin's, read freely."""
+
+    def __init__(self, origin, gated):
+        self.origin, self.name, self.location, self.path = origin, origin.name, origin.location, None
+        self._levels = {}
+        self.gated, self.gate, self.held = gated, threading.Event(), threading.Event()
+        self.reads: list[tuple[int, ...]] = []
+        self._lock = threading.Lock()
+
+    def info(self):
+        return self.origin.info()
+
+    def _open_level(self, k, name):
+        return self.origin._open_level(k, name)
+
+    def read_block(self, variable, index):
+        if self.gated(index):
+            self.held.set()
+            self.gate.wait(20)
+        with self._lock:
+            self.reads.append(tuple(index))
+        return self.origin.read_block(variable, index)
 
 
 @pytest.fixture(scope="session")

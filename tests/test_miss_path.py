@@ -25,31 +25,14 @@ from tierscope.dask.prefetcher import Plan, Prefetcher
 from tierscope.dask.tiers import WorkerTiers
 from tierscope.protocol import BlockSpec
 from tierscope.server import BlockService, ServerThread
-from tierscope.store.origin import Origin, ZarrOrigin, open_origin
+from tierscope.store.origin import ZarrOrigin, open_origin
 
-from conftest import BLOCK, SHAPE, wait_for
+from conftest import BLOCK, SHAPE, GatedOrigin, wait_for
 
 
-class RecordingOrigin(Origin):
-    """Another origin's blocks, with the order of reads recorded; reads of blocks at time steps other than
-    ``free_steps`` wait for ``gate`` (so queued work stays queued until the test opens it)."""
-
-    def __init__(self, origin, free_steps=()):
-        self.origin, self.name, self.location, self.path = origin, origin.name, origin.location, None
-        self.gate, self.held, self.free_steps = threading.Event(), threading.Event(), set(free_steps)
-        self.reads: list[tuple[int, ...]] = []
-        self._lock = threading.Lock()
-
-    def info(self):
-        return self.origin.info()
-
-    def read_block(self, variable, index):
-        if index[0] not in self.free_steps:
-            self.held.set()
-            self.gate.wait(20)
-        with self._lock:
-            self.reads.append(tuple(index))
-        return self.origin.read_block(variable, index)
+def recording(origin, free_steps=()):
+    """``origin`` with its reads recorded; reads at time steps other than ``free_steps`` wait for its gate."""
+    return GatedOrigin(origin, lambda index: index[0] not in free_steps)
 
 
 def spec_of(url: str, tol: float = 0.0, variable: str = "u") -> BlockSpec:
@@ -60,7 +43,7 @@ def spec_of(url: str, tol: float = 0.0, variable: str = "u") -> BlockSpec:
 
 
 def test_a_user_miss_overtakes_the_prefetch_backlog_on_the_worker_and_the_server(sample_store):
-    origin = RecordingOrigin(ZarrOrigin(sample_store))
+    origin = recording(ZarrOrigin(sample_store))
     with ServerThread(BlockService([origin], prefetch_workers=1)) as server:
         url = f"{server.url}/datasets/turb"
         tiers = WorkerTiers(64 << 20, 64 << 20, device="cpu")
@@ -108,7 +91,7 @@ def one_worker():
 
 
 def test_a_jump_drops_the_old_positions_prefetch_at_the_server_and_the_worker(one_worker):
-    origin = RecordingOrigin(open_origin("sample://walk?shape=32,32,64,64&block=1,16,16,16"),
+    origin = recording(open_origin("sample://walk?shape=32,32,64,64&block=1,16,16,16"),
                              free_steps=(0, 20))
     service = BlockService([origin], l3="64MiB", l4="64MiB", prefetch="neighbourhood", prefetch_workers=1)
     with ServerThread(service) as server:
@@ -221,7 +204,7 @@ def test_a_streamed_batch_sends_each_block_as_soon_as_it_is_ready(sample_store):
     import urllib.error
     import urllib.request
 
-    origin = RecordingOrigin(ZarrOrigin(sample_store), free_steps=(1,))
+    origin = recording(ZarrOrigin(sample_store), free_steps=(1,))
     ref = xr.open_zarr(sample_store, consolidated=False).u.values
     with ServerThread(BlockService([origin])) as server:
         transport = HttpTransport(server.url)

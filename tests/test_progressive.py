@@ -13,9 +13,9 @@ import xarray as xr
 import tierscope
 from tierscope.refine import stats as progressive_stats
 from tierscope.server import BlockService, ServerThread
-from tierscope.store.origin import Origin, ZarrOrigin
+from tierscope.store.origin import ZarrOrigin
 
-from conftest import wait_for
+from conftest import GatedOrigin, wait_for
 
 SPACE = ("z", "y", "x")
 
@@ -78,37 +78,16 @@ def test_lossy_view_ends_equal_to_its_own_level0_view_and_within_tol(client, lev
         assert float(abs(part - exact).max()) <= tol
 
 
-class GatedLevel0(Origin):
-    """Another origin whose level-0 reads at time step ``GATED`` wait for ``gate``; its coarse levels are
-    the other origin's, read freely."""
-
-    GATED = 2
-
-    def __init__(self, origin: Origin) -> None:
-        self.origin, self.name, self.location, self.path = origin, origin.name, origin.location, None
-        self._levels: dict[int, Origin] = {}
-        self.gate, self.held = threading.Event(), threading.Event()
-
-    def info(self):
-        return self.origin.info()
-
-    def _open_level(self, k: int, name: str) -> Origin:
-        return self.origin._open_level(k, name)
-
-    def read_block(self, variable, index):
-        if index[0] == self.GATED:
-            self.held.set()
-            self.gate.wait(20)
-        return self.origin.read_block(variable, index)
+GATED = 2  # the time step whose level-0 reads wait for the gate
 
 
 def test_a_newer_view_stops_the_older_views_level0_read(client, levels_store):
-    origin = GatedLevel0(ZarrOrigin(levels_store))
+    origin = GatedOrigin(ZarrOrigin(levels_store), lambda index: index[0] == GATED)
     # threads enough for the gated reads and the newer view's: a stopped read's server work is not dropped
     with ServerThread(BlockService([origin], workers=40)) as server:
         ds = xr.open_dataset(f"{server.url}/datasets/turb", engine="tierscope")
         before, total = progressive_stats(), tierscope.stats(client)["total"]
-        older = tierscope.progressive(ds["u"].isel(time=GatedLevel0.GATED, z=3))
+        older = tierscope.progressive(ds["u"].isel(time=GATED, z=3))
         assert next(older).encoding["tierscope_level"] == 2
         rest: list[xr.DataArray] = []
         waiting = threading.Thread(target=lambda: rest.extend(older))  # level 0 starts once asked for
