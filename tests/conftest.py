@@ -24,25 +24,26 @@ def wait_for(predicate, timeout=10.0):
 
 
 class GatedOrigin(Origin):
-    """Another origin's blocks, the order of reads recorded; a read for which ``gated(index)`` holds waits
-    for ``gate`` (``held`` says one is waiting), so queued work stays queued until the test opens it. Its
-    coarse levels are the other origin's, read freely."""
+    """Another origin's blocks, the order of reads recorded; a read for which ``gated(level, index)`` holds
+    waits for ``gate`` (``held`` says one is waiting), so queued work stays queued until the test opens
+    it. Its coarse levels are the other origin's, behind the same gate."""
 
-    def __init__(self, origin, gated):
+    def __init__(self, origin, gated, level=0, shared=None):
         self.origin, self.name, self.location, self.path = origin, origin.name, origin.location, None
         self._levels = {}
-        self.gated, self.gate, self.held = gated, threading.Event(), threading.Event()
-        self.reads: list[tuple[int, ...]] = []
-        self._lock = threading.Lock()
+        self.gated, self._k = gated, level  # not ``level``: Origin.level(k) opens a level
+        self.gate, self.held, self.reads, self._lock = shared or (
+            threading.Event(), threading.Event(), [], threading.Lock())
 
     def info(self):
         return self.origin.info()
 
     def _open_level(self, k, name):
-        return self.origin._open_level(k, name)
+        return GatedOrigin(self.origin._open_level(k, name), self.gated, k,
+                           (self.gate, self.held, self.reads, self._lock))
 
     def read_block(self, variable, index):
-        if self.gated(index):
+        if self.gated(self._k, index):
             self.held.set()
             self.gate.wait(20)
         with self._lock:

@@ -32,7 +32,7 @@ from conftest import BLOCK, SHAPE, GatedOrigin, wait_for
 
 def recording(origin, free_steps=()):
     """``origin`` with its reads recorded; reads at time steps other than ``free_steps`` wait for its gate."""
-    return GatedOrigin(origin, lambda index: index[0] not in free_steps)
+    return GatedOrigin(origin, lambda level, index: index[0] not in free_steps)
 
 
 def spec_of(url: str, tol: float = 0.0, variable: str = "u") -> BlockSpec:

@@ -81,8 +81,25 @@ def test_lossy_view_ends_equal_to_its_own_level0_view_and_within_tol(client, lev
 GATED = 2  # the time step whose level-0 reads wait for the gate
 
 
+def test_a_finer_coarse_part_still_loading_is_passed_over_for_level0(client, levels_store):
+    """A whole time step: parts of levels 2 (1 block), 1 (4 blocks, 1/8 of level 0's) and 0. Level 1's
+    reads are held at the origin: level 0 comes without waiting for it, and level 1 is never shown."""
+    origin = GatedOrigin(ZarrOrigin(levels_store), lambda level, index: level == 1)
+    # threads enough for the held reads (the view's and the prefetch's) and level 0's
+    with ServerThread(BlockService([origin], workers=40)) as server:
+        ds = xr.open_dataset(f"{server.url}/datasets/turb", engine="tierscope")
+        selection = ds["u"].isel(time=1)
+        parts = list(tierscope.progressive(selection))
+        assert [p.encoding["tierscope_level"] for p in parts] == [2, 0]
+        assert origin.held.is_set() and not origin.gate.is_set()  # level 1 was asked for and never came
+        with xr.open_dataset(f"{server.url}/datasets/turb", engine="tierscope") as plain:
+            np.testing.assert_array_equal(parts[-1].values, plain["u"].isel(time=1).values)
+        origin.gate.set()
+        ds.close()
+
+
 def test_a_newer_view_stops_the_older_views_level0_read(client, levels_store):
-    origin = GatedOrigin(ZarrOrigin(levels_store), lambda index: index[0] == GATED)
+    origin = GatedOrigin(ZarrOrigin(levels_store), lambda level, index: level == 0 and index[0] == GATED)
     # threads enough for the gated reads and the newer view's: a stopped read's server work is not dropped
     with ServerThread(BlockService([origin], workers=40)) as server:
         ds = xr.open_dataset(f"{server.url}/datasets/turb", engine="tierscope")
