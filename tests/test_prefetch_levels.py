@@ -166,14 +166,11 @@ def test_coarse_plans_are_bounded_whatever_the_dataset_size():
         planner, owners = CoarsePlanner(max_blocks=1024), Owners()
         workers = owners.current(["tcp://a:1", "tcp://b:1"])
         tiers = dict.fromkeys(workers, 64 << 30)  # room for every coarse block: only the cap binds
-        started = time.perf_counter()
         plans = planner.plan("c", spec, Box((nt // 2, 2, 0, 0), (nt // 2, 2, 7, 7)), tiers, tiers, 0.5,
                              owners.columns)
-        elapsed = time.perf_counter() - started
         assert [p.spec.level for p in plans] == [3, 2, 1]  # coarsest first
         planned = [sum(len(s) for s in p.shares.values()) for p in plans]
         assert planner.last["max_enumerated"] <= 1024 and sum(planned) <= 1024
-        assert elapsed < 0.5, elapsed
         enumerated.append(planner.last["enumerated"])
         if nt == 100:  # the coarsest level (one block per time step) is covered whole
             assert planned[0] == 100
