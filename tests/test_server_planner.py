@@ -206,6 +206,21 @@ def test_a_server_process_freezes_its_start_up_heap_out_of_the_collector(sample_
     assert before == 0 and frozen > 10_000 and tracked < frozen / 10
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="uvloop is a dependency on Linux and macOS only")
+def test_servers_run_on_uvloop(sample_store):
+    # its C transports cost the loop less CPU per request (docs/server.md, "Concurrency"): a server
+    # process's loop and an embedded server thread's
+    code = ("import sys, aiohttp.web; from tierscope.server import BlockService, run_server; "
+            "from tierscope.store.origin import ZarrOrigin; "
+            "aiohttp.web.run_app = lambda app, loop, **kw: sys.exit(print(type(loop).__module__)); "
+            f"run_server(BlockService([ZarrOrigin({str(sample_store)!r})]), '127.0.0.1', 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split() == ["uvloop"]
+    with ServerThread(BlockService([ZarrOrigin(sample_store)])) as server:
+        assert type(server._loop).__module__ == "uvloop"
+        assert get(f"{server.url}/datasets")[0] == 200
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads have their own nice value on Linux")
 def test_prefetch_threads_run_nicer_than_the_loop_and_user_threads(sample_store):
     from tierscope.server.service import PREFETCH_NICE
