@@ -393,8 +393,8 @@ def around(grid: BlockGrid, box: Box, radius: int, limit: int, time_axis: int | 
 def _rings(lo: np.ndarray, hi: np.ndarray, nblocks: np.ndarray, q: int) -> np.ndarray:
     """The spatial indices within ``q`` hops (Chebyshev) of the box ``lo..hi``, clipped to the grid,
     ring by ring (C order within each), as an (n, len(lo)) array."""
-    axes = [np.arange(max(0, a - q), min(n, b + q + 1)) for a, b, n in zip(lo, hi, nblocks, strict=True)]
-    grown = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(lo))
+    grown = _box_grid([max(0, a - q) for a in lo],
+                      [min(n - 1, b + q) for b, n in zip(hi, nblocks, strict=True)])
     hops = np.maximum(np.maximum(lo - grown, 0), grown - hi).max(axis=1, initial=0)
     return grown[np.argsort(hops, kind="stable")]
 
@@ -441,17 +441,27 @@ def _overlap(a: Box, b: Box) -> Box | None:
 
 def _box_indices(box: Box, grid: BlockGrid) -> np.ndarray | None:
     """The (n, ndim) indices of ``box`` clipped to the grid, in C order; None when none is inside."""
-    axes = [np.arange(max(0, lo), min(n, hi + 1)) for lo, hi, n in zip(box.lo, box.hi, grid.nblocks, strict=True)]
-    if any(len(a) == 0 for a in axes):
+    lo = [max(0, a) for a in box.lo]
+    hi = [min(n - 1, b) for b, n in zip(box.hi, grid.nblocks, strict=True)]
+    if any(a > b for a, b in zip(lo, hi, strict=True)):
         return None
-    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, grid.ndim)
+    return _box_grid(lo, hi)
 
 
 def _ring(box: Box, nblocks: Sequence[int], spatial: Sequence[int], q: int) -> np.ndarray:
     """The ``spatial`` axes' indices exactly ``q`` hops (Chebyshev) from the box's spatial part, clipped
     to the grid, in C order, as an (n, len(spatial)) array."""
-    axes = [np.arange(max(0, box.lo[a] - q), min(nblocks[a], box.hi[a] + q + 1)) for a in spatial]
-    grown = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(spatial))
+    grown = _box_grid([max(0, box.lo[a] - q) for a in spatial],
+                      [min(nblocks[a] - 1, box.hi[a] + q) for a in spatial])
     lo, hi = np.asarray([box.lo[a] for a in spatial]), np.asarray([box.hi[a] for a in spatial])
     hops = np.maximum(np.maximum(lo - grown, 0), grown - hi).max(axis=1, initial=0)
     return grown[hops == q]
+
+
+def _box_grid(lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
+    """Every index of the box ``lo..hi`` (inclusive, non-empty), in C order, as an (n, len(lo)) int64
+    array: ``np.indices`` plus the corner, ~3x faster than stacking a meshgrid for the small boxes plans
+    and scores list many of."""
+    shape = tuple(b - a + 1 for a, b in zip(lo, hi, strict=True))
+    indices = np.indices(shape, dtype=np.int64).reshape(len(shape), math.prod(shape)).T
+    return indices + np.asarray(lo, dtype=np.int64)
