@@ -48,9 +48,10 @@ from tierscope.dask.scheduler import owner_of
 from tierscope.grid import BlockGrid, BlockIndex
 from tierscope.prefetch import Box
 from tierscope.errors import ReadCancelledError
-from tierscope.protocol import CANCEL_OP, READ_OP, VIEW_OP, BlockSpec
+from tierscope.protocol import CANCEL_OP, HELD_OP, READ_OP, VIEW_OP, BlockSpec
 
-__all__ = ["Cancel", "Piece", "cancellable", "connected", "disable", "enable", "pieces", "read", "unreported", "warm"]
+__all__ = ["Cancel", "Piece", "cancellable", "connected", "disable", "enable", "held", "pieces", "read", "unreported",
+           "warm"]
 
 logger = logging.getLogger(__name__)
 
@@ -294,6 +295,41 @@ async def _warm_worker(source: Source) -> None:
 
     tiers = current_tiers()
     threading.Thread(target=tiers.warm, args=(source,), name="tierscope-warm", daemon=True).start()
+
+
+def held(spec: BlockSpec, key: Sequence[int | slice]) -> bool:
+    """Whether the owners of the selection ``key``'s blocks hold every one of them decoded in L1, so that
+    ``read`` would be answered from L1 copies at once. One small request per owner (``HELD_OP``), all side
+    by side, no data: a miss costs one round trip. False where direct reads do not apply, an owner is
+    backed off, failed or slow (``tierscope.direct-read.ask-timeout``). Reports no view and counts nothing.
+    For ``tierscope.progressive``: a view held in L1 needs no coarse part first."""
+    client = _client()
+    planned = pieces(spec.grid, key) if client is not None else None
+    workers = _workers(client) if planned is not None else None
+    if workers is None or not workers.addresses:
+        return False
+    shares: defaultdict[str, set[BlockIndex]] = defaultdict(set)
+    for piece in planned[0]:
+        shares[owner_of(spec, piece.index, workers.addresses)].add(piece.index)
+    now = time.monotonic()
+    with _lock:
+        backoff = config.get_seconds("direct-read.failed-backoff")
+        if any(now - workers.failed.get(w, -math.inf) < backoff for w in shares):
+            return False
+    return client.sync(_ask_held, client, spec, shares, config.get_seconds("direct-read.ask-timeout"))
+
+
+async def _ask_held(client: Any, spec: BlockSpec, shares: dict[str, set[BlockIndex]], timeout: float) -> bool:
+    async def ask(worker: str, blocks: set[BlockIndex]) -> bool:
+        try:
+            reply = await asyncio.wait_for(getattr(client.rpc(worker), HELD_OP)(
+                spec=ToPickle(spec), blocks=[list(index) for index in blocks]), timeout)
+        except Exception as exc:  # slow, gone, or without the handler: not held, as far as we know
+            logger.debug("asking %s what it holds failed: %r", worker, exc)
+            return False
+        return isinstance(reply, dict) and reply.get("held") is True
+
+    return all(await asyncio.gather(*(ask(w, b) for w, b in shares.items())))
 
 
 def read(spec: BlockSpec, dtype: np.dtype, key: Sequence[int | slice]) -> np.ndarray | None:

@@ -26,7 +26,7 @@ from tierscope.config import tier_bytes
 from tierscope.dask.prefetcher import Plan, Prefetcher
 from tierscope.dask.tiers import PLUGIN_NAME, WorkerTiers
 from tierscope.errors import ReadCancelledError
-from tierscope.protocol import CANCEL_OP, PLAN_OP, READ_OP, BlockSpec
+from tierscope.protocol import CANCEL_OP, HELD_OP, PLAN_OP, READ_OP, BlockSpec
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -75,6 +75,7 @@ class TierscopeWorkerPlugin(WorkerPlugin):
         set_stream_handler(worker, PLAN_OP, self._on_plan)
         set_handler(worker, READ_OP, self._on_read)
         set_handler(worker, CANCEL_OP, self._on_cancel)
+        set_handler(worker, HELD_OP, self._on_held)
         worker.metrics["tierscope"] = lambda w: self._summary()
         _process_collector().plugins[worker.address] = self
 
@@ -84,6 +85,7 @@ class TierscopeWorkerPlugin(WorkerPlugin):
         set_stream_handler(worker, PLAN_OP, _drop_plan)
         unset_handler(worker, READ_OP)
         unset_handler(worker, CANCEL_OP)
+        unset_handler(worker, HELD_OP)
         worker.metrics.pop("tierscope", None)
         _process_collector().plugins.pop(worker.address, None)
         if self.prefetcher is not None:
@@ -139,6 +141,13 @@ class TierscopeWorkerPlugin(WorkerPlugin):
             finally:
                 self._reads.pop(read, None)
         return {"parts": [Serialize(values) for values in got]}
+
+    def _on_held(self, spec: BlockSpec, blocks: list) -> dict[str, bool]:
+        """Whether every block is held decoded in L1 (``{"held": ...}``, no data): a direct read of them would
+        be answered from L1 copies at once. On the event loop: key lookups only, nothing counted or moved.
+        A progressive view asks before its coarse part (``direct.held``)."""
+        tiers = self.tiers
+        return {"held": tiers is not None and tiers.held_decoded(spec, [tuple(index) for index in blocks])}
 
     def _on_cancel(self, read: str) -> None:
         """Stop direct read ``read``: its fetch and decodes end at the next block. On the event loop, as
