@@ -10,6 +10,12 @@ level 0 arrives. Once the first part is out, level 0 loads in a background threa
 coarse levels, so the exact picture comes about when it would without levels; a coarse level with more
 than 1/8 of level 0's blocks is skipped (it would only delay level 0).
 
+A view held in L1: before the first part the owners of the selection's level-0 blocks are asked (one
+small request each, no data: ``direct.held``) whether they hold all of them decoded in L1. If they do, the
+exact picture comes about as fast as a coarse one would, so level 0 is loaded at once and is the only
+part (counted as ``held_views`` in ``stats()``); a miss costs that one round trip, and the view goes on
+coarse first. Without a connected client (no direct reads) nothing is asked.
+
 The module is not named ``progressive`` because ``tierscope.progressive`` is the function: importing a
 submodule of that name would replace the function on the package.
 
@@ -107,13 +113,14 @@ _lock = threading.Lock()
 _pyramids: OrderedDict[tuple[Source, float], _Pyramid] = OrderedDict()
 _current: dict[tuple[Source, str, float], _View] = {}  # variable -> its newest view
 _seconds_per_block: dict[tuple[Source, str, float], float] = {}
-_counts = {"views": 0, "parts": 0, "blocks": 0, "cancelled_views": 0, "cancelled_blocks": 0}
+_counts = {"views": 0, "parts": 0, "blocks": 0, "cancelled_views": 0, "cancelled_blocks": 0, "held_views": 0}
 
 
 def stats() -> dict[str, int]:
     """This process's progressive-view counters: ``views`` started, ``parts`` yielded, ``blocks`` loaded
     for them, ``cancelled_views`` stopped by a newer view of the same variable and ``cancelled_blocks``,
-    the blocks of the levels those views did not load."""
+    the blocks of the levels those views did not load, and ``held_views``, views whose level 0 its owners
+    held decoded in L1, shown exact at once with no coarse part."""
     with _lock:
         return dict(_counts)
 
@@ -200,6 +207,7 @@ class _View:
             raise ValueError(f"{selection.name!r} is a selection of level {level} ({spec.source.url}); "
                              "progressive views start from level 0")
         self.selection = selection
+        self.spec, self.index = spec, key  # the level-0 variable and the selection's key into it
         self.variable = spec.variable
         self.pyramid = _pyramid(spec.source, spec.tol)
         self.var = self.pyramid.info.variable(spec.variable)
@@ -253,6 +261,12 @@ class _View:
         part.encoding["tierscope_level"] = k
         return part
 
+    def held(self) -> bool:
+        """Whether the owners hold all of the selection's level-0 blocks decoded in L1 (``direct.held``:
+        one small request each); False without direct reads."""
+        direct = _direct()
+        return direct is not None and direct.connected() and direct.held(self.spec, self.index)
+
     def measured(self, blocks: int, seconds: float) -> None:
         per_block = seconds / blocks
         with _lock:
@@ -289,6 +303,15 @@ def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
     try:
         if view.superseded():  # a newer view began before this one's first part
             view.cancel([first, *finer, 0] if first else [0])
+            return
+        if first and view.held():  # level 0 in its owners' L1: exact as soon as a coarse part would be
+            part = view.load(0)  # not measured: an L1 answer's speed says nothing of a level's loads
+            _count(blocks=view.blocks(0))
+            if view.superseded():
+                view.cancel([])
+                return
+            _count(parts=1, held_views=1)
+            yield part
             return
         part = _timed(view, first)
         if view.superseded():  # loaded after a newer view began: stale, and the rest is not loaded
