@@ -156,6 +156,26 @@ def test_around_is_the_box_then_every_shell_nearest_first(nblocks, box):
         assert [tuple(i) for i in around(grid, box, radius, limit).tolist()] == want[:limit]
 
 
+def test_the_coarsest_level_alone_is_decoded_into_l1_within_its_share():
+    """The bench's large geometry: 2 GiB of L1 per worker. The coarsest level (1 block per time step)
+    is planned decoded, all 16 time steps; the finer coarse levels are L2 only."""
+    spec = spec_of("sample://big?shape=16,128,512,512&block=1,64,64,64&levels=3")
+    planner, owners = CoarsePlanner(), Owners()
+    workers = owners.current(["tcp://a:1", "tcp://b:1"])
+    plans = planner.plan("c", spec, Box((5, 0, 0, 0), (5, 0, 7, 7)), dict.fromkeys(workers, 2 << 30),
+                         dict.fromkeys(workers, 4 << 30), 0.5, owners.columns)
+    decoded = {p.spec.level: sum(d for share in p.shares.values() for _, d in share) for p in plans}
+    assert decoded == {3: 16, 2: 0, 1: 0}
+    # a small L1 decodes few, nearest first: 1/64 of 2 x 64 MiB is 1 MiB per worker, 3 of the coarsest
+    # level's clipped (1, 16, 64, 64) blocks (256 KiB, each charged a little more); one worker owns them all
+    small = dict.fromkeys(workers, 64 * spec.block_nbytes)
+    plans = CoarsePlanner().plan("c", spec, Box((5, 0, 0, 0), (5, 0, 7, 7)), small,
+                                 dict.fromkeys(workers, 4 << 30), 0.5, owners.columns)
+    assert plans[0].spec.block_nbytes == 256 << 10
+    first = [i for share in plans[0].shares.values() for i, d in share if d]
+    assert first == [(5, 0, 0, 0), (4, 0, 0, 0), (6, 0, 0, 0)]
+
+
 def test_coarse_plans_are_bounded_whatever_the_dataset_size():
     """The same view and tiers on 10^2 and 2 x 10^4 time steps (5 x 10^4 and 10^7 blocks at level 0):
     coarse work per view stays within the cap."""
@@ -195,9 +215,13 @@ def test_after_a_jump_the_coarse_view_comes_from_l1_l2(client, url, store):
                     timeout=60), tierscope.stats(client)["total"]["prefetch"]
     scheduler = tierscope.stats(client)["scheduler"]
     assert scheduler["coarse"]["plans"] >= 2 and scheduler["coarse"]["max_enumerated"] <= 1024
-    # Coarse blocks wait in L2 only (encoded: cheap); L1 is level 0's.
+    # Coarse blocks wait in L2 (encoded: cheap); of L1 only the coarsest level (level 2) gets a small
+    # share (COARSEST_L1_SHARE, here 1 block per worker), nearest first: the first view's own coarsest
+    # block (the next two views stayed within that plan's reach: no new coarse plan).
     assert held(client, spec2, [(NEAR, 0, 0, 0), (FAR, 0, 0, 0)], tiers=("l2",))
-    assert not held(client, spec2, [(NEAR, 0, 0, 0), (FAR, 0, 0, 0)], tiers=("l1",))
+    assert wait_for(lambda: held(client, spec2, [(NEAR - 2, 0, 0, 0)], tiers=("l1",)))
+    assert not held(client, spec2, [(FAR, 0, 0, 0)], tiers=("l1",))
+    assert not held(client, spec1, [(NEAR, 0, y, x) for y in (0, 1) for x in (0, 1)], tiers=("l1",))
 
     # The jump: the far coarse view is answered from L2, the server is not asked for anything.
     requests, before = user_requests(url), lookups(client)

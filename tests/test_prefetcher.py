@@ -142,6 +142,24 @@ def test_blocks_bound_for_l1_go_before_l2_only_ones_of_any_position(prefetcher, 
     assert batches == [(BLOCKS[16], True), (BLOCKS[0], False), (BLOCKS[24], False), (BLOCKS[8], False)]
 
 
+def test_a_coarsest_levels_blocks_bound_for_l1_go_first(prefetcher, tiers, spec):
+    """A progressive view's first part comes from the coarsest level: its few decodes go before level 0's
+    (whose L1-bound plans, renewed each view, would otherwise keep them waiting), L2-only ones after."""
+    from dataclasses import replace
+
+    level0, coarsest = replace(spec, levels=3), replace(spec, level=2, levels=3)
+    batches = []
+    load = tiers.prefetch
+    tiers.prefetch = lambda s, blocks: batches.append((s.level, blocks[0][0])) or load(s, blocks)
+    tiers.user_idle.clear()
+    prefetcher.submit(plan(level0, 1, BLOCKS[:16]))
+    prefetcher.submit(plan(coarsest, 1, BLOCKS[16:24], decode=False, session="wide"))
+    prefetcher.submit(plan(coarsest, 1, BLOCKS[24:32]))
+    tiers.user_idle.set()
+    assert wait_idle(prefetcher, 32)["issued"] == 32
+    assert batches == [(2, BLOCKS[24]), (0, BLOCKS[0]), (0, BLOCKS[8]), (2, BLOCKS[16])]
+
+
 def test_user_loads_and_prefetch_share_one_fetch_per_block(prefetcher, tiers, spec):
     prefetcher.submit(plan(spec, 1, BLOCKS))
     results = []

@@ -6,7 +6,7 @@ coarsest level for many time steps, often all of them. The scheduler plugin's pl
 ``CoarsePlanner.plan`` on every new view of a dataset with levels: for each coarser level, coarsest
 first, the view's box mapped onto the level (spatial axes divided, time unchanged), then the blocks
 around it nearest first, so that after a jump anywhere a coarse answer already sits in its owner's L2
-(``L1_SHARE`` 0: L1 is level 0's).
+(``L1_SHARE`` 0: L1 is level 0's), and the coarsest level's decoded in L1 too (``COARSEST_L1_SHARE``).
 
 Budgets: the coarse levels together may fill ``L1_SHARE`` of the workers' L1 and ``L2_SHARE`` of their
 L2 (level 0's own plan keeps the rest); the coarsest level gets half of that, the next half of what is
@@ -38,12 +38,19 @@ from tierscope.levels import coarser_grid, level_name, split_level
 from tierscope.prefetch import Box, around
 from tierscope.protocol import BlockSpec
 
-__all__ = ["COUNTS", "L1_SHARE", "L2_SHARE", "CoarsePlanner", "LevelPlan", "add_counts", "level_box",
+__all__ = ["COARSEST_L1_SHARE", "COUNTS", "L1_SHARE", "L2_SHARE", "CoarsePlanner", "LevelPlan", "add_counts", "level_box",
            "level_spec"]
 
-# None of the workers' L1: decoded coarse blocks took L1 room and prefetch decodes from level 0's next
-# view (its playback fell to 70-85% L1 hits); a coarse answer from L2 costs one small decode.
+# None of the workers' L1 for the coarse levels but the coarsest: decoded coarse blocks took L1 room and
+# prefetch decodes from level 0's next view (its playback fell to 70-85% L1 hits); a coarse answer from L2
+# costs one small decode.
 L1_SHARE = 0.0
+# ... and the coarsest level, a progressive view's first part, decoded into L1 within this share: its
+# answer is then a copy, no decode on the owner's busy threads, and level 0 starts that much sooner. Its
+# whole grid is small (1 block per time step of a z-slice: 16 MiB for 16 time steps), and decoded once.
+# Not taken from level 0's plan (its L1 radius stays; in a small L1 one block less cost it a time step):
+# L1 may be planned over by this much, and its policy evicts what is farthest.
+COARSEST_L1_SHARE = 1 / 64
 L2_SHARE = 1 / 4  # of the workers' L2: coarse frames, wide
 MAX_REMEMBERED = 1024  # (session, level spec) last plans kept; the least recent go first
 COUNTS = ("plans", "unchanged", "planned", "enumerated", "max_enumerated")
@@ -132,9 +139,13 @@ class CoarsePlanner:
             decoded = entry_charge(coarse.block_nbytes, "distance")
             encoded = max(ratio * decoded, 1.0)
             share1, share2 = (left1, left2) if last else (left1 / 2, left2 / 2)
+            coarsest = k == spec.levels - 1  # decoded within a share of its own, not of left1
+            if coarsest:
+                share1 = COARSEST_L1_SHARE * total1
             limit = min(math.prod(coarse.grid.nblocks), left_blocks if last else left_blocks // 2,
                         int(share2 // encoded))
-            left1 -= min(limit, int(share1 // decoded)) * decoded
+            if not coarsest:
+                left1 -= min(limit, int(share1 // decoded)) * decoded
             left2 -= limit * encoded
             left_blocks -= limit
             key = (client, coarse)

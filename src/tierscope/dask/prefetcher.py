@@ -108,11 +108,12 @@ class Prefetcher:
                 if not self._queues:  # a newer, empty share cancelled it all while users ran
                     continue
                 # Blocks bound for L1 (some position's next view) before frames only L2 wants (a coarse
-                # level's wide plan, the far part of any plan), and among those the finest level's first
-                # (the next full-resolution view); positions take turns within each.
-                bound = [(q[0][0].spec.level, turn, k) for turn, (k, q) in enumerate(self._queues.items())
-                         if q[0][2]]
-                key = min(bound)[2] if bound else next(iter(self._queues))
+                # level's wide plan, the far part of any plan), and among those a coarsest level's first
+                # (a progressive view's first part: a few small decodes, done once), then the finest
+                # level's (the next full-resolution view); positions take turns within each.
+                bound = [(not _coarsest(q[0][0].spec), q[0][0].spec.level, turn, k)
+                         for turn, (k, q) in enumerate(self._queues.items()) if q[0][2]]
+                key = min(bound)[3] if bound else next(iter(self._queues))
                 queue = self._queues.pop(key)
                 plan = queue[0][0]
                 size = max(1, min(config.get("prefetch-batch.blocks"),
@@ -144,3 +145,8 @@ class Prefetcher:
         (cancelled), failed; queued now."""
         with self._cond:
             return {**self.counts, "queued": sum(len(q) for q in self._queues.values())}
+
+
+def _coarsest(spec: BlockSpec) -> bool:
+    """Whether ``spec`` is the coarsest level of a dataset with levels."""
+    return spec.levels > 1 and spec.level == spec.levels - 1
