@@ -59,48 +59,50 @@ def test_parts_come_coarse_to_fine_and_end_exact(client, levels_url):
     after = progressive_stats()
     assert after["views"] - before["views"] == 1 and after["parts"] - before["parts"] == 2
     assert after["blocks"] - before["blocks"] == 1 + 16  # (26, 32) of (8, 8): 4 x 4 at level 0
-    assert after["held_views"] == before["held_views"]
-    # the selection is still lazy: it can be viewed progressively again, and its level 0, now in its
-    # owners' L1, comes at once as the only part
-    again = list(tierscope.progressive(selection))
-    assert [p.encoding["tierscope_level"] for p in again] == [0]
-    xr.testing.assert_identical(again[0], parts[-1])
-    assert progressive_stats()["held_views"] - after["held_views"] == 1
+    assert after["held_views"] == before["held_views"]  # no coarse level between: nothing asked
+    # the selection is still lazy: it can be viewed progressively again
+    assert [p.encoding["tierscope_level"] for p in tierscope.progressive(selection)] == [2, 0]
 
 
-def test_a_view_held_in_l1_comes_exact_at_once_and_one_not_held_coarse_first(client, levels_url):
-    """The owners are asked first whether they hold all of level 0 decoded in L1: only then is level 0
-    the one part (``held_views``); one block short, the view starts coarse as ever."""
-    from tierscope.backend import BlockArray
+def test_a_view_held_in_l1_loads_no_finer_coarse_part_and_one_not_held_does(client, levels_url):
+    """A whole time step: levels 2 (1 block), 1 (4 blocks, 1/8 of level 0's 32) and 0. Beside the first
+    part the owners are asked whether they hold all of level 0 decoded in L1 (``direct.held``, no data):
+    only then is level 1 left out (``held_views``); one block short, the view loads it as ever."""
     from tierscope.dask import direct
 
     ds = xr.open_dataset(levels_url, engine="tierscope")
-    corner = ds["u"].isel(time=0, z=4, y=slice(0, 8), x=slice(0, 8))  # one level-0 block
+    corner = ds["u"].isel(time=0, z=slice(0, 8), y=slice(0, 8), x=slice(0, 8))  # one level-0 block
+    whole = ds["u"].isel(time=0)
     before = progressive_stats()
     assert [p.encoding["tierscope_level"] for p in tierscope.progressive(corner)] == [2, 0]
-    assert progressive_stats()["held_views"] == before["held_views"]
 
-    plane = ds["u"].isel(time=0, z=4)  # 16 blocks, 1 of them held
-    total = tierscope.stats(client)["total"]
     data = ds["u"].variable._data
-    while not isinstance(data, BlockArray):
+    while not hasattr(data, "spec"):
         data = data.array
-    assert not direct.held(data.spec, (0, 4, slice(None), slice(None)))
-    assert direct.held(data.spec, (0, 4, slice(0, 8), slice(0, 8)))
+    total = tierscope.stats(client)["total"]
+    assert direct.held(data.spec, (0, slice(0, 8), slice(0, 8), slice(0, 8)))
+    assert not direct.held(data.spec, (0, slice(None), slice(None), slice(None)))
     after = tierscope.stats(client)["total"]
     for tier in ("l1", "l2"):  # asking counts and moves nothing
         assert (after[tier]["hits"], after[tier]["misses"]) == (total[tier]["hits"], total[tier]["misses"])
 
-    parts = list(tierscope.progressive(plane))
-    assert [p.encoding["tierscope_level"] for p in parts] == [2, 0]
-    assert progressive_stats()["held_views"] == before["held_views"]
+    parts = list(tierscope.progressive(whole))  # 1 of its 32 level-0 blocks held: level 1 is loaded
+    levels = [p.encoding["tierscope_level"] for p in parts]
+    assert levels in ([2, 1, 0], [2, 0])  # (passed over when level 0, loading beside it, came first)
+    middle = progressive_stats()
+    assert middle["held_views"] == before["held_views"]
 
-    again = list(tierscope.progressive(plane))  # now all 16 are in their owners' L1
-    assert [p.encoding["tierscope_level"] for p in again] == [0]
-    xr.testing.assert_identical(again[0], plane.compute())
+    again = list(tierscope.progressive(whole))  # now all 32 are in their owners' L1
+    assert [p.encoding["tierscope_level"] for p in again] == [2, 0]
+    xr.testing.assert_identical(again[-1], whole.compute())
+    xr.testing.assert_identical(again[0], parts[0])
     stats = progressive_stats()
-    assert stats["held_views"] - before["held_views"] == 1
-    assert stats["parts"] - before["parts"] == 2 + 2 + 1
+    assert stats["held_views"] - middle["held_views"] == 1
+    assert stats["parts"] - middle["parts"] == 2
+    # level 1's 4 blocks not even asked for (a passed-over level 1 of the view before may still end and
+    # count its own)
+    assert stats["blocks"] - middle["blocks"] == 1 + 32 or levels == [2, 0] and (
+        stats["blocks"] - middle["blocks"] == 1 + 32 + 4)
     ds.close()
 
 
@@ -209,25 +211,23 @@ def test_on_update_gets_each_part_and_returns_level0_or_none_when_cancelled(clie
         if not newer:
             newer.append(tierscope.progressive(ds["p"].isel(time=2, z=0)))
 
-    # z=9: blocks of level 0 not viewed yet (z=0's, now in L1, would come exact at once, no coarse part)
-    assert tierscope.progressive(ds["p"].isel(time=1, z=9), move_on) is None
+    assert tierscope.progressive(ds["p"].isel(time=1, z=1), move_on) is None
     assert seen == [2]
 
 
 def test_budget_picks_the_finest_level_expected_within_it(client, levels_url):
     ds = xr.open_dataset(levels_url, engine="tierscope", tol=1e-3)  # a tol nothing measured yet
 
-    def first_level(budget_ms: float | None, time: int, z: int) -> int:
-        # each call views level-0 blocks not viewed before: a view held in L1 would come exact at once
-        parts = tierscope.progressive(ds["v"].isel(time=time, z=z), budget_ms=budget_ms)
+    def first_level(budget_ms: float | None) -> int:
+        parts = tierscope.progressive(ds["v"].isel(time=2, z=7), budget_ms=budget_ms)
         levels = [p.encoding["tierscope_level"] for p in parts]
         assert levels == sorted(levels, reverse=True) and levels[-1] == 0
         return levels[0]
 
-    assert first_level(1e9, 2, 7) == 2  # nothing measured: the coarsest
-    assert first_level(1e9, 2, 15) == 0  # measured: level 0 fits a huge budget
-    assert first_level(1e-9, 1, 7) == 2  # nothing fits a tiny one: the coarsest
-    assert first_level(None, 0, 7) == 2
+    assert first_level(1e9) == 2  # nothing measured: the coarsest
+    assert first_level(1e9) == 0  # measured: level 0 fits a huge budget
+    assert first_level(1e-9) == 2  # nothing fits a tiny one: the coarsest
+    assert first_level(None) == 2
     for bad in (0, -1.0, math.inf, math.nan, "10", True):
         with pytest.raises(ValueError, match="budget_ms must be a positive number"):
             tierscope.progressive(ds["v"].isel(time=2, z=7), budget_ms=bad)

@@ -10,11 +10,14 @@ level 0 arrives. Once the first part is out, level 0 loads in a background threa
 coarse levels, so the exact picture comes about when it would without levels; a coarse level with more
 than 1/8 of level 0's blocks is skipped (it would only delay level 0).
 
-A view held in L1: before the first part the owners of the selection's level-0 blocks are asked (one
-small request each, no data: ``direct.held``) whether they hold all of them decoded in L1. If they do, the
-exact picture comes about as fast as a coarse one would, so level 0 is loaded at once and is the only
-part (counted as ``held_views`` in ``stats()``); a miss costs that one round trip, and the view goes on
-coarse first. Without a connected client (no direct reads) nothing is asked.
+A view held in L1: beside the first part the owners of the selection's level-0 blocks are asked (one
+small request each, no data: ``direct.held``) whether they hold all of them decoded in L1. If they do,
+level 0 is a copy on each owner and the finer coarse parts are not loaded (their decodes would only take
+the cores from it): the view is the first part, then level 0 (counted as ``held_views`` in ``stats()``).
+The first part still goes first: it is itself a copy (the coarsest level is kept decoded in L1,
+``dask.coarse.COARSEST_L1_SHARE``), and asking before it, to show level 0 alone, cost every view one round
+trip (5-20 ms on a busy 2-core machine) and no view gained its time. Without a connected client (no
+direct reads) nothing is asked.
 
 The module is not named ``progressive`` because ``tierscope.progressive`` is the function: importing a
 submodule of that name would replace the function on the package.
@@ -120,7 +123,7 @@ def stats() -> dict[str, int]:
     """This process's progressive-view counters: ``views`` started, ``parts`` yielded, ``blocks`` loaded
     for them, ``cancelled_views`` stopped by a newer view of the same variable and ``cancelled_blocks``,
     the blocks of the levels those views did not load, and ``held_views``, views whose level 0 its owners
-    held decoded in L1, shown exact at once with no coarse part."""
+    held decoded in L1, loaded with no finer coarse part."""
     with _lock:
         return dict(_counts)
 
@@ -304,15 +307,7 @@ def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
         if view.superseded():  # a newer view began before this one's first part
             view.cancel([first, *finer, 0] if first else [0])
             return
-        if first and view.held():  # level 0 in its owners' L1: exact as soon as a coarse part would be
-            part = view.load(0)  # not measured: an L1 answer's speed says nothing of a level's loads
-            _count(blocks=view.blocks(0))
-            if view.superseded():
-                view.cancel([])
-                return
-            _count(parts=1, held_views=1)
-            yield part
-            return
+        held = _background.submit(view.held) if first and finer else None  # asked beside the first part
         part = _timed(view, first)
         if view.superseded():  # loaded after a newer view began: stale, and the rest is not loaded
             view.cancel([*finer, 0] if first else [])
@@ -325,6 +320,9 @@ def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
             view.cancel([*finer, 0])
             return
         full = _background.submit(_timed, view, 0)
+        if held is not None and held.result():  # level 0 a copy on its owners: nothing on the way to it
+            finer = []  # (level 0 does not wait for the answer, only the finer parts do)
+            _count(held_views=1)
         for i, k in enumerate(finer):
             if view.superseded():  # level 0 counts as cancelled when its read was stopped
                 view.cancel(finer[i:] + [0] * (view.stop is not None))
