@@ -11,6 +11,7 @@ import pytest
 import xarray as xr
 
 import tierscope
+from tierscope import refine
 from tierscope.refine import stats as progressive_stats
 from tierscope.server import BlockService, ServerThread
 from tierscope.store.origin import ZarrOrigin
@@ -64,11 +65,15 @@ def test_parts_come_coarse_to_fine_and_end_exact(client, levels_url):
     assert [p.encoding["tierscope_level"] for p in tierscope.progressive(selection)] == [2, 0]
 
 
-def test_a_view_held_in_l1_loads_no_finer_coarse_part_and_one_not_held_does(client, levels_url):
-    """A whole time step: levels 2 (1 block), 1 (4 blocks, 1/8 of level 0's 32) and 0. Beside the first
-    part the owners are asked whether they hold all of level 0 decoded in L1 (``direct.held``, no data):
-    only then is level 1 left out (``held_views``); one block short, the view loads it as ever."""
+def test_a_view_held_in_l1_loads_no_finer_coarse_part_and_one_not_held_does(client, levels_url,
+                                                                            monkeypatch):
+    """A whole time step: levels 2 (1 block), 1 (4 blocks, 1/8 of level 0's 32: loaded on the way with
+    ``CHEAP`` 8) and 0. Beside the first part the owners are asked whether they hold all of level 0
+    decoded in L1 (``direct.held``, no data): only then is level 1 left out (``held_views``); one block
+    short, the view loads it as ever."""
     from tierscope.dask import direct
+
+    monkeypatch.setattr(refine, "CHEAP", 8)
 
     ds = xr.open_dataset(levels_url, engine="tierscope")
     corner = ds["u"].isel(time=0, z=slice(0, 8), y=slice(0, 8), x=slice(0, 8))  # one level-0 block
@@ -106,6 +111,18 @@ def test_a_view_held_in_l1_loads_no_finer_coarse_part_and_one_not_held_does(clie
     ds.close()
 
 
+def test_a_coarse_level_with_more_than_1_in_32_of_level0s_blocks_is_not_loaded_on_the_way(client, levels_url):
+    """A whole time step: level 1 has 4 blocks, 1/8 of level 0's 32: beside level 0 its loads would only
+    delay it (``CHEAP``), so the view goes from level 2 straight to level 0, and asks nothing."""
+    ds = xr.open_dataset(levels_url, engine="tierscope")
+    before = progressive_stats()
+    parts = list(tierscope.progressive(ds["u"].isel(time=2)))
+    assert [p.encoding["tierscope_level"] for p in parts] == [2, 0]
+    after = progressive_stats()
+    assert after["blocks"] - before["blocks"] == 1 + 32 and after["held_views"] == before["held_views"]
+    ds.close()
+
+
 def test_lossy_view_ends_equal_to_its_own_level0_view_and_within_tol(client, levels_url):
     tol = 1e-2
     isel = {"time": 2, "z": 11, "y": slice(0, 32), "x": slice(5, 30)}
@@ -124,9 +141,11 @@ def test_lossy_view_ends_equal_to_its_own_level0_view_and_within_tol(client, lev
 GATED = 2  # the time step whose level-0 reads wait for the gate
 
 
-def test_a_finer_coarse_part_still_loading_is_passed_over_for_level0(client, levels_store):
-    """A whole time step: parts of levels 2 (1 block), 1 (4 blocks, 1/8 of level 0's) and 0. Level 1's
-    reads are held at the origin: level 0 comes without waiting for it, and level 1 is never shown."""
+def test_a_finer_coarse_part_still_loading_is_passed_over_for_level0(client, levels_store, monkeypatch):
+    """A whole time step: parts of levels 2 (1 block), 1 (4 blocks, 1/8 of level 0's: loaded on the way
+    with ``CHEAP`` 8) and 0. Level 1's reads are held at the origin: level 0 comes without waiting for
+    it, and level 1 is never shown."""
+    monkeypatch.setattr(refine, "CHEAP", 8)
     origin = GatedOrigin(ZarrOrigin(levels_store), lambda level, index: level == 1)
     # threads enough for the held reads (the view's and the prefetch's) and level 0's
     with ServerThread(BlockService([origin], workers=40)) as server:
