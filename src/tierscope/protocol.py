@@ -19,9 +19,9 @@ if TYPE_CHECKING:
     from tierscope.client.source import Source
 
 __all__ = [
-    "CANCEL_OP", "ENCODE_MS_HEADER", "HELD_OP", "LINK_HEADER", "MAX_BATCH", "MAX_INDEX_LEN", "MAX_POSITION_BLOCKS",
-    "MOVES_HEADER", "PLAN_OP", "POSITION_HEADER", "READ_MS_HEADER", "READ_OP", "SESSION_HEADER", "TIER_HEADER",
-    "VIEW_OP", "BlockSpec", "parse_block_index",
+    "CANCEL_OP", "ENCODE_MS_HEADER", "HELD_OP", "LINK_HEADER", "MAX_BATCH", "MAX_INDEX_LEN",
+    "MAX_POSITION_BLOCKS", "MOVES_HEADER", "PLAN_OP", "POSITION_HEADER", "READ_MS_HEADER", "READ_OP",
+    "SESSION_HEADER", "TIER_HEADER", "VIEW_OP", "BlockSpec", "parse_block_index",
 ]
 
 # Block server HTTP (docs/protocol.md)

@@ -38,8 +38,8 @@ from tierscope.levels import coarser_grid, level_name, split_level
 from tierscope.prefetch import Box, around
 from tierscope.protocol import BlockSpec
 
-__all__ = ["COARSEST_L1_SHARE", "COUNTS", "L1_SHARE", "L2_SHARE", "CoarsePlanner", "LevelPlan", "add_counts", "level_box",
-           "level_spec"]
+__all__ = ["COARSEST_L1_SHARE", "COUNTS", "L1_SHARE", "L2_SHARE", "CoarsePlanner", "LevelPlan", "add_counts",
+           "level_box", "level_spec"]
 
 # None of the workers' L1 for the coarse levels but the coarsest: decoded coarse blocks took L1 room and
 # prefetch decodes from level 0's next view (its playback fell to 70-85% L1 hits); a coarse answer from L2

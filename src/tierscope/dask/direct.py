@@ -50,8 +50,8 @@ from tierscope.prefetch import Box
 from tierscope.errors import ReadCancelledError
 from tierscope.protocol import CANCEL_OP, HELD_OP, READ_OP, VIEW_OP, BlockSpec
 
-__all__ = ["Cancel", "Piece", "cancellable", "connected", "disable", "enable", "held", "pieces", "read", "unreported",
-           "warm"]
+__all__ = ["Cancel", "Piece", "cancellable", "connected", "disable", "enable", "held", "pieces", "read",
+           "unreported", "warm"]
 
 logger = logging.getLogger(__name__)
 
