@@ -20,6 +20,7 @@ from tierscope.bench.replay import (
     latency_summary,
     parse_sweep,
     replay,
+    rotated,
 )
 from tierscope.bench.systems import TierSizes, TierscopeSystem, make_system, parse_systems, view_counters
 from tierscope.grid import BlockGrid
@@ -245,12 +246,29 @@ def test_a_failing_system_is_noted_and_the_others_still_run(data, cluster, tmp_p
     cond = Condition(None, think_ms=0.0, tol_rel=0.0, tol=0.0, sizes=TierSizes())
     failures = []
     with Client(cluster) as client:
-        records = replay(seqs, ["hdf5", "zarr-local"], broken, client, [cond], failures=failures)
+        records = replay(seqs, ["hdf5", "zarr-local"], broken, client, [cond], repeat=2, failures=failures)
         assert [r["system"] for r in records] == ["zarr-local"] and records[0]["mismatches"] == 0
+        # noted once: a system that failed is not run again in the next repetition
         assert [(f["system"], f["sequence"]) for f in failures] == [("hdf5", seqs[0].name)]
         assert "gone.h5" in failures[0]["error"]
         with pytest.raises(OSError, match="gone.h5"):  # without a failures list the error propagates
             replay(seqs, ["hdf5"], broken, client, [cond])
+
+
+def test_repetitions_rotate_the_order_of_the_systems_and_pool_per_system(data, cluster):
+    from distributed import Client
+
+    assert rotated(["a", "b", "c"], 0) == ["a", "b", "c"] and rotated(["a", "b", "c"], 4) == ["b", "c", "a"]
+    seqs = [generate("playback", BlockGrid(SHAPE, BLOCK), 3, seed=3)]
+    cond = Condition(None, think_ms=0.0, tol_rel=0.0, tol=0.0, sizes=TierSizes())
+    labels = []
+    with Client(cluster) as client:
+        records = replay(seqs, ["hdf5", "zarr-local"], data, client, [cond], repeat=2,
+                         progress=lambda label: labels.append(label.split()[0]) or (lambda: None))
+    assert labels == ["hdf5", "zarr-local", "zarr-local", "hdf5"]  # the first place taken in turn
+    assert [r["system"] for r in records] == ["hdf5", "zarr-local"]
+    for r in records:
+        assert r["repeat"] == 2 and len(r["samples_ms"]) == 2 * 3 and r["mismatches"] == 0
 
 
 def test_plots_with_a_sweep_from_hand_made_records(tmp_path):

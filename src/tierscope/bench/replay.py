@@ -53,6 +53,7 @@ __all__ = [
     "latency_summary",
     "prepare_data",
     "replay",
+    "rotated",
     "run_bench",
     "value_range",
 ]
@@ -349,7 +350,8 @@ def replay(
     """Replay every sequence against every system under every condition; one record per combination.
 
     Conditions sharing a link share one ``Testbed`` (servers and link proxies). ``progress(label)``
-    returns the per-view callback (and is told what runs next). With a ``failures`` list, a system that
+    returns the per-view callback (and is told what runs next). Each repetition of a sequence runs the
+    systems in another order (``rotated``), pooled per system. With a ``failures`` list, a system that
     raises is noted there (system, pattern, sequence, condition, error) and the run goes on with the
     others, so one broken baseline does not lose an hour of measurements; without one, the error
     propagates.
@@ -371,27 +373,39 @@ def replay(
             for cond in conds:
                 for seq in sequences:
                     ref.prepare(seq.views)
-                    for name in systems:
-                        system = make_system(name, cond.sizes)
-                        run = _Run()
-                        tick = progress(f"{name} {seq.name} {cond.describe()['link']}") if progress \
-                            else (lambda: None)
-                        try:
-                            for _ in range(repeat):
+                    made = {name: make_system(name, cond.sizes) for name in systems}
+                    runs = {name: _Run() for name in systems}
+                    for rep in range(repeat):
+                        for name in rotated(systems, rep):
+                            if name not in runs:  # failed in an earlier repetition
+                                continue
+                            system, run = made[name], runs[name]
+                            tick = progress(f"{name} {seq.name} {cond.describe()['link']}") if progress \
+                                else (lambda: None)
+                            try:
                                 run.setup_s.append(system.setup(bed, cond.tol))
                                 try:
                                     _replay_once(system, seq, cond, ref, run, tick)
                                 finally:
                                     system.teardown()
-                        except Exception as exc:
-                            if failures is None:
-                                raise
-                            failures.append({"system": name, "pattern": seq.pattern, "sequence": seq.name,
-                                             **cond.describe(), "error": f"{type(exc).__name__}: {exc}"})
-                            continue
-                        records.append(_record(name, system, seq, cond, run, repeat))
+                            except Exception as exc:
+                                if failures is None:
+                                    raise
+                                failures.append({"system": name, "pattern": seq.pattern, "sequence": seq.name,
+                                                 **cond.describe(), "error": f"{type(exc).__name__}: {exc}"})
+                                del runs[name]
+                    records.extend(_record(name, made[name], seq, cond, run, repeat)
+                                   for name, run in runs.items())
     add_ratios(records)
     return records
+
+
+def rotated(systems: SequenceABC[str], rep: int) -> list[str]:
+    """The systems in repetition ``rep``'s order: each repetition starts one system later. At 1 Gbit/s on
+    2 cores the system first in a sequence was 7-14% faster than in second place (docs/benchmarks.md,
+    issue #12), so with ``repeat`` a multiple of the systems each holds every place equally often."""
+    k = rep % len(systems) if systems else 0
+    return [*systems[k:], *systems[:k]]
 
 
 # ---- the whole benchmark (``tierscope bench``) ----------------------------------------------------------
