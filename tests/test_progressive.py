@@ -90,6 +90,15 @@ def test_a_view_held_in_l1_loads_no_finer_coarse_part_and_one_not_held_does(clie
     after = tierscope.stats(client)["total"]
     for tier in ("l1", "l2"):  # asking counts and moves nothing
         assert (after[tier]["hits"], after[tier]["misses"]) == (total[tier]["hits"], total[tier]["misses"])
+    # a malformed question is the asker's error; the owner stays up and answers the next one
+    from distributed.protocol import ToPickle
+
+    from tierscope.protocol import HELD_OP
+
+    owner = next(iter(client.scheduler_info()["workers"]))
+    with pytest.raises(Exception, match="not iterable"):
+        client.sync(getattr(client.rpc(owner), HELD_OP), spec=ToPickle(data.spec), blocks=[7])
+    assert direct.held(data.spec, (0, slice(0, 8), slice(0, 8), slice(0, 8)))
 
     parts = list(tierscope.progressive(whole))  # 1 of its 32 level-0 blocks held: level 1 is loaded
     levels = [p.encoding["tierscope_level"] for p in parts]

@@ -297,25 +297,50 @@ async def _warm_worker(source: Source) -> None:
     threading.Thread(target=tiers.warm, args=(source,), name="tierscope-warm", daemon=True).start()
 
 
-def held(spec: BlockSpec, key: Sequence[int | slice]) -> bool:
-    """Whether the owners of the selection ``key``'s blocks hold every one of them decoded in L1, so that
-    ``read`` would be answered from L1 copies at once. One small request per owner (``HELD_OP``), all side
-    by side, no data: a miss costs one round trip. False where direct reads do not apply, an owner is
-    backed off, failed or slow (``tierscope.direct-read.ask-timeout``). Reports no view and counts nothing.
-    For ``tierscope.progressive``: a view held in L1 needs no coarse part first."""
-    client = _client()
-    planned = pieces(spec.grid, key) if client is not None else None
-    workers = _workers(client) if planned is not None else None
+class _Routed(NamedTuple):
+    """Where a direct read of a selection goes."""
+
+    parts: list[Piece]
+    shape: tuple[int, ...]
+    workers: _Workers
+    shares: dict[str, list[Piece]]  # owner -> its pieces
+    skipped: set[str]  # owners backed off after a failed ask: their pieces take the graph
+
+
+def _route(client: Any, spec: BlockSpec, key: Sequence[int | slice], itemsize: int) -> _Routed | None:
+    """The selection's pieces by owner (the rendezvous hash over the client's workers), or None where
+    direct reads do not apply: a stepped or empty selection, one larger than
+    ``tierscope.direct-read.max-bytes``, or no workers."""
+    planned = pieces(spec.grid, key)
+    if planned is None:
+        return None
+    parts, shape = planned
+    if math.prod(shape) * itemsize > config.get_bytes("direct-read.max-bytes"):
+        return None
+    workers = _workers(client)
     if workers is None or not workers.addresses:
-        return False
-    shares: defaultdict[str, set[BlockIndex]] = defaultdict(set)
-    for piece in planned[0]:
-        shares[owner_of(spec, piece.index, workers.addresses)].add(piece.index)
+        return None
+    shares: defaultdict[str, list[Piece]] = defaultdict(list)
+    for piece in parts:
+        shares[owner_of(spec, piece.index, workers.addresses)].append(piece)
     now = time.monotonic()
     with _lock:
         backoff = config.get_seconds("direct-read.failed-backoff")
-        if any(now - workers.failed.get(w, -math.inf) < backoff for w in shares):
-            return False
+        skipped = {w for w in shares if now - workers.failed.get(w, -math.inf) < backoff}
+    return _Routed(parts, shape, workers, dict(shares), skipped)
+
+
+def held(spec: BlockSpec, key: Sequence[int | slice]) -> bool:
+    """Whether the owners of the selection ``key``'s blocks hold every one of them decoded in L1, so that
+    ``read`` would be answered from L1 copies at once. One small request per owner (``HELD_OP``), all side
+    by side, no data: a miss costs one round trip. False where direct reads do not apply (as for
+    ``read``), an owner is backed off, failed or slow (``tierscope.direct-read.ask-timeout``). Reports no
+    view and counts nothing. For ``tierscope.progressive``: a view held in L1 needs no finer coarse part."""
+    client = _client()
+    routed = _route(client, spec, key, spec.itemsize) if client is not None else None
+    if routed is None or routed.skipped:
+        return False
+    shares = {w: {p.index for p in share} for w, share in routed.shares.items()}
     return client.sync(_ask_held, client, spec, shares, config.get_seconds("direct-read.ask-timeout"))
 
 
@@ -337,21 +362,11 @@ def read(spec: BlockSpec, dtype: np.dtype, key: Sequence[int | slice]) -> np.nda
     through the graph elsewhere; None when direct reads do not apply (no connected client, a stepped
     or empty selection, or one larger than ``tierscope.direct-read.max-bytes``)."""
     client = _client()
-    planned = pieces(spec.grid, key) if client is not None else None
-    if planned is None:
+    routed = _route(client, spec, key, np.dtype(dtype).itemsize) if client is not None else None
+    if routed is None:
         return None
-    parts, shape = planned
+    parts, shape, workers, shares, skipped = routed
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    workers = _workers(client) if nbytes <= config.get_bytes("direct-read.max-bytes") else None
-    if workers is None or not workers.addresses:
-        return None
-    shares: defaultdict[str, list[Piece]] = defaultdict(list)
-    for piece in parts:
-        shares[owner_of(spec, piece.index, workers.addresses)].append(piece)
-    now = time.monotonic()
-    with _lock:
-        backoff = config.get_seconds("direct-read.failed-backoff")
-        skipped = {w for w in shares if now - workers.failed.get(w, -math.inf) < backoff}
     box = Box.of(p.index for p in parts)  # a box, not its blocks: the message stays small
     reported = not getattr(_unreported, "on", False)
     if reported:

@@ -142,12 +142,15 @@ class TierscopeWorkerPlugin(WorkerPlugin):
                 self._reads.pop(read, None)
         return {"parts": [Serialize(values) for values in got]}
 
-    def _on_held(self, spec: BlockSpec, blocks: list) -> dict[str, bool]:
+    async def _on_held(self, spec: BlockSpec, blocks: list) -> dict[str, bool]:
         """Whether every block is held decoded in L1 (``{"held": ...}``, no data): a direct read of them would
-        be answered from L1 copies at once. On the event loop: key lookups only, nothing counted or moved.
-        A progressive view asks before its coarse part (``direct.held``)."""
+        be answered from L1 copies at once. Key lookups only, nothing counted or moved, in a thread: their
+        number is the client's to choose. A progressive view asks beside its first part (``direct.held``)."""
         tiers = self.tiers
-        return {"held": tiers is not None and tiers.held_decoded(spec, [tuple(index) for index in blocks])}
+        if tiers is None:
+            return {"held": False}
+        held = await asyncio.to_thread(lambda: tiers.held_decoded(spec, [tuple(index) for index in blocks]))
+        return {"held": held}
 
     def _on_cancel(self, read: str) -> None:
         """Stop direct read ``read``: its fetch and decodes end at the next block. On the event loop, as
