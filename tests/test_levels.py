@@ -21,7 +21,8 @@ import tierscope
 from tierscope.cli import main
 from tierscope.client.source import Source
 from tierscope.errors import DatasetNotFoundError, StoreError
-from tierscope.levels import coarsen_block, level_info
+from tierscope.coarsen_kernel import window_sums
+from tierscope.levels import coarsen_block, level_info, window_layout
 from tierscope.server import BlockService, ServerThread
 from tierscope.store import ingest, pyramid, write_sample
 from tierscope.store.origin import open_origin
@@ -282,6 +283,9 @@ PIECES = [  # (shape, windows): NumPy sums runs along the last window axis, then
     ((10, 6, 2), {0: 2, 1: 2}),  # a last axis kept (bounds): runs of one value
     ((40, 3), {0: 3}),
     ((50,), {0: 32}),
+    ((3, 256), {1: 128}),  # the longest run the compiled loop sums
+    ((2, 512), {1: 256}),  # ... beyond: NumPy's own (recursive pairwise) loop
+    ((4, 4, 6, 4), {0: 2, 1: 2, 2: 2, 3: 2}),  # three window axes before the run's: NumPy's own loop
 ]
 
 
@@ -313,6 +317,22 @@ def test_a_coarsened_piece_is_xarrays_mean_bit_for_bit(shape, windows, dtype):
         filled = np.where(np.isnan(piece), -999.0, piece).astype(dtype)
         expected = np.where(np.isnan(expected), -999.0, expected).astype(dtype)
         assert _same_bits(coarsen_block(filled, windows, [-999.0]), expected)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_levels_of_a_block_are_summed_by_the_compiled_loop(k):
+    """A level's windows over a 3-D block (with or without a time axis before it) are a layout the
+    compiled loop covers, so NumPy's one call per run is never what coarsens a stored level."""
+    w = 2**k
+    for shape in ((2, 64, 64, 64), (64, 64, 64), (1, 64, 128)):
+        axes = {a: w for a, n in enumerate(shape) if n > 1 and (len(shape) < 4 or a > 0)}
+        values = np.random.default_rng(k).standard_normal(shape).astype(np.float32)
+        total = window_sums(values, window_layout(shape, axes))
+        assert total is not None
+        expected = np.add.reduce(values.reshape([s for a, n in enumerate(shape)
+                                                 for s in (n // axes.get(a, 1), axes.get(a, 1))]),
+                                 axis=tuple(range(1, 2 * len(shape), 2)))
+        assert _same_bits(total.reshape(expected.shape), expected)
 
 
 def test_a_coarsened_integer_piece_is_the_first_of_each_window():

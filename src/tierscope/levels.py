@@ -40,7 +40,7 @@ from tierscope.metadata import DatasetInfo, VariableInfo, time_axis
 __all__ = [
     "Layout", "check_level", "coarsen_block", "coarsen_coord", "coarser_grid", "count_levels", "layouts",
     "level_axes", "level_info", "level_name", "level_shape", "missing_values", "spatial_dims", "split_level",
-    "windows",
+    "window_layout", "windows",
 ]
 
 _LEVEL_NAME = re.compile(r"^(.+)@([0-9]+)$")
@@ -174,67 +174,35 @@ def _nanmean(values: np.ndarray, axes: Mapping[int, int]) -> np.ndarray:
         return np.true_divide(total, count, out=total, casting="unsafe")
 
 
-_BLOCK_BYTES, _RUN_BYTES = 2**22, 2**19
-"""Values whose runs' sums are added at a time (whole windows of the first axis, at least one), and
-runs summed at a time: few operations, each releasing the GIL, over data that stays in cache."""
-_MAX_RUN, _MAX_RUNS = 16, 256
-"""Longest run, most runs per window: beyond, NumPy's own loop (one call per run) is as fast."""
-
-
 def _window_sum(values: np.ndarray, axes: Mapping[int, int]) -> np.ndarray:
     """``np.add.reduce`` over the window axes of ``values`` reshaped to (n / w, w) pairs, bit for bit.
 
     NumPy walks that array in memory order, its iterator leaving out axes of length 1 and merging
     neighbours of one kind (window or not): into each output value it adds, one after the other, the
     pairwise sum of each run of the innermost window axis. At 2 to 16 values a run, that is one call per
-    run; here each position in the runs is one strided operation over many runs (``_pairwise``), and
-    NumPy then adds the runs' sums as it would have (its inner loop is over outputs, then)."""
-    split = [(size, window) for a, n in enumerate(values.shape)
-             for size, window in ((n // axes.get(a, 1), False), (axes.get(a, 1), True))]
-    merged: list[list[Any]] = []
-    for size, window in split:
-        if size != 1 and merged and merged[-1][1] == window:
-            merged[-1][0] *= size
-        elif size != 1:
-            merged.append([size, window])
-    run = merged.pop()[0] if merged and merged[-1][1] else 1
-    if (values.dtype.kind not in "iu" and values.dtype not in (np.float32, np.float64) or not merged
-            or not 1 < run <= _MAX_RUN or math.prod(size for size, window in merged if window) > _MAX_RUNS):
+    run; ``coarsen_kernel`` does the same additions in one compiled pass (NumPy itself for layouts the
+    kernel has no loop for)."""
+    from tierscope.coarsen_kernel import window_sums  # compiles on first use: not on import
+
+    total = window_sums(values, window_layout(values.shape, axes))
+    split = [(n // axes.get(a, 1), axes.get(a, 1)) for a, n in enumerate(values.shape)]
+    if total is None:
         reduce = tuple(range(1, 2 * values.ndim, 2))
-        return np.add.reduce(values.reshape([size for size, _ in split]), axis=reduce)
-    if merged[0][1]:  # one block when the first axis is a window axis
-        merged.insert(0, [1, False])
-    inner = [size for size, _ in merged[1:]]
-    outer = tuple(a for a, (_, window) in enumerate(merged) if window)
-    blocks = values.reshape(merged[0][0], -1)
-    total = np.empty([size for size, window in merged if not window], values.dtype)
-    step = max(1, _BLOCK_BYTES // blocks[0].nbytes)
-    for start in range(0, len(blocks), step):
-        block = blocks[start:start + step].reshape(-1, run)
-        runs = np.empty(len(block), values.dtype)
-        rows = max(1, _RUN_BYTES // block[0].nbytes)
-        for first in range(0, len(block), rows):
-            _pairwise(block[first:first + rows], runs[first:first + rows])
-        np.add.reduce(runs.reshape(-1, *inner), axis=outer, out=total[start:start + step])
-    return total.reshape([size for size, window in split if not window])
+        return np.add.reduce(values.reshape([size for pair in split for size in pair]), axis=reduce)
+    return total.reshape([size for size, _ in split])
 
 
-def _pairwise(runs: np.ndarray, out: np.ndarray) -> None:
-    """``out`` = NumPy's pairwise sum of each row of ``runs`` (2 to 128 long): below 8 one value after
-    the other (from -0.0, which leaves the first as it is); else 8 partial sums, every 8th value, added
-    as a tree, then the rest one by one."""
-    n = runs.shape[1]
-    if n < 8:
-        np.add(runs[:, 0], runs[:, 1], out=out)
-        rest = range(2, n)
-    else:
-        part = [runs[:, j] for j in range(8)]
-        for i in range(8, n - n % 8, 8):
-            part = [p + runs[:, i + j] for j, p in enumerate(part)]
-        np.add((part[0] + part[1]) + (part[2] + part[3]), (part[4] + part[5]) + (part[6] + part[7]), out=out)
-        rest = range(n - n % 8, n)
-    for i in rest:
-        out += runs[:, i]
+def window_layout(shape: Sequence[int], axes: Mapping[int, int]) -> list[tuple[int, bool]]:
+    """``shape`` split into (n / w, w) pairs as NumPy's iterator walks it: (size, is a window) from the
+    outermost, axes of length 1 left out, neighbours of one kind merged."""
+    layout: list[tuple[int, bool]] = []
+    for a, n in enumerate(shape):
+        for size, window in ((n // axes.get(a, 1), False), (axes.get(a, 1), True)):
+            if size != 1 and layout and layout[-1][1] == window:
+                layout[-1] = (layout[-1][0] * size, window)
+            elif size != 1:
+                layout.append((size, window))
+    return layout
 
 
 def coarsen_coord(values: np.ndarray, window: int) -> np.ndarray:
