@@ -364,13 +364,15 @@ def _write_zarr(out: Path, groups: Sequence[tuple[str, xr.Dataset]]) -> None:
 
 
 def _layout(out: Path, name: str, ds: xr.Dataset, streamed: Iterable[str]) -> dict[str, Any]:
-    """Write a group's layout; return its ``streamed`` zarr arrays by name."""
+    """Write a group's layout; return its ``streamed`` zarr arrays by name, writing every chunk: zarr
+    otherwise compares each chunk with the fill value first (to leave it out), a pass over the chunk on
+    zarr's one event-loop thread, which all of an ingest's reads and writes share."""
     import zarr
 
     path = out / name if name else out
     ds.to_zarr(path, zarr_format=3, consolidated=False, mode="w-", compute=False)
     group = zarr.open_group(path, mode="r+", zarr_format=3)
-    return {key: group[key] for key in streamed}
+    return {key: group[key].with_config({"write_empty_chunks": True}) for key in streamed}
 
 
 class _Pending:
