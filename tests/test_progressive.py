@@ -12,6 +12,7 @@ import xarray as xr
 
 import tierscope
 from tierscope import refine
+from tierscope.errors import NotHeldError
 from tierscope.refine import stats as progressive_stats
 from tierscope.server import BlockService, ServerThread
 from tierscope.store.origin import ZarrOrigin
@@ -68,9 +69,9 @@ def test_parts_come_coarse_to_fine_and_end_exact(client, levels_url):
 def test_a_view_held_in_l1_loads_no_finer_coarse_part_and_one_not_held_does(client, levels_url,
                                                                             monkeypatch):
     """A whole time step: levels 2 (1 block), 1 (4 blocks, 1/8 of level 0's 32: loaded on the way with
-    ``CHEAP`` 8) and 0. Beside the first part the owners are asked whether they hold all of level 0
-    decoded in L1 (``direct.held``, no data): only then is level 1 left out (``held_views``); one block
-    short, the view loads it as ever."""
+    ``CHEAP`` 8) and 0. Beside the first part level 0 is read from copies only (``direct.copies_only``):
+    where its owners hold all of it decoded in L1 that is the view's level 0 and level 1 is left out
+    (``held_views``); one block short, the owners answer nothing and the view loads as ever."""
     from tierscope.dask import direct
 
     monkeypatch.setattr(refine, "CHEAP", 8)
@@ -81,24 +82,30 @@ def test_a_view_held_in_l1_loads_no_finer_coarse_part_and_one_not_held_does(clie
     before = progressive_stats()
     assert [p.encoding["tierscope_level"] for p in tierscope.progressive(corner)] == [2, 0]
 
+    total = tierscope.stats(client)["total"]
+    with pytest.raises(NotHeldError, match="not held decoded in L1"), direct.copies_only():
+        whole.compute()
+    after = tierscope.stats(client)["total"]
+    for tier in ("l1", "l2"):  # a read not held counts and loads nothing
+        assert (after[tier]["hits"], after[tier]["misses"]) == (total[tier]["hits"], total[tier]["misses"])
+    with direct.copies_only():
+        xr.testing.assert_identical(corner.compute(), ds["u"].isel(time=0, z=slice(0, 8), y=slice(0, 8),
+                                                                   x=slice(0, 8)).compute())
+    assert tierscope.stats(client)["total"]["l1"]["hits"] == after["l1"]["hits"] + 2  # (copies and then
+    # the plain read: one block each)
+    # a malformed read is the asker's error; the owner stays up and answers the next one
+    from distributed.protocol import ToPickle
+
+    from tierscope.protocol import READ_OP
+
     data = ds["u"].variable._data
     while not hasattr(data, "spec"):
         data = data.array
-    total = tierscope.stats(client)["total"]
-    assert direct.held(data.spec, (0, slice(0, 8), slice(0, 8), slice(0, 8)))
-    assert not direct.held(data.spec, (0, slice(None), slice(None), slice(None)))
-    after = tierscope.stats(client)["total"]
-    for tier in ("l1", "l2"):  # asking counts and moves nothing
-        assert (after[tier]["hits"], after[tier]["misses"]) == (total[tier]["hits"], total[tier]["misses"])
-    # a malformed question is the asker's error; the owner stays up and answers the next one
-    from distributed.protocol import ToPickle
-
-    from tierscope.protocol import HELD_OP
-
     owner = next(iter(client.scheduler_info()["workers"]))
-    with pytest.raises(Exception, match="not iterable"):
-        client.sync(getattr(client.rpc(owner), HELD_OP), spec=ToPickle(data.spec), blocks=[7])
-    assert direct.held(data.spec, (0, slice(0, 8), slice(0, 8), slice(0, 8)))
+    with pytest.raises(Exception, match="iterable"):
+        client.sync(getattr(client.rpc(owner), READ_OP), spec=ToPickle(data.spec), parts=[7], copies=True)
+    with direct.copies_only():
+        corner.compute()
 
     parts = list(tierscope.progressive(whole))  # 1 of its 32 level-0 blocks held: level 1 is loaded
     levels = [p.encoding["tierscope_level"] for p in parts]

@@ -9,6 +9,7 @@ __all__ = [
     "DatasetNotFoundError",
     "FrameError",
     "ChecksumError",
+    "NotHeldError",
     "ReadCancelledError",
     "ServerUnavailableError",
     "StoreError",
@@ -57,6 +58,11 @@ class ServerUnavailableError(TierscopeError, ConnectionError):
 
 class AuthenticationError(TierscopeError, PermissionError):
     """The block server refused the request: no valid bearer token (``token=`` or ``TIERSCOPE_TOKEN``)."""
+
+
+class NotHeldError(TierscopeError):
+    """A copies-only read found a block its owner does not hold decoded in L1 (nothing was loaded):
+    ``tierscope.dask.direct.copies_only``."""
 
 
 class ReadCancelledError(TierscopeError):

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from tierscope.client.source import Source
 
 __all__ = [
-    "CANCEL_OP", "ENCODE_MS_HEADER", "HELD_OP", "LINK_HEADER", "MAX_BATCH", "MAX_INDEX_LEN",
+    "CANCEL_OP", "ENCODE_MS_HEADER", "LINK_HEADER", "MAX_BATCH", "MAX_INDEX_LEN",
     "MAX_POSITION_BLOCKS", "MOVES_HEADER", "PLAN_OP", "POSITION_HEADER", "READ_MS_HEADER", "READ_OP",
     "SESSION_HEADER", "TIER_HEADER", "VIEW_OP", "BlockSpec", "parse_block_index",
 ]
@@ -56,7 +56,6 @@ PLAN_OP = "tierscope-prefetch"  # scheduler -> worker stream message carrying a 
 VIEW_OP = "tierscope-view"  # client -> scheduler stream message reporting a view read directly
 READ_OP = "tierscope_read"  # the worker handler that answers a direct read
 CANCEL_OP = "tierscope_cancel"  # the worker handler that stops a direct read (by its id)
-HELD_OP = "tierscope_held"  # the worker handler that says whether it holds blocks decoded in L1 (no data)
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,14 @@ level 0 arrives. Once the first part is out, level 0 loads in a background threa
 coarse levels, so the exact picture comes about when it would without levels; a coarse level with more
 than 1/32 of level 0's blocks is skipped (it would only delay level 0: ``CHEAP``).
 
-A view held in L1: beside the first part the owners of the selection's level-0 blocks are asked (one
-small request each, no data: ``direct.held``) whether they hold all of them decoded in L1. If they do,
-level 0 is a copy on each owner and the finer coarse parts are not loaded (their decodes would only take
-the cores from it): the view is the first part, then level 0 (counted as ``held_views`` in ``stats()``).
-The first part still goes first: it is itself a copy (the coarsest level is kept decoded in L1,
-``dask.coarse.COARSEST_L1_SHARE``), and asking before it, to show level 0 alone, cost every view one round
-trip (5-20 ms on a busy 2-core machine) and no view gained its time. Without a connected client (no
-direct reads) nothing is asked.
+A view held in L1: beside the first part, level 0 is read from copies only (``direct.copies_only``: each
+owner answers with its parts if it holds all of them decoded in L1, else with nothing at once, having
+loaded nothing). Held — a view the prefetch saw coming, as in playback — level 0 is then on hand when the
+first part is, one round trip after the view began rather than two, and no finer coarse part is loaded:
+the view is the first part, then level 0 (counted as ``held_views`` in ``stats()``). Not held, level 0
+loads after the first part as below. The first part still goes first: it is itself a copy (the coarsest
+level is kept decoded in L1, ``dask.coarse.COARSEST_L1_SHARE``). Without a connected client (no direct
+reads) nothing is asked.
 
 The module is not named ``progressive`` because ``tierscope.progressive`` is the function: importing a
 submodule of that name would replace the function on the package.
@@ -51,7 +51,7 @@ from xarray.core import indexing
 
 from tierscope.backend import BlockArray
 from tierscope.client.source import Source
-from tierscope.errors import ReadCancelledError
+from tierscope.errors import NotHeldError, ReadCancelledError
 from tierscope.levels import layouts, level_info, level_name, spatial_dims, split_level, windows
 from tierscope.metadata import VariableInfo
 from tierscope.protocol import BlockSpec
@@ -264,11 +264,17 @@ class _View:
         part.encoding["tierscope_level"] = k
         return part
 
-    def held(self) -> bool:
-        """Whether the owners hold all of the selection's level-0 blocks decoded in L1 (``direct.held``:
-        one small request each); False without direct reads."""
+    def held(self) -> xr.DataArray | None:
+        """Level 0's part if its owners hold all of it decoded in L1 (``direct.copies_only``: copies, one
+        request per owner), else None, nothing loaded; None without direct reads."""
         direct = _direct()
-        return direct is not None and direct.connected() and direct.held(self.spec, self.index)
+        if direct is None or not direct.connected():
+            return None
+        try:
+            with direct.copies_only():
+                return self.load(0)
+        except NotHeldError:
+            return None
 
     def measured(self, blocks: int, seconds: float) -> None:
         per_block = seconds / blocks
@@ -307,7 +313,7 @@ def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
         if view.superseded():  # a newer view began before this one's first part
             view.cancel([first, *finer, 0] if first else [0])
             return
-        held = _background.submit(view.held) if first and finer else None  # asked beside the first part
+        held = _background.submit(view.held) if first else None  # level 0, if held, beside the first part
         part = _timed(view, first)
         if view.superseded():  # loaded after a newer view began: stale, and the rest is not loaded
             view.cancel([*finer, 0] if first else [])
@@ -319,10 +325,12 @@ def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
         if view.superseded():
             view.cancel([*finer, 0])
             return
+        exact = held.result() if held is not None else None
+        if exact is not None:  # level 0 was a copy on its owners: here already, nothing on the way to it
+            _count(held_views=1, blocks=view.blocks(0), parts=1)
+            yield exact
+            return
         full = _background.submit(_timed, view, 0)
-        if held is not None and held.result():  # level 0 a copy on its owners: nothing on the way to it
-            finer = []  # (level 0 does not wait for the answer, only the finer parts do)
-            _count(held_views=1)
         for i, k in enumerate(finer):
             if view.superseded():  # level 0 counts as cancelled when its read was stopped
                 view.cancel(finer[i:] + [0] * (view.stop is not None))

@@ -8,8 +8,10 @@ own connection pool (worker handler ``tierscope_read``), for its blocks' parts. 
 at once; blocks it lacks come in one batch request (the server works on them side by side) and every
 block is decoded in parallel (``WorkerTiers.read_loading``), so a cold view is one pipeline per owner.
 With ``tierscope.direct-read.load`` off, an owner answers only when it holds all of its share, and
-otherwise answers None and counts nothing. Before the reads the client tells the scheduler plugin the view
-(stream message ``tierscope-view``), so prefetch moves on exactly as after a graph. Blocks whose owner did
+otherwise answers None and counts nothing; under ``copies_only`` it answers only from L1 copies, and a
+read not answered in full raises ``NotHeldError`` instead of taking the graph. Before the reads the
+client tells the scheduler plugin the view (stream message ``tierscope-view``), so prefetch moves on
+exactly as after a graph. Blocks whose owner did
 not answer (in time) load through the usual graph, as ``ReportedBlockLoadTask``s: placed on their owners,
 not taken for a new view, joining any fetch still in flight there.
 
@@ -47,10 +49,10 @@ from tierscope.dask.graph import block_array
 from tierscope.dask.scheduler import owner_of
 from tierscope.grid import BlockGrid, BlockIndex
 from tierscope.prefetch import Box
-from tierscope.errors import ReadCancelledError
-from tierscope.protocol import CANCEL_OP, HELD_OP, READ_OP, VIEW_OP, BlockSpec
+from tierscope.errors import NotHeldError, ReadCancelledError
+from tierscope.protocol import CANCEL_OP, READ_OP, VIEW_OP, BlockSpec
 
-__all__ = ["Cancel", "Piece", "cancellable", "connected", "disable", "enable", "held", "pieces", "read",
+__all__ = ["Cancel", "Piece", "cancellable", "connected", "copies_only", "disable", "enable", "pieces", "read",
            "unreported", "warm"]
 
 logger = logging.getLogger(__name__)
@@ -167,7 +169,7 @@ def _workers(client: Any, refresh: bool = False) -> _Workers | None:
 
 async def _ask_owners(
     client: Any, spec: BlockSpec, shares: dict[str, list[Piece]], timeout: float, load: bool, view: list,
-    cancel: Cancel | None = None,
+    cancel: Cancel | None = None, copies: bool = False,
 ) -> dict[str, Any]:
     """Each owner's parts (a sequence); None where it left them to the graph or took too long; False where
     asking failed (a worker gone, or without the handler: not asked again for a while). ``cancel`` set
@@ -179,7 +181,8 @@ async def _ask_owners(
         try:  # the pool's connect retries a gone worker for 30 s: bounded here
             reply = await asyncio.wait_for(
                 getattr(client.rpc(worker), READ_OP)(spec=ToPickle(spec), parts=wire, load=load,
-                                                     session=client.id, view=view, read=read_id), timeout)
+                                                     session=client.id, view=view, read=read_id,
+                                                     copies=copies), timeout)
         except asyncio.TimeoutError:  # still loading (a slow server?): the graph's loads join its fetches
             logger.debug("direct read from %s timed out after %.1f s", worker, timeout)
             return None
@@ -277,6 +280,23 @@ def unreported() -> Iterator[None]:
         _unreported.on = False
 
 
+_copies = threading.local()
+
+
+@contextlib.contextmanager
+def copies_only() -> Iterator[None]:
+    """Direct reads in this block (on this thread) take only what the owners hold decoded in L1, as
+    copies: nothing is fetched, decoded or left to the graph. Where an owner lacks one of its blocks (or
+    is backed off, or direct reads do not apply) the read raises ``NotHeldError``, having counted and
+    moved nothing; a read answered in full reports its view then. For ``tierscope.progressive``: level 0,
+    asked for beside the first part, is then the rest of the view."""
+    _copies.on = True
+    try:
+        yield
+    finally:
+        _copies.on = False
+
+
 def warm(source: Source) -> None:
     """Ready a connected client's workers for the first view of ``source``, without waiting for them: each
     opens its transport (a connection to the server, or the store), fetches the dataset's description and
@@ -330,49 +350,26 @@ def _route(client: Any, spec: BlockSpec, key: Sequence[int | slice], itemsize: i
     return _Routed(parts, shape, workers, dict(shares), skipped)
 
 
-def held(spec: BlockSpec, key: Sequence[int | slice]) -> bool:
-    """Whether the owners of the selection ``key``'s blocks hold every one of them decoded in L1, so that
-    ``read`` would be answered from L1 copies at once. One small request per owner (``HELD_OP``), all side
-    by side, no data: a miss costs one round trip. False where direct reads do not apply (as for
-    ``read``), an owner is backed off, failed or slow (``tierscope.direct-read.ask-timeout``). Reports no
-    view and counts nothing. For ``tierscope.progressive``: a view held in L1 needs no finer coarse part."""
-    client = _client()
-    routed = _route(client, spec, key, spec.itemsize) if client is not None else None
-    if routed is None or routed.skipped:
-        return False
-    shares = {w: {p.index for p in share} for w, share in routed.shares.items()}
-    return client.sync(_ask_held, client, spec, shares, config.get_seconds("direct-read.ask-timeout"))
-
-
-async def _ask_held(client: Any, spec: BlockSpec, shares: dict[str, set[BlockIndex]], timeout: float) -> bool:
-    async def ask(worker: str, blocks: set[BlockIndex]) -> bool:
-        try:
-            reply = await asyncio.wait_for(getattr(client.rpc(worker), HELD_OP)(
-                spec=ToPickle(spec), blocks=[list(index) for index in blocks]), timeout)
-        except Exception as exc:  # slow, gone, or without the handler: not held, as far as we know
-            logger.debug("asking %s what it holds failed: %r", worker, exc)
-            return False
-        return isinstance(reply, dict) and reply.get("held") is True
-
-    return all(await asyncio.gather(*(ask(w, b) for w, b in shares.items())))
-
-
 def read(spec: BlockSpec, dtype: np.dtype, key: Sequence[int | slice]) -> np.ndarray | None:
     """The selection ``key`` of ``spec``'s variable, read directly where the owners hold it and
     through the graph elsewhere; None when direct reads do not apply (no connected client, a stepped
     or empty selection, or one larger than ``tierscope.direct-read.max-bytes``)."""
     client = _client()
     routed = _route(client, spec, key, np.dtype(dtype).itemsize) if client is not None else None
-    if routed is None:
+    copies = getattr(_copies, "on", False)
+    if routed is None or copies and routed.skipped:
+        if copies:
+            raise NotHeldError(f"a copies-only read of {spec.variable!r} that direct reads cannot answer")
         return None
     parts, shape, workers, shares, skipped = routed
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     box = Box.of(p.index for p in parts)  # a box, not its blocks: the message stays small
+    view = {"op": VIEW_OP, "spec": ToPickle(spec), "box": [box.lo, box.hi]}
     reported = not getattr(_unreported, "on", False)
-    if reported:
-        send_to_scheduler(client, {"op": VIEW_OP, "spec": ToPickle(spec), "box": [box.lo, box.hi]})
+    if reported and not copies:
+        send_to_scheduler(client, view)
     asked = {w: share for w, share in shares.items() if w not in skipped}
-    load = bool(config.get("direct-read.load"))
+    load = not copies and bool(config.get("direct-read.load"))
     # owners that load what they lack handle whole blocks, not just the selection's part of them
     handled = len({p.index for p in parts}) * spec.block_nbytes if load else nbytes
     timeout = config.get_seconds("direct-read.ask-timeout") + handled / config.get_bytes(
@@ -381,7 +378,7 @@ def read(spec: BlockSpec, dtype: np.dtype, key: Sequence[int | slice]) -> np.nda
     if cancel is not None and cancel.is_set():
         raise ReadCancelledError(f"the read of {len(parts)} blocks of {spec.variable!r} was cancelled")
     answers = client.sync(_ask_owners, client, spec, asked, timeout, load,
-                          [box.lo, box.hi] if reported else None, cancel)
+                          [box.lo, box.hi] if reported and not copies else None, cancel, copies)
     out = np.empty(shape, dtype=dtype)
     missing = [piece for w in skipped for piece in shares[w]]
     for worker, share in asked.items():
@@ -396,6 +393,10 @@ def read(spec: BlockSpec, dtype: np.dtype, key: Sequence[int | slice]) -> np.nda
         with _lock:
             workers.failed.update(dict.fromkeys(failed, time.monotonic()))
         _workers(client, refresh=True)  # maybe a worker left: hash over the current ones next time
+    if missing and copies:
+        raise NotHeldError(f"{len(missing)} of {len(parts)} parts of {spec.variable!r} not held decoded in L1")
+    if reported and copies:
+        send_to_scheduler(client, view)
     if missing and cancel is not None and cancel.is_set():
         raise ReadCancelledError(f"the read of {len(parts)} blocks of {spec.variable!r} was cancelled")
     if missing:

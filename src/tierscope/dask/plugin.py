@@ -26,7 +26,7 @@ from tierscope.config import tier_bytes
 from tierscope.dask.prefetcher import Plan, Prefetcher
 from tierscope.dask.tiers import PLUGIN_NAME, WorkerTiers
 from tierscope.errors import ReadCancelledError
-from tierscope.protocol import CANCEL_OP, HELD_OP, PLAN_OP, READ_OP, BlockSpec
+from tierscope.protocol import CANCEL_OP, PLAN_OP, READ_OP, BlockSpec
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -75,7 +75,6 @@ class TierscopeWorkerPlugin(WorkerPlugin):
         set_stream_handler(worker, PLAN_OP, self._on_plan)
         set_handler(worker, READ_OP, self._on_read)
         set_handler(worker, CANCEL_OP, self._on_cancel)
-        set_handler(worker, HELD_OP, self._on_held)
         worker.metrics["tierscope"] = lambda w: self._summary()
         _process_collector().plugins[worker.address] = self
 
@@ -85,7 +84,6 @@ class TierscopeWorkerPlugin(WorkerPlugin):
         set_stream_handler(worker, PLAN_OP, _drop_plan)
         unset_handler(worker, READ_OP)
         unset_handler(worker, CANCEL_OP)
-        unset_handler(worker, HELD_OP)
         worker.metrics.pop("tierscope", None)
         _process_collector().plugins.pop(worker.address, None)
         if self.prefetcher is not None:
@@ -100,12 +98,13 @@ class TierscopeWorkerPlugin(WorkerPlugin):
 
     async def _on_read(
         self, spec: BlockSpec, parts: list, load: bool = False, session: str | None = None,
-        view: list | None = None, read: str | None = None,
+        view: list | None = None, read: str | None = None, copies: bool = False,
     ) -> dict[str, list[Serialize] | None]:
         """A direct read (``tierscope.dask.direct``): ``{"parts": [...]}``, the blocks this worker lacks
         fetched in one batch and every block decoded in parallel (``WorkerTiers.read_loading``); without
-        ``load`` (the client's ``tierscope.direct-read.load``), only when every block is in L1 or L2. ``{"parts": None}``
-        (nothing counted) leaves the view to the graph, which also meets a failed fetch's error for the user.
+        ``load`` (the client's ``tierscope.direct-read.load``), only when every block is in L1 or L2; with
+        ``copies`` (``direct.copies_only``), only when every one is in L1. ``{"parts": None}`` (nothing
+        counted) leaves the view to the graph, which also meets a failed fetch's error for the user.
 
         Small L1 answers are copied on the event loop (microseconds); bigger ones, GPU copies, decodes and
         fetches go to a thread, so the loop keeps answering heartbeats and plans. ``session`` and ``view``
@@ -126,7 +125,8 @@ class TierscopeWorkerPlugin(WorkerPlugin):
         else:
             got = await asyncio.to_thread(tiers.read_cached, spec, pieces)
         if got is None:
-            if not load and not tiers.held(spec, [index for index, _ in pieces]) or read in self._cancelled:
+            if (copies or not load and not tiers.held(spec, [index for index, _ in pieces])
+                    or read in self._cancelled):
                 return {"parts": None}
             stop = threading.Event()  # registered with no await since the check: no cancel slips between
             if read is not None:
@@ -141,16 +141,6 @@ class TierscopeWorkerPlugin(WorkerPlugin):
             finally:
                 self._reads.pop(read, None)
         return {"parts": [Serialize(values) for values in got]}
-
-    async def _on_held(self, spec: BlockSpec, blocks: list) -> dict[str, bool]:
-        """Whether every block is held decoded in L1 (``{"held": ...}``, no data): a direct read of them would
-        be answered from L1 copies at once. Key lookups only, nothing counted or moved, in a thread: their
-        number is the client's to choose. A progressive view asks beside its first part (``direct.held``)."""
-        tiers = self.tiers
-        if tiers is None:
-            return {"held": False}
-        held = await asyncio.to_thread(lambda: tiers.held_decoded(spec, [tuple(index) for index in blocks]))
-        return {"held": held}
 
     def _on_cancel(self, read: str) -> None:
         """Stop direct read ``read``: its fetch and decodes end at the next block. On the event loop, as

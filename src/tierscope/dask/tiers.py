@@ -202,10 +202,6 @@ class WorkerTiers:
         keys = [spec.block_key(index) for index in indices]
         return all(key in self.l1 or key in self.l2 for key in keys)
 
-    def held_decoded(self, spec: BlockSpec, indices: Sequence[BlockIndex]) -> bool:
-        """Whether every block is in L1 under its own key (``read_cached`` answers them without a decode)."""
-        return all(spec.block_key(index) in self.l1 for index in indices)
-
     def prefetch(self, spec: BlockSpec, blocks: Sequence[tuple[BlockIndex, bool]]) -> int:
         """Bring blocks into L2, and into L1 those marked ``decode``; returns how many were not there.
 
