@@ -84,6 +84,11 @@ class BlockSpec:
         return np.dtype(self.dtype).itemsize
 
     @property
+    def coarsest(self) -> bool:
+        """Whether this is the coarsest level of a dataset with levels: a progressive view's first part."""
+        return self.levels > 1 and self.level == self.levels - 1
+
+    @property
     def block_nbytes(self) -> int:
         """Bytes of one decoded (full) block."""
         return math.prod(self.grid.block) * self.itemsize

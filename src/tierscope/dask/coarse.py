@@ -139,12 +139,11 @@ class CoarsePlanner:
             decoded = entry_charge(coarse.block_nbytes, "distance")
             encoded = max(ratio * decoded, 1.0)
             share1, share2 = (left1, left2) if last else (left1 / 2, left2 / 2)
-            coarsest = k == spec.levels - 1  # decoded within a share of its own, not of left1
-            if coarsest:
+            if coarse.coarsest:  # decoded within a share of its own, not of left1
                 share1 = COARSEST_L1_SHARE * total1
             limit = min(math.prod(coarse.grid.nblocks), left_blocks if last else left_blocks // 2,
                         int(share2 // encoded))
-            if not coarsest:
+            if not coarse.coarsest:
                 left1 -= min(limit, int(share1 // decoded)) * decoded
             left2 -= limit * encoded
             left_blocks -= limit

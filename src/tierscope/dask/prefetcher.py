@@ -111,7 +111,7 @@ class Prefetcher:
                 # level's wide plan, the far part of any plan), and among those a coarsest level's first
                 # (a progressive view's first part: a few small decodes, done once), then the finest
                 # level's (the next full-resolution view); positions take turns within each.
-                bound = [(not _coarsest(q[0][0].spec), q[0][0].spec.level, turn, k)
+                bound = [(not q[0][0].spec.coarsest, q[0][0].spec.level, turn, k)
                          for turn, (k, q) in enumerate(self._queues.items()) if q[0][2]]
                 key = min(bound)[3] if bound else next(iter(self._queues))
                 queue = self._queues.pop(key)
@@ -145,8 +145,3 @@ class Prefetcher:
         (cancelled), failed; queued now."""
         with self._cond:
             return {**self.counts, "queued": sum(len(q) for q in self._queues.values())}
-
-
-def _coarsest(spec: BlockSpec) -> bool:
-    """Whether ``spec`` is the coarsest level of a dataset with levels."""
-    return spec.levels > 1 and spec.level == spec.levels - 1
