@@ -22,7 +22,7 @@ from tierscope.cli import main
 from tierscope.client.source import Source
 from tierscope.errors import DatasetNotFoundError, StoreError
 from tierscope.coarsen_kernel import window_sums
-from tierscope.levels import coarsen_block, level_info, window_layout
+from tierscope.levels import coarsen_block, coarsen_levels, level_info, window_layout
 from tierscope.server import BlockService, ServerThread
 from tierscope.store import ingest, pyramid, write_sample
 from tierscope.store.origin import open_origin
@@ -333,6 +333,26 @@ def test_levels_of_a_block_are_summed_by_the_compiled_loop(k):
                                                  for s in (n // axes.get(a, 1), axes.get(a, 1))]),
                                  axis=tuple(range(1, 2 * len(shape), 2)))
         assert _same_bits(total.reshape(expected.shape), expected)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf - inf
+@pytest.mark.parametrize(("shape", "dims"), [
+    ((2, 64, 64, 128), 3),  # one pass: a time step's z, y and x
+    ((3, 32, 48), 2),  # y and x only
+    ((1, 16, 64, 16), 3),  # x in one window at level 4: NumPy's merged runs, level by level
+    ((1, 8, 24, 40), 3),  # windows that do not divide: padded, level by level
+])
+def test_every_level_of_a_piece_at_once_is_each_level_on_its_own(shape, dims):
+    """``coarsen_levels`` (one pass over the piece where it can) equals ``coarsen_block`` per level bit for
+    bit: with and without NaN (a level holding one is summed again with its counts) and infinities."""
+    rng = np.random.default_rng(sum(shape))
+    values = (rng.standard_normal(shape) * np.exp(rng.uniform(-20, 20, shape))).astype(np.float32)
+    values.ravel()[rng.integers(0, values.size, 20)] = rng.choice([np.inf, -np.inf, -0.0], 20)
+    levels = [{a: 2**k for a in range(len(shape) - dims, len(shape))} for k in range(1, 5)]
+    for nan in (0.0, 0.01):
+        piece = np.where(rng.random(shape) < nan, np.nan, values).astype(np.float32)
+        for got, axes in zip(coarsen_levels(piece, levels), levels, strict=True):
+            assert _same_bits(got, coarsen_block(piece, axes))
 
 
 def test_a_coarsened_integer_piece_is_the_first_of_each_window():

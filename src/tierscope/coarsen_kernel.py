@@ -11,10 +11,12 @@ afterwards, with Numba's import), without the GIL: Dask's threads coarsen pieces
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
-__all__ = ["MAX_RUN", "window_sums"]
+__all__ = ["MAX_RUN", "level_sums", "window_sums"]
 
 MAX_RUN = 128
 """Longest run NumPy sums with the unrolled pairwise loop below; longer ones it splits recursively."""
@@ -85,6 +87,44 @@ def _add_runs(runs, into, n):  # pragma: no cover - compiled
     else:
         for c in range(into.size):
             into[c] += _run_sum(runs, n * c, n)
+
+
+@numba.njit(nogil=True, cache=True)
+def _level_sums(flat, shape, windows, out, starts):  # pragma: no cover - compiled
+    """Every level's window sums in one pass: ``flat`` is (outer, z, y, x) in ``shape``, level ``l``'s
+    windows ``windows[l]`` (z, y, x) and its sums ``out[starts[l]:]``, (outer, z / wz, y / wy, x / wx).
+    Rows of x arrive in memory order, so the rows of an output's window come in (z, y) order, as in
+    ``_sums``: each row, in cache, is added into every level."""
+    na, nz, ny, nx = shape
+    at = 0
+    for a in range(na):
+        for z in range(nz):
+            for y in range(ny):
+                row = flat[at:at + nx]
+                for level in range(windows.shape[0]):
+                    wz, wy, wx = windows[level, 0], windows[level, 1], windows[level, 2]
+                    cols = nx // wx
+                    first = starts[level] + ((a * (nz // wz) + z // wz) * (ny // wy) + y // wy) * cols
+                    _add_runs(row, out[first:first + cols], wx)
+                at += nx
+
+
+def level_sums(values: np.ndarray, windows: list[tuple[int, int, int]]) -> list[np.ndarray] | None:
+    """The window sums of C-contiguous ``values`` at each of several levels, windows ``(wz, wy, wx)`` on
+    its last three axes (1 where an axis is not coarsened), in one pass; or None where this loop does
+    not apply: another dtype, a window that does not divide its axis, x not coarsened or in one window."""
+    if values.dtype not in (np.float32, np.float64) or values.ndim < 3 or not windows:
+        return None
+    *outer, nz, ny, nx = values.shape
+    if any(not 1 < wx < nx or wx > MAX_RUN or nz % wz or ny % wy or nx % wx for wz, wy, wx in windows):
+        return None  # (x in one window: NumPy sums the x runs of a y window as one run)
+    sizes = [math.prod(outer) * (nz // wz) * (ny // wy) * (nx // wx) for wz, wy, wx in windows]
+    starts = np.cumsum([0, *sizes])
+    out = np.zeros(starts[-1], values.dtype)
+    _level_sums(values.reshape(-1), np.array([math.prod(outer), nz, ny, nx], np.intp),
+                np.array(windows, np.intp).reshape(-1, 3), out, starts.astype(np.intp))
+    return [out[start:stop].reshape(*outer, nz // wz, ny // wy, nx // wx)
+            for start, stop, (wz, wy, wx) in zip(starts[:-1], starts[1:], windows, strict=True)]
 
 
 def window_sums(values: np.ndarray, layout: list[tuple[int, bool]]) -> np.ndarray | None:

@@ -38,9 +38,9 @@ from tierscope.grid import BlockGrid
 from tierscope.metadata import DatasetInfo, VariableInfo, time_axis
 
 __all__ = [
-    "Layout", "check_level", "coarsen_block", "coarsen_coord", "coarser_grid", "count_levels", "layouts",
-    "level_axes", "level_info", "level_name", "level_shape", "missing_values", "spatial_dims", "split_level",
-    "window_layout", "windows",
+    "Layout", "check_level", "coarsen_block", "coarsen_coord", "coarsen_levels", "coarser_grid",
+    "count_levels", "layouts", "level_axes", "level_info", "level_name", "level_shape", "missing_values",
+    "spatial_dims", "split_level", "window_layout", "windows",
 ]
 
 _LEVEL_NAME = re.compile(r"^(.+)@([0-9]+)$")
@@ -156,6 +156,31 @@ def coarsen_block(values: np.ndarray, axes: Mapping[int, int], missing: Sequence
     out = _nanmean(values, axes)
     if missing:
         out = np.where(np.isnan(out), missing[0], out).astype(values.dtype, copy=False)
+    return out
+
+
+def coarsen_levels(values: np.ndarray, levels: Sequence[Mapping[int, int]],
+                   missing: Sequence[float] = ()) -> list[np.ndarray]:
+    """``coarsen_block`` of ``values`` by each of ``levels``' windows (one level's ``axes`` each): where
+    they are a level's windows on the last three axes (or fewer) of floats that need no padding and hold
+    no missing values, every level's sums come from one pass over ``values``, then each level is
+    divided (or, holding a NaN, summed again as ``coarsen_block`` does)."""
+    ndim = values.ndim
+    triples = [tuple(axes.get(a, 1) for a in range(ndim - 3, ndim)) for axes in levels]
+    sums = None
+    if (not missing and ndim >= 3 and values.dtype.kind == "f"
+            and all(set(axes) <= set(range(ndim - 3, ndim)) for axes in levels)):
+        from tierscope.coarsen_kernel import level_sums  # compiles on first use: not on import
+
+        sums = level_sums(np.ascontiguousarray(values), triples)
+    if sums is None:
+        return [coarsen_block(values, axes, missing) for axes in levels]
+    out = []
+    for axes, total in zip(levels, sums, strict=True):
+        if np.isnan(total).any():  # a NaN among the values (or inf - inf): the counts matter
+            out.append(coarsen_block(values, axes))
+        else:
+            out.append(np.true_divide(total, np.intp(math.prod(axes.values())), out=total, casting="unsafe"))
     return out
 
 

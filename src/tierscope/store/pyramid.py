@@ -12,7 +12,7 @@ dimensions, as is otherwise), its coordinates coarsened, the same attributes —
 - TileDB: the group ``k`` inside the store's group, a member of it; HDF5: the group ``/k``. Both record
   the count in the root's ``_tierscope`` bookkeeping.
 
-Each level is computed from level 0 in window-aligned dask pieces (``coarsen_block``), all levels from
+Each level is computed from level 0 in window-aligned dask pieces (``coarsen_levels``), all levels from
 the same pieces, on all cores; then regrouped into whole blocks of the level (each written once, by one
 task). ``pyramid`` writes the levels beside the store and puts them in place at the end (HDF5: into a
 copy of the file, renamed over it), as ingest does: an interrupt or a failure leaves the store as it was.
@@ -31,8 +31,8 @@ import xarray as xr
 
 from tierscope.levels import (
     Layout,
-    coarsen_block,
     coarsen_coord,
+    coarsen_levels,
     count_levels,
     level_shape,
     missing_values,
@@ -81,30 +81,35 @@ def level_datasets(ds: xr.Dataset, levels: int | None = None) -> list[xr.Dataset
                          f"{list(ds.variables)}")
     out: list[dict[Hashable, xr.Variable]] = [{} for _ in range(count)]
     for name, var in ds.variables.items():
-        for k in range(1, count + 1):
-            out[k - 1][name] = _coarse_variable(name, var, spatial, k, count)
+        for k, coarse in enumerate(_coarse_variables(name, var, spatial, count), 1):
+            out[k - 1][name] = coarse
     return [xr.Dataset({n: v[n] for n in ds.data_vars}, coords={n: v[n] for n in ds.coords}, attrs=ds.attrs)
             for v in out]
 
 
-def _coarse_variable(name: Hashable, var: xr.Variable, spatial: Sequence[str], k: int,
-                     top: int) -> xr.Variable:
-    """Level ``k`` of one variable; ``top``: the coarsest level written (pieces align to its windows)."""
+def _coarse_variables(name: Hashable, var: xr.Variable, spatial: Sequence[str],
+                      top: int) -> list[xr.Variable]:
+    """Levels 1..``top`` of one variable, all from the same pieces (aligned to level ``top``'s windows)."""
     if var.dims == (name,):
-        values = coarsen_coord(var.values, 2**k) if str(name) in spatial else var.values
-        return xr.Variable(var.dims, values, var.attrs, {"chunks": values.shape, "_FillValue": None})
-    axes = windows(tuple(map(str, var.dims)), var.shape, spatial, k)
-    if not axes:
-        return var
-    shape = level_shape(var.shape, axes)
-    block = tuple(min(b, n) if a in axes else b
-                  for a, (b, n) in enumerate(zip(var.encoding["chunks"], shape, strict=True)))
+        coords = [coarsen_coord(var.values, 2**k) if str(name) in spatial else var.values
+                  for k in range(1, top + 1)]
+        return [xr.Variable(var.dims, values, var.attrs, {"chunks": values.shape, "_FillValue": None})
+                for values in coords]
+    levels = [windows(tuple(map(str, var.dims)), var.shape, spatial, k) for k in range(1, top + 1)]
+    if not levels or not levels[0]:
+        return [var] * top
     missing = missing_values(var.attrs) if var.dtype.kind in "fc" else []
+    blocks = []
+    for axes in levels:
+        shape = level_shape(var.shape, axes)
+        blocks.append(tuple(min(b, n) if a in axes else b
+                            for a, (b, n) in enumerate(zip(var.encoding["chunks"], shape, strict=True))))
     if isinstance(var.data, da.Array):
-        data = _coarse_pieces(_aligned(var.data, axes, 2**top), axes, missing, block)
+        data = _coarse_pieces(_aligned(var.data, levels[-1], 2**top), levels, missing, blocks)
     else:  # in memory (labels): one piece
-        data = coarsen_block(np.asarray(var.values), axes, missing)
-    return xr.Variable(var.dims, data, var.attrs, {"chunks": block, "_FillValue": None})
+        data = coarsen_levels(np.asarray(var.values), levels, missing)
+    return [xr.Variable(var.dims, values, var.attrs, {"chunks": block, "_FillValue": None})
+            for values, block in zip(data, blocks, strict=True)]
 
 
 def _aligned(data: da.Array, axes: Mapping[int, int], window: int) -> da.Array:
@@ -118,15 +123,33 @@ def _aligned(data: da.Array, axes: Mapping[int, int], window: int) -> da.Array:
     return data.rechunk(tuple(chunks))
 
 
-def _coarse_pieces(data: da.Array, axes: Mapping[int, int], missing: list[float],
-                   block: tuple[int, ...]) -> da.Array:
-    """Each piece coarsened on its own, then regrouped into whole blocks of the level (a stored chunk is
-    then written by one task, never by two)."""
-    chunks = tuple(tuple(-(-c // axes.get(a, 1)) for c in sizes) for a, sizes in enumerate(data.chunks))
-    coarse = data.map_blocks(coarsen_block, axes, missing, chunks=chunks, dtype=data.dtype,
-                             meta=np.empty((0,) * data.ndim, data.dtype))
-    target = {a: max(b, max(coarse.chunks[a]) // b * b) for a, b in enumerate(block) if a in axes}
-    return coarse.rechunk(target)
+def _coarse_pieces(data: da.Array, levels: list[dict[int, int]], missing: list[float],
+                   blocks: list[tuple[int, ...]]) -> list[da.Array]:
+    """Each piece coarsened on its own to every level at once (``coarsen_levels``: one pass over it),
+    then each level regrouped into whole blocks of the level (a stored chunk is then written by one
+    task, never by two)."""
+    one = tuple((1,) * len(sizes) for sizes in data.chunks)
+    pieces = data.map_blocks(_piece_levels, levels, missing, chunks=one, dtype=object,
+                             meta=np.empty((0,) * data.ndim, object))
+    out = []
+    for k, (axes, block) in enumerate(zip(levels, blocks, strict=True)):
+        chunks = tuple(tuple(-(-c // axes.get(a, 1)) for c in sizes) for a, sizes in enumerate(data.chunks))
+        coarse = pieces.map_blocks(_piece_level, k, chunks=chunks, dtype=data.dtype,
+                                   meta=np.empty((0,) * data.ndim, data.dtype))
+        target = {a: max(b, max(coarse.chunks[a]) // b * b) for a, b in enumerate(block) if a in axes}
+        out.append(coarse.rechunk(target))
+    return out
+
+
+def _piece_levels(values: np.ndarray, levels: list[dict[int, int]], missing: list[float]) -> np.ndarray:
+    """A piece's levels, held in a one-element object array (a dask chunk of its own)."""
+    held = np.empty((1,) * values.ndim, object)
+    held.flat[0] = coarsen_levels(values, levels, missing)
+    return held
+
+
+def _piece_level(held: np.ndarray, k: int) -> np.ndarray:
+    return held.flat[0][k]
 
 
 def multiscales(variables: Mapping[Hashable, Layout], levels: int) -> dict[str, Any]:
