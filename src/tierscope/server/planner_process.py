@@ -137,9 +137,10 @@ def _child(inp: int, out: int, max_positions: int, max_pending: int) -> None:
         _write_all(out, _frame((result, done, len(planner.sessions), planner._epoch)))
 
 
-# The child's command: niced before it imports anything (NumPy and the planning modules: ~0.3 s of CPU)
-_CHILD = (f"import os, sys; os.nice({NICE}); "
-          "from tierscope.server.planner_process import main; main(sys.argv[1:])")
+# The child's command: niced before it imports anything (NumPy and the planning modules: ~0.3 s of CPU),
+# and importing the tierscope this process did (its directory put first on the path, unless on it already)
+_CHILD = ("import os, sys; os.nice(%d); root = %%r; sys.path[:0] = [] if root in sys.path else [root]; "
+          "from tierscope.server.planner_process import main; main(sys.argv[1:])" % NICE)
 
 
 def main(argv: list[str]) -> None:
@@ -187,12 +188,10 @@ class ProcessPlanner:
     def start(self) -> None:
         """Start the child and the reader thread; on the loop that then owns this planner."""
         self._loop = asyncio.get_running_loop()
-        env = dict(os.environ)  # the child imports the same tierscope as this process
         root = str(Path(tierscope.__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, str(self.max_positions), str(self.max_pending)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            [sys.executable, "-c", _CHILD % root, str(self.max_positions), str(self.max_pending)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._in = self.process.stdin.fileno()
         os.set_blocking(self._in, False)
         self._reader = threading.Thread(target=self._read, name="tierscope-planner-reader", daemon=True)
