@@ -19,7 +19,8 @@ real parts on loopback. Measured, in this order:
 3. the block server's event-loop lag (a coroutine on the server's loop sleeping 1 ms and measuring its
    lateness), idle, and while 8 clients in another process send block requests carrying the largest
    position header, their views moving every request or every 64 requests; the process set up as
-   ``tierscope serve`` sets its own (``run_server``: GIL switch interval 0.5 ms, start-up heap frozen);
+   ``tierscope serve`` sets its own (``run_server``: GIL switch interval 0.5 ms, start-up heap frozen;
+   prefetch planning in a child process);
    then, beside those rows and not judged, the same with the clients' process at nice 19: an estimate for
    clients on other machines, whose CPU the server does not share;
 4. a flood of requests, each with a new tol and a new session, against ``tierscope serve`` in its own
@@ -374,7 +375,8 @@ def bench_loop_lag(sweep: Sweep) -> dict[str, Any]:
     sys.setswitchinterval(GIL_SWITCH_S)  # as `tierscope serve` sets its process's (run_server); until the end
     origin = open_origin(sample_url("lag", steps_for(max(sweep.exponents))))
     nblocks = origin.info().variable("u").grid.nblocks
-    service = BlockService([origin], l3="256MiB", l4="512MiB", prefetch="auto")
+    # planning in a child process, as `tierscope serve` plans by default (serve.planner)
+    service = BlockService([origin], l3="256MiB", l4="512MiB", prefetch="auto", planner="process")
     loaded = []
     with ServerThread(service) as server:
         freeze_heap()  # as run_server does once its app is made; unfrozen at the end

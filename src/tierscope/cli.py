@@ -160,7 +160,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             raise ValueError(f"--token-file {args.token_file!r} is empty")
     service = BlockService([open_origin(path) for path in args.stores], args.codec, l3=args.l3, l4=args.l4,
                            policy=args.policy, prefetch=args.prefetch, device=args.device,
-                           adapt=args.adapt == "on")
+                           adapt=args.adapt == "on", planner=args.planner)
 
     def announce(url: str) -> None:
         for name in service.datasets():
@@ -316,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on: answer a user's miss with what reaches the client first on the link it reports "
                         "(the raw block or a tighter cached frame when encoding would take longer; "
                         "docs/server.md) (default: %(default)s)")
+    p.add_argument("--planner", default=config.get("serve.planner"), choices=("process", "thread"),
+                   help="where prefetch plans are made: a child process of the server's, which shares no GIL "
+                        "with its event loop, or a thread (default: %(default)s)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="explore a sample dataset through a local server and cluster")

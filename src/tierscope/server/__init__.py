@@ -1,6 +1,19 @@
 """The block server: a block service with L3/L4 tiers and server-side prefetch, and its aiohttp app."""
 
-from tierscope.server.app import ServerThread, create_app, run_server
-from tierscope.server.service import BlockResult, BlockService
+from typing import Any
 
 __all__ = ["BlockResult", "BlockService", "ServerThread", "create_app", "run_server"]
+
+# Lazy exports, so that a module of this package can be imported without the server's (aiohttp, the
+# codecs): the prefetch planner's child process imports only the planning modules.
+_LAZY = {"ServerThread": "tierscope.server.app", "create_app": "tierscope.server.app",
+         "run_server": "tierscope.server.app", "BlockResult": "tierscope.server.service",
+         "BlockService": "tierscope.server.service"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tierscope.server' has no attribute {name!r}")

@@ -47,6 +47,7 @@ from tierscope.prefetch import MODES, Box
 from tierscope.protocol import MAX_BATCH, MAX_POSITION_BLOCKS, parse_block_index
 from tierscope.server.choice import Costs
 from tierscope.server.planner import Delivery, Planner, TierRoom, View
+from tierscope.server.planner_process import ProcessPlanner
 from tierscope.server.sessions import PLAN_TTL_S, PositionKey, PrefetchItem, PrefetchQueue, check_session
 from tierscope.server.stats import ServerStats
 from tierscope.store.origin import Origin
@@ -69,6 +70,9 @@ GIL_SWITCH_S = 0.0005
 # Prefetch threads run this much nicer than the process (Linux: a thread's own nice value): on a busy
 # machine a free CPU goes to the loop and the user pool first. Their encodes and reads release the GIL.
 PREFETCH_NICE = 10
+# Where prefetch planning runs: a thread of the server's process, or a child process of its own
+# (``planner_process.py``: it shares no GIL with the loop; ``tierscope serve``'s default).
+PLANNERS = ("thread", "process")
 # A frame at a tol within [tol * CLOSE, tol] answers a request at tol whatever the link: it is at most
 # about one bit per value finer (nearly the same size), and sharing it spares an encode and an L3 entry.
 CLOSE = 0.5
@@ -217,6 +221,8 @@ class BlockService:
     the frames are the same byte for byte either way. ``adapt``: answer a user's L3 miss with whatever
     reaches the client first given the link throughput it reports (``choice.Costs``): the raw block (then
     encoded for L3 in the background), a frame at a tighter tol held in L3, or the frame encoded at tol.
+    ``planner``: where prefetch plans are made, "thread" (a thread of this process) or "process" (a child
+    process at nice 19, sharing no GIL with the loop: ``planner_process.py``; ``tierscope serve``'s).
     """
 
     def __init__(
@@ -235,7 +241,11 @@ class BlockService:
         plan_ttl: float = PLAN_TTL_S,
         device: str = "auto",
         adapt: bool = False,
+        planner: str = "thread",
     ) -> None:
+        if planner not in PLANNERS:
+            raise ValueError(f"planner must be one of {', '.join(PLANNERS)}, got {planner!r}")
+        self.planner = planner
         self.encode_device = resolve_device(device, "device")
         self.adapt = adapt
         self._origins: dict[str, Origin] = {}
@@ -286,8 +296,11 @@ class BlockService:
         self._user_idle.set()
         self.queue = PrefetchQueue(self.plan_ttl)
         self._tasks = [asyncio.create_task(self._prefetch_worker()) for _ in range(self.prefetch_workers)]
-        self._planner = Planner(functools.partial(self._loop.call_soon_threadsafe, self._apply),
-                                self.max_positions)
+        if self.planner == "process":  # delivers on the loop itself
+            self._planner: Planner | ProcessPlanner = ProcessPlanner(self._apply, self.max_positions)
+        else:
+            self._planner = Planner(functools.partial(self._loop.call_soon_threadsafe, self._apply),
+                                    self.max_positions)
         self._planned = 0  # views the planner has finished, as it last said
         self._handed.clear()  # a new planner: its positions start empty
         self._settling: list[tuple[int, asyncio.Future[None]]] = []  # (views to finish, waiter)
@@ -773,6 +786,7 @@ class BlockService:
             "encode_device": self.encode_device,
             "workers": self.workers,
             "prefetch_workers": self.prefetch_workers,
+            "planner": self.planner,
         }
 
     async def configure(
