@@ -304,8 +304,9 @@ def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
     coarse levels, so the exact picture comes about as soon as it would without levels; only coarse levels
     at most ``1 / CHEAP`` of level 0's blocks are loaded on the way (dearer ones would delay it), and one
     still loading when level 0 is ready is passed over: level 0 never waits for a coarser part. Level 0
-    does not start with the first part: on a busy machine its 64 blocks' reads and decodes delayed the
-    first picture 2-4x (docs/benchmarks.md). A newer view stops its read (``view.stop``)."""
+    does not load with the first part: on a busy machine its 64 blocks' reads and decodes delayed the
+    first picture 2-4x (docs/benchmarks.md); beside it, level 0 is only read from its owners' L1 copies
+    (``_View.held``), which loads nothing. A newer view stops its read (``view.stop``)."""
     first, *rest = levels
     finer = [k for k in rest if k and view.blocks(k) * CHEAP <= view.blocks(0)]
     full: Future[xr.DataArray] | None = None
@@ -327,7 +328,11 @@ def _parts(view: _View, levels: range) -> Generator[xr.DataArray, None, None]:
             return
         exact = held.result() if held is not None else None
         if exact is not None:  # level 0 was a copy on its owners: here already, nothing on the way to it
-            _count(held_views=1, blocks=view.blocks(0), parts=1)
+            _count(held_views=1, blocks=view.blocks(0))
+            if view.superseded():  # (a newer view began while the copies came: stale)
+                view.cancel([])
+                return
+            _count(parts=1)
             yield exact
             return
         full = _background.submit(_timed, view, 0)
