@@ -375,8 +375,10 @@ def bench_loop_lag(sweep: Sweep) -> dict[str, Any]:
     sys.setswitchinterval(GIL_SWITCH_S)  # as `tierscope serve` sets its process's (run_server); until the end
     origin = open_origin(sample_url("lag", steps_for(max(sweep.exponents))))
     nblocks = origin.info().variable("u").grid.nblocks
-    # planning in a child process, as `tierscope serve` plans by default (serve.planner)
-    service = BlockService([origin], l3="256MiB", l4="512MiB", prefetch="auto", planner="process")
+    # planning and prefetch loads in child processes, as `tierscope serve` does by default (serve.planner,
+    # serve.prefetch_loads)
+    service = BlockService([origin], l3="256MiB", l4="512MiB", prefetch="auto", planner="process",
+                           prefetch_loads="process")
     loaded = []
     with ServerThread(service) as server:
         freeze_heap()  # as run_server does once its app is made; unfrozen at the end

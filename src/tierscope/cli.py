@@ -160,7 +160,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             raise ValueError(f"--token-file {args.token_file!r} is empty")
     service = BlockService([open_origin(path) for path in args.stores], args.codec, l3=args.l3, l4=args.l4,
                            policy=args.policy, prefetch=args.prefetch, device=args.device,
-                           adapt=args.adapt == "on", planner=args.planner)
+                           adapt=args.adapt == "on", planner=args.planner, prefetch_loads=args.prefetch_loads)
 
     def announce(url: str) -> None:
         for name in service.datasets():
@@ -319,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--planner", default=config.get("serve.planner"), choices=("process", "thread"),
                    help="where prefetch plans are made: a child process of the server's, which shares no GIL "
                         "with its event loop, or a thread (default: %(default)s)")
+    p.add_argument("--prefetch-loads", default=config.get("serve.prefetch_loads"),
+                   choices=("process", "thread"),
+                   help="where prefetch reads and encodes of blocks L4 lacks run: child processes, which "
+                        "share no GIL with the event loop, or threads (default: %(default)s)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="explore a sample dataset through a local server and cluster")

@@ -31,6 +31,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -47,6 +48,7 @@ from tierscope.prefetch import MODES, Box
 from tierscope.protocol import MAX_BATCH, MAX_POSITION_BLOCKS, parse_block_index
 from tierscope.server.choice import Costs
 from tierscope.server.planner import Delivery, Planner, TierRoom, View
+from tierscope.server.loads_process import Loaded, OriginSpec, ProcessLoads, origin_spec
 from tierscope.server.planner_process import ProcessPlanner
 from tierscope.server.sessions import PLAN_TTL_S, PositionKey, PrefetchItem, PrefetchQueue, check_session
 from tierscope.server.stats import ServerStats
@@ -73,6 +75,9 @@ PREFETCH_NICE = 10
 # Where prefetch planning runs: a thread of the server's process, or a child process of its own
 # (``planner_process.py``: it shares no GIL with the loop; ``tierscope serve``'s default).
 PLANNERS = ("thread", "process")
+# Where prefetch reads and encodes of blocks L4 lacks run: the prefetch threads, or child processes
+# (``loads_process.py``: no GIL shared with the loop; ``tierscope serve``'s default).
+PREFETCH_LOADS = ("thread", "process")
 # A frame at a tol within [tol * CLOSE, tol] answers a request at tol whatever the link: it is at most
 # about one bit per value finer (nearly the same size), and sharing it spares an encode and an L3 entry.
 CLOSE = 0.5
@@ -223,6 +228,9 @@ class BlockService:
     encoded for L3 in the background), a frame at a tighter tol held in L3, or the frame encoded at tol.
     ``planner``: where prefetch plans are made, "thread" (a thread of this process) or "process" (a child
     process at nice 19, sharing no GIL with the loop: ``planner_process.py``; ``tierscope serve``'s).
+    ``prefetch_loads``: where prefetch reads (and their encodes) of blocks L4 lacks run, "thread" (the
+    prefetch threads) or "process" (``prefetch_workers`` child processes at nice 19:
+    ``loads_process.py``; ``tierscope serve``'s); with a GPU encoding, threads.
     """
 
     def __init__(
@@ -242,10 +250,14 @@ class BlockService:
         device: str = "auto",
         adapt: bool = False,
         planner: str = "thread",
+        prefetch_loads: str = "thread",
     ) -> None:
         if planner not in PLANNERS:
             raise ValueError(f"planner must be one of {', '.join(PLANNERS)}, got {planner!r}")
-        self.planner = planner
+        if prefetch_loads not in PREFETCH_LOADS:
+            raise ValueError(
+                f"prefetch_loads must be one of {', '.join(PREFETCH_LOADS)}, got {prefetch_loads!r}")
+        self.planner, self.prefetch_loads = planner, prefetch_loads
         self.encode_device = resolve_device(device, "device")
         self.adapt = adapt
         self._origins: dict[str, Origin] = {}
@@ -292,6 +304,8 @@ class BlockService:
         self._prefetch_pool = ThreadPoolExecutor(self.prefetch_workers, thread_name_prefix="tierscope-prefetch",
                                                  initializer=_nicer, initargs=(PREFETCH_NICE,))
         self._slots = asyncio.Semaphore(self.prefetch_workers)
+        self._loads = (ProcessLoads(self.prefetch_workers)
+                       if self.prefetch_loads == "process" and self.encode_device == "cpu" else None)
         self._user_idle = asyncio.Event()
         self._user_idle.set()
         self.queue = PrefetchQueue(self.plan_ttl)
@@ -319,6 +333,8 @@ class BlockService:
         # interpreter exit (the transports' atexit close) the default executor takes no new work.
         for pool in (self._user_pool, self._prefetch_pool):
             pool.shutdown(wait=True)
+        if self._loads is not None:
+            self._loads.close()
         self._loop = self._loop_thread = None
 
     def close(self) -> None:
@@ -591,27 +607,61 @@ class BlockService:
             frame, read_s = await self._run(prefetch, req.origin.read_frame, req.variable.name, index)
             self._count_read(read_s)
             return _Encoded(frame, "origin", read_s, 0.0)
-        raw, tier = await self._raw_block(req, index, prefetch)
-        frame, encode_s = await self._run(prefetch, codec.encode, raw.array, req.tol, codec=req.codec,
-                                          device=self.encode_device)
+        in_child: list[Loaded] = []  # the frame, when a child reads the block for L4 and encodes it
+        raw, tier = await self._raw_block(req, index, prefetch, in_child)
+        if in_child:
+            frame, encode_s = in_child[0].frame, in_child[0].encode_s
+        else:
+            frame, encode_s = await self._run(prefetch, codec.encode, raw.array, req.tol, codec=req.codec,
+                                              device=self.encode_device)
         self.costs.encoded(self._ratio_key(req), raw.array.nbytes, len(frame), encode_s)
         self._stats.encodes += 1
         self._stats.stages["encode"].add(encode_s)
         return _Encoded(frame, tier, 0.0 if tier == "l4" else raw.read_s, encode_s)
 
-    async def _raw_block(self, req: _Request, index: BlockIndex, prefetch: bool) -> tuple[_Raw, str]:
-        """The raw block through L4 (single flight) and the tier that had it: ``"l4"`` or ``"origin"``."""
+    async def _raw_block(self, req: _Request, index: BlockIndex, prefetch: bool,
+                         in_child: list[Loaded] | None = None) -> tuple[_Raw, str]:
+        """The raw block through L4 (single flight) and the tier that had it: ``"l4"`` or ``"origin"``.
+        ``in_child``: a prefetch load that a child reads also encodes the block there, into this list."""
         key4 = (req.dataset, req.variable.name, index)
         hit = self.l4.peek(key4) is not None  # no await before the lookup: still true there
-        raw = await self.l4.aget_or_load(key4, lambda: self._read(req, index, prefetch), prefetch)
+        raw = await self.l4.aget_or_load(key4, lambda: self._read(req, index, prefetch, in_child), prefetch)
         return raw, "l4" if hit else "origin"
 
-    async def _read(self, req: _Request, index: BlockIndex, prefetch: bool) -> _Raw:
-        array, read_s = await self._run(prefetch, req.origin.read_block, req.variable.name, index)
+    async def _read(self, req: _Request, index: BlockIndex, prefetch: bool,
+                    in_child: list[Loaded] | None = None) -> _Raw:
+        spec = self._child_spec(req) if prefetch else None
+        if spec is None:
+            array, read_s = await self._run(prefetch, req.origin.read_block, req.variable.name, index)
+        else:
+            loaded = await self._load_in_child(spec, req, index, in_child is not None)
+            if loaded is None:  # the children are gone: this server's threads from now on
+                return await self._read(req, index, prefetch)
+            array, read_s = loaded.raw, loaded.read_s
+            if in_child is not None:
+                in_child.append(loaded)
         array = np.asarray(array)
         array.flags.writeable = False  # shared by every later encode of this block
         self._count_read(read_s)
         return _Raw(array, read_s)
+
+    def _child_spec(self, req: _Request) -> OriginSpec | None:
+        """How a child opens this request's origin, when prefetch loads run in children and one can."""
+        return None if self._loads is None else origin_spec(req.origin)
+
+    async def _load_in_child(self, spec: OriginSpec, req: _Request, index: BlockIndex,
+                             encode: bool) -> Loaded | None:
+        """A block read by a child (and encoded at the request's tol if ``encode``); None if the children
+        died: then the threads take over (logged once)."""
+        loads = self._loads
+        try:
+            return await loads.load(spec, req.variable.name, index, req.tol if encode else None, req.codec)
+        except BrokenProcessPool:
+            if self._loads is loads:
+                logger.error("a prefetch load process died: prefetch reads and encodes go on in threads")
+                self._loads = None
+                loads.close(wait=False)
+            return None
 
     def _count_read(self, read_s: float) -> None:
         self._stats.origin_reads += 1
@@ -787,6 +837,7 @@ class BlockService:
             "workers": self.workers,
             "prefetch_workers": self.prefetch_workers,
             "planner": self.planner,
+            "prefetch_loads": self.prefetch_loads,
         }
 
     async def configure(
