@@ -271,6 +271,28 @@ def test_repetitions_rotate_the_order_of_the_systems_and_pool_per_system(data, c
         assert r["repeat"] == 2 and len(r["samples_ms"]) == 2 * 3 and r["mismatches"] == 0
 
 
+def test_a_tierscope_system_leaves_its_server_idle_and_empty(data, cluster):
+    """The next system (maybe on another server, on the same cores) must not pay for this one's prefetch."""
+    from distributed import Client
+
+    from tierscope.bench.systems import Testbed, _http_json  # (a class named Test* is kept out of collection)
+
+    seqs = generate("playback", BlockGrid(SHAPE, BLOCK), 3, seed=3)
+    sizes = TierSizes(l1="8MiB", l2="8MiB", l3="16MiB", l4="16MiB", prefetch="auto")
+    system = make_system("tierscope-live", sizes)
+    with Client(cluster) as client, Testbed(data, client, None) as bed:
+        system.setup(bed, 0.0)
+        for view in seqs.views:
+            system.read(view)
+        url = system._server.url
+        assert _http_json("GET", f"{url}/stats")["tiers"]["l3"]["blocks"] > 0
+        system.teardown()
+        stats = _http_json("GET", f"{url}/stats")
+        assert stats["config"]["prefetch"] == "off" and stats["prefetch"]["queued"] == 0
+        assert [stats["tiers"][t]["blocks"] for t in ("l3", "l4")] == [0, 0]
+        assert [stats["config"][t] for t in ("l3", "l4")] == [0, 0]
+
+
 def test_plots_with_a_sweep_from_hand_made_records(tmp_path):
     from tierscope.bench.plots import plot_results
 

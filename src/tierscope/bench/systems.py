@@ -311,6 +311,14 @@ class TierscopeSystem(_XarraySystem):
         server = _http_json("GET", f"{self._server.url}/stats")
         return _counters(worker, server)
 
+    def teardown(self) -> None:
+        """Close the dataset, then leave the block server idle and empty: the prefetch it queued for this
+        system's views would otherwise go on reading and encoding into the next system's first views
+        (another system may use another server on the same cores), and its tiers would hold memory."""
+        super().teardown()
+        if self._server is not None:
+            _http_json("PUT", f"{self._server.url}/config", {"prefetch": "off", "l3": 0, "l4": 0})
+
 
 class ProgressiveSystem(TierscopeSystem):
     """tierscope's progressive views (``tierscope.progressive``): a coarse level first, level 0 last.

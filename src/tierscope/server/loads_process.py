@@ -82,7 +82,7 @@ class ProcessLoads:
     @property
     def pids(self) -> list[int]:
         """The children's process ids (started on demand, up to ``workers``)."""
-        return [process.pid for process in list(self._pool._processes.values())]
+        return [process.pid for process in list((self._pool._processes or {}).values())]
 
     def close(self, wait: bool = True) -> None:
         """Stop the children once their running loads end (``wait``: until then); loads not started are

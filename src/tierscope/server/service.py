@@ -47,8 +47,8 @@ from tierscope.metadata import DatasetInfo, VariableInfo, check_tol
 from tierscope.prefetch import MODES, Box
 from tierscope.protocol import MAX_BATCH, MAX_POSITION_BLOCKS, parse_block_index
 from tierscope.server.choice import Costs
-from tierscope.server.planner import Delivery, Planner, TierRoom, View
 from tierscope.server.loads_process import Loaded, OriginSpec, ProcessLoads, origin_spec
+from tierscope.server.planner import Delivery, Planner, TierRoom, View
 from tierscope.server.planner_process import ProcessPlanner
 from tierscope.server.sessions import PLAN_TTL_S, PositionKey, PrefetchItem, PrefetchQueue, check_session
 from tierscope.server.stats import ServerStats
