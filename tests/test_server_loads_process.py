@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import urllib.request
 
 import numpy as np
@@ -94,6 +96,30 @@ def test_a_dead_load_process_hands_prefetch_back_to_the_threads(caplog):
         assert {key[2] for key in service.l4.keys()} >= {(3, 1, 0, 0), (0, 1, 0, 0)}
     assert [r.message for r in caplog.records] == [
         "a prefetch load process died: prefetch reads and encodes go on in threads"]
+
+
+def test_the_load_processes_end_when_the_server_process_is_killed():
+    code = ("import time; from tierscope.server import BlockService, ServerThread; "
+            "from tierscope.store.origin import open_origin; "
+            f"service = BlockService([open_origin({SAMPLE!r})], prefetch='auto', prefetch_loads='process'); "
+            "server = ServerThread(service).start(); "
+            "print(*service._loads.pids, flush=True); time.sleep(120)")
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        children = [int(pid) for pid in server.stdout.readline().split()]
+        assert len(children) == 2
+    finally:
+        server.send_signal(signal.SIGKILL)  # no shutdown: the pool's queue stays open for its children
+        server.wait(timeout=30)
+
+    def ended(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    assert wait_for(lambda: all(map(ended, children)), timeout=20)
 
 
 def test_only_origins_their_location_describes_go_to_a_child(sample_store):

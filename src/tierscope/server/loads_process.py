@@ -11,7 +11,8 @@ reads the block, encodes it when the load goes to L3, and sends back the raw blo
 Only an origin that its location describes whole goes to a child (a local store, a ``sample://`` URL, a
 URL without ``storage_options``), and only CPU encodes (a GPU encode stays in the server's process);
 everything else runs in the prefetch threads as before. A child that dies breaks the pool: the service
-logs it and goes on with threads.
+logs it and goes on with threads. A child whose server process died (killed: no shutdown) ends within
+``ORPHAN_POLL_S``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import asyncio
 import gc
 import multiprocessing
 import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import NamedTuple
@@ -34,6 +36,7 @@ from tierscope.store.origin import Origin, open_origin
 __all__ = ["NICE", "Loaded", "ProcessLoads", "origin_spec"]
 
 NICE = 19  # the children's OS priority: they read and encode on CPU time the loop and user work leave
+ORPHAN_POLL_S = 1.0  # how often a child checks that the server's process is still its parent
 # The classes ``open_origin`` makes: a subclass (a test's, a user's) may read differently from its location.
 _OPENED = frozenset({"tierscope.store.origin.ZarrOrigin", "tierscope.store.synthetic.SyntheticOrigin",
                      "tierscope.store.tiledb.TileDBOrigin", "tierscope.store.hdf5.HDF5Origin"})
@@ -70,7 +73,7 @@ class ProcessLoads:
 
     def __init__(self, workers: int) -> None:
         self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_start_child, initargs=(NICE,))
+                                         initializer=_start_child, initargs=(NICE, os.getpid()))
         for _ in range(workers):  # start every child now (a spawn is ~1 s of imports): none when plans come
             self._pool.submit(_ready)
 
@@ -94,9 +97,18 @@ class ProcessLoads:
 _origins: dict[OriginSpec, Origin] = {}  # the child's open origins: one per dataset level it was asked for
 
 
-def _start_child(nice: int) -> None:
+def _start_child(nice: int, parent: int) -> None:
     os.nice(nice)
     gc.freeze()  # the imports' objects: a collection never walks them again
+    threading.Thread(target=_exit_with, args=(parent,), name="tierscope-orphan-watch", daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """End this child once the server's process is gone, however it ended: a killed parent does not close
+    the pool's queue for its children (each holds both ends), so they would wait on it for ever."""
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_POLL_S)
+    os._exit(0)
 
 
 def _ready() -> None:
