@@ -173,11 +173,12 @@ def get_json(url: str) -> dict[str, Any]:
 
 
 def rss_mb(pid: int) -> float:
-    """Resident memory of process ``pid`` (VmRSS), in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024 / 1e6
-    raise RuntimeError(f"no VmRSS for process {pid}")
+    """Resident memory of process ``pid`` and its children (a server's planner and prefetch load
+    processes), in MB."""
+    import psutil
+
+    server = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in (server, *server.children(recursive=True))) / 1e6
 
 
 def log(message: str) -> None:
