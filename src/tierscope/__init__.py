@@ -13,7 +13,7 @@
 """
 
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from tierscope._lazy import lazy_exports
 
 try:
     __version__ = version("tierscope")
@@ -30,10 +30,4 @@ _LAZY = {"connect": "tierscope.dask.connect", "stats": "tierscope.dask.connect",
          "stats_table": "tierscope.dask.connect", "progressive": "tierscope.refine",
          "explore": "tierscope.explorer"}
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'tierscope' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

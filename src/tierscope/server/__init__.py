@@ -1,6 +1,6 @@
 """The block server: a block service with L3/L4 tiers and server-side prefetch, and its aiohttp app."""
 
-from typing import Any
+from tierscope._lazy import lazy_exports
 
 __all__ = ["BlockResult", "BlockService", "ServerThread", "create_app", "run_server"]
 
@@ -10,10 +10,4 @@ _LAZY = {"ServerThread": "tierscope.server.app", "create_app": "tierscope.server
          "run_server": "tierscope.server.app", "BlockResult": "tierscope.server.service",
          "BlockService": "tierscope.server.service"}
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'tierscope.server' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
