@@ -5,14 +5,15 @@ each store format, and of ``pyramid`` and ``sample --levels N`` against writing 
                                       [--repeats 5] [--data DIR]
 
 The source is a sample (one float32 variable in 1 MiB blocks; by default 512 MiB, in which 4 coarse
-levels fit), written once into DIR as a zarr store or, with ``--source netcdf``, as the contiguous,
-uncompressed netCDF4 file many simulation codes write (cheaper to read: the levels' share of an ingest
-is larger). Runs with and without levels alternate, in the order AB BA AB ..., so a drift in the
-machine's speed hits both alike; each pair gives one ratio, and the median, mean and range of the ratios
-are printed, for wall time and for CPU time (all threads), which a load from other jobs disturbs less.
-Before each run the output is removed and the page cache written back (``os.sync``), untimed: no run
-pays for writing back another's files. One untimed ingest with levels first loads what every run uses
-(imports, the compiled coarsening loop: ~0.5 s once per process, not measured here).
+levels fit), written once into DIR as a zarr store or, with ``--source netcdf`` (netCDF4, in the
+``bench`` extra), as the contiguous, uncompressed netCDF4 file many simulation codes write: cheaper to
+read, so the levels' share of an ingest is larger. Runs with and without levels alternate, in the order
+AB BA AB ..., so a drift in the machine's speed hits both alike; each pair gives one ratio, and the
+median, mean and range of the ratios are printed, for wall time and for CPU time (all threads), which a
+load from other jobs disturbs less. Before each run the output is removed and the page cache written
+back (``os.sync``), untimed: no run pays for writing back another's files. One untimed ingest with
+levels first loads what every run uses (imports, the compiled coarsening loop: 0.5-0.9 s once per
+process, not measured here).
 """
 
 from __future__ import annotations
