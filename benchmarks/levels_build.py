@@ -2,7 +2,7 @@
 each store format, and of ``pyramid`` and ``sample --levels N`` against writing level 0.
 
     python benchmarks/levels_build.py [--shape 2,64,1024,1024] [--source zarr|netcdf] [--levels 4]
-                                      [--repeats 5] [--data DIR]
+                                      [--repeats 5] [--cold] [--data DIR]
 
 The source is a sample (one float32 variable in 1 MiB blocks; by default 512 MiB, in which 4 coarse
 levels fit), written once into DIR as a zarr store or, with ``--source netcdf`` (netCDF4, in the
@@ -14,6 +14,11 @@ load from other jobs disturbs less. Before each run the output is removed and th
 back (``os.sync``), untimed: no run pays for writing back another's files. One untimed ingest with
 levels first loads what every run uses (imports, the compiled coarsening loop: 0.5-0.9 s once per
 process, not measured here).
+
+By default the source stays in the page cache between runs: reading it costs only a copy, so the
+ingest is CPU-bound, the worst case for the levels' share. ``--cold`` empties the page cache before
+each run (Linux, as root), so the source is read from the disk, as an ingest of data larger than
+memory always reads it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import xarray as xr
@@ -43,15 +49,25 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _timed(run: Callable[[], object], times: Times, out: Path | None = None) -> None:
+def _timed(run: Callable[[], object], times: Times, out: Path | None = None, cold: bool = False) -> None:
     """Time ``run``; ``out``, which it writes, is removed before and the removal and every earlier write
-    reach the disk, so no run pays for removing or writing back another's files."""
+    reach the disk, so no run pays for removing or writing back another's files; ``cold``: then the page
+    cache is emptied."""
     if out is not None:
         _delete(out)
     os.sync()
+    if cold:
+        _drop_page_cache()
     start, cpu = time.perf_counter(), _cpu()
     run()
     times.append((time.perf_counter() - start, _cpu() - cpu))
+
+
+def _drop_page_cache() -> None:
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1")
+    except OSError as exc:
+        raise SystemExit(f"--cold empties the page cache, which needs Linux and root: {exc}") from None
 
 
 def _disk(path: Path) -> int:
@@ -96,6 +112,8 @@ def main() -> None:
     parser.add_argument("--source", default="zarr", choices=("zarr", "netcdf"), help="the sample's format")
     parser.add_argument("--levels", type=int, default=4, help="coarse levels to build")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cold", action="store_true", help="empty the page cache before each run "
+                                                            "(Linux, root): the source is read from disk")
     parser.add_argument("--formats", default="zarr,tiledb,hdf5", help="ingest output formats")
     parser.add_argument("--no-pyramid", action="store_true", help="skip the pyramid and sample --levels runs")
     parser.add_argument("--data", default=None, help="directory for the sample and the outputs "
@@ -106,8 +124,8 @@ def main() -> None:
         root = Path(args.data or tmp)
         src = _source(root, shape, args.source)
         print(f"{src.name}: {_disk(src) / 2**20:.0f} MiB on disk, {args.levels} coarse levels, "
-              f"{args.repeats} repeats; level 0 -> with levels, median (mean, range) of the ratios",
-              flush=True)
+              f"{args.repeats} repeats, {'cold' if args.cold else 'warm'} page cache; level 0 -> with "
+              f"levels, median (mean, range) of the ratios", flush=True)
         level0: dict[str, Times] = {}
         for fmt in args.formats.split(","):
             out = root / f"levels-out.{fmt}"
@@ -118,7 +136,7 @@ def main() -> None:
             for i in range(args.repeats):
                 for levels in (0, args.levels) if i % 2 == 0 else (args.levels, 0):
                     times = full if levels else base
-                    _timed(lambda n=levels: ingest(src, out, BLOCK, fmt=fmt, levels=n), times, out)
+                    _timed(lambda n=levels: ingest(src, out, BLOCK, fmt=fmt, levels=n), times, out, args.cold)
                     sizes[levels] = _disk(out)
             extra = 100 * (sizes[args.levels] / sizes[0] - 1)
             _report(f"ingest --format {fmt}", base, full, f"; disk +{extra:.1f}%")
@@ -127,9 +145,10 @@ def main() -> None:
             return
         out = root / "levels-sample.zarr"
         written, built = [], []
+        sample = partial(write_sample, out, shape=shape, block=BLOCK, variables=("u",))
         for _ in range(args.repeats):
-            _timed(lambda: write_sample(out, shape=shape, block=BLOCK, variables=("u",)), written, out)
-            _timed(lambda: pyramid(out, args.levels), built)
+            _timed(sample, written, out, args.cold)
+            _timed(lambda: pyramid(out, args.levels), built, cold=args.cold)
         _report("sample --levels", written, _plus(written, built))
         if "zarr" in level0:
             _report("ingest, then pyramid", level0["zarr"], _plus(level0["zarr"], built))

@@ -22,7 +22,7 @@ from tierscope.cli import main
 from tierscope.client.source import Source
 from tierscope.errors import DatasetNotFoundError, StoreError
 from tierscope.coarsen_kernel import window_sums
-from tierscope.levels import coarsen_block, coarsen_levels, level_info, window_layout
+from tierscope.levels import _divided, coarsen_block, coarsen_levels, level_info, window_layout
 from tierscope.server import BlockService, ServerThread
 from tierscope.store import ingest, pyramid, write_sample
 from tierscope.store.origin import open_origin
@@ -353,6 +353,28 @@ def test_every_level_of_a_piece_at_once_is_each_level_on_its_own(shape, dims):
         piece = np.where(rng.random(shape) < nan, np.nan, values).astype(np.float32)
         for got, axes in zip(coarsen_levels(piece, levels), levels, strict=True):
             assert _same_bits(got, coarsen_block(piece, axes))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_whole_windows_divide_in_the_values_own_type_as_xarray_does_in_float64(dtype):
+    """``coarsen_levels`` divides whole windows' sums by their power-of-two count in the values' type;
+    xarray divides in float64 and rounds back: the same bits, down to quotients that are subnormal."""
+    info = np.finfo(dtype)
+    rng = np.random.default_rng(3)
+    mantissas = rng.integers(1, 2**info.nmant, 4096).astype(np.float64)
+    values = np.concatenate([
+        info.smallest_subnormal * np.arange(1, 4097),  # quotients that round below the subnormals' step
+        mantissas * 2.0**(info.minexp - info.nmant) * rng.integers(1, 64, 4096),  # across the normal edge
+        rng.standard_normal(4096) * np.exp(rng.uniform(-10, 10, 4096)),
+        [info.max, -info.max, np.inf, -np.inf, 0.0, -0.0],
+    ]).astype(dtype)
+    for count in (2, 8, 64, 512, 4096, 12):  # 12: a count no whole window has, divided as xarray does
+        expected = np.true_divide(values, np.intp(count)).astype(dtype)
+        assert _same_bits(_divided(values.copy(), count), expected)
+    piece = values[:8 * 8 * 64].reshape(8, 8, 64)
+    levels = [{a: 2**k for a in range(3)} for k in (1, 2, 3)]
+    for got, axes in zip(coarsen_levels(piece, levels), levels, strict=True):
+        assert _same_bits(got, coarsen_block(piece, axes))
 
 
 def test_a_coarsened_integer_piece_is_the_first_of_each_window():

@@ -180,8 +180,18 @@ def coarsen_levels(values: np.ndarray, levels: Sequence[Mapping[int, int]],
         if np.isnan(total).any():  # a NaN among the values (or inf - inf): the counts matter
             out.append(coarsen_block(values, axes))
         else:
-            out.append(np.true_divide(total, np.intp(math.prod(axes.values())), out=total, casting="unsafe"))
+            out.append(_divided(total, math.prod(axes.values())))
     return out
+
+
+def _divided(total: np.ndarray, count: int) -> np.ndarray:
+    """``total / count`` as xarray's mean divides (in float64 by an integer, rounded back), in place. A
+    count that is a power of two, as every whole window's is, divides exactly in ``total``'s own type:
+    the quotient is ``total`` scaled by a power of two, rounded once either way (to a subnormal, say), and
+    it skips converting every value to float64 and back."""
+    if count & (count - 1) == 0:
+        return np.multiply(total, total.dtype.type(1 / count), out=total)
+    return np.true_divide(total, np.intp(count), out=total, casting="unsafe")
 
 
 def _nanmean(values: np.ndarray, axes: Mapping[int, int]) -> np.ndarray:

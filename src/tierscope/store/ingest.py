@@ -33,7 +33,6 @@ import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import dask
 import dask.array as da
@@ -44,6 +43,7 @@ from xarray import conventions
 
 from tierscope.errors import StoreError
 from tierscope.store.origin import FORMATS, detect_format
+from tierscope.store.zarr_chunks import ChunkTarget, chunk_writer
 
 __all__ = ["BlockSpec", "ingest", "parse_block_spec"]
 
@@ -348,7 +348,7 @@ def _write_zarr(out: Path, groups: Sequence[tuple[str, xr.Dataset]]) -> None:
         # zarr writes a layout from its own event loop thread, which an interrupt of this thread does
         # not stop: it would keep adding files to the partial being removed ("Directory not empty")
         with _signals_held():
-            first: Future[dict[str, Any]] = Future()
+            first: Future[dict[str, ChunkTarget]] = Future()
             first.set_result(_layout(out, *groups[0], streamed[0]))
         arrays = [first, *(layouts.submit(_layout, out, name, ds, keys)
                            for (name, ds), keys in zip(groups[1:], streamed[1:], strict=True))]
@@ -363,22 +363,23 @@ def _write_zarr(out: Path, groups: Sequence[tuple[str, xr.Dataset]]) -> None:
             layouts.shutdown(cancel_futures=True)
 
 
-def _layout(out: Path, name: str, ds: xr.Dataset, streamed: Iterable[str]) -> dict[str, Any]:
-    """Write a group's layout; return its ``streamed`` zarr arrays by name, writing every chunk: zarr
-    otherwise compares each chunk with the fill value first (to leave it out), a pass over the chunk on
-    zarr's one event-loop thread, which all of an ingest's reads and writes share."""
+def _layout(out: Path, name: str, ds: xr.Dataset, streamed: Iterable[str]) -> dict[str, ChunkTarget]:
+    """Write a group's layout; return targets for its ``streamed`` zarr arrays by name, which write every
+    chunk in the writing thread (``zarr_chunks``). Where zarr writes them, every chunk too: it otherwise
+    compares each chunk with the fill value first (to leave it out), a pass over the chunk on zarr's one
+    event-loop thread, which all of an ingest's reads and writes share."""
     import zarr
 
     path = out / name if name else out
     ds.to_zarr(path, zarr_format=3, consolidated=False, mode="w-", compute=False)
     group = zarr.open_group(path, mode="r+", zarr_format=3)
-    return {key: group[key].with_config({"write_empty_chunks": True}) for key in streamed}
+    return {key: chunk_writer(group[key].with_config({"write_empty_chunks": True})) for key in streamed}
 
 
 class _Pending:
-    """A ``da.store`` target: a zarr array that another thread may still be laying out."""
+    """A ``da.store`` target: a zarr array's chunk target, which another thread may still be laying out."""
 
-    def __init__(self, group: Future[dict[str, Any]], key: str) -> None:
+    def __init__(self, group: Future[dict[str, ChunkTarget]], key: str) -> None:
         self._group, self._key = group, key
 
     def __setitem__(self, region: tuple[slice, ...], values: np.ndarray) -> None:
