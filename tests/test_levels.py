@@ -368,7 +368,8 @@ def test_whole_windows_divide_in_the_values_own_type_as_xarray_does_in_float64(d
         rng.standard_normal(4096) * np.exp(rng.uniform(-10, 10, 4096)),
         [info.max, -info.max, np.inf, -np.inf, 0.0, -0.0],
     ]).astype(dtype)
-    for count in (2, 8, 64, 512, 4096, 12):  # 12: a count no whole window has, divided as xarray does
+    # 12: a count no whole window has; 2**25 and 2**40: windows whose 1 / count float16 cannot hold
+    for count in (2, 8, 64, 512, 4096, 12, 2**25, 2**40):
         expected = np.true_divide(values, np.intp(count)).astype(dtype)
         assert _same_bits(_divided(values.copy(), count), expected)
     piece = values[:8 * 8 * 64].reshape(8, 8, 64)

@@ -186,11 +186,13 @@ def coarsen_levels(values: np.ndarray, levels: Sequence[Mapping[int, int]],
 
 def _divided(total: np.ndarray, count: int) -> np.ndarray:
     """``total / count`` as xarray's mean divides (in float64 by an integer, rounded back), in place. A
-    count that is a power of two, as every whole window's is, divides exactly in ``total``'s own type:
-    the quotient is ``total`` scaled by a power of two, rounded once either way (to a subnormal, say), and
-    it skips converting every value to float64 and back."""
-    if count & (count - 1) == 0:
-        return np.multiply(total, total.dtype.type(1 / count), out=total)
+    count that is a power of two, as every whole window's is, divides exactly in ``total``'s own type
+    where ``1 / count`` is one of its numbers (float16 has none below 2**-24): the quotient is ``total``
+    scaled by a power of two, rounded once either way (to a subnormal, say), and it skips converting
+    every value to float64 and back."""
+    scale = total.dtype.type(1 / count)
+    if count & (count - 1) == 0 and float(scale) * count == 1:
+        return np.multiply(total, scale, out=total)
     return np.true_divide(total, np.intp(count), out=total, casting="unsafe")
 
 
