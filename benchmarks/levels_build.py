@@ -67,7 +67,7 @@ def _timed(run: Callable[[], object], times: Times, out: Path | None = None,
 def _evict(path: Path) -> None:
     """Drop ``path``'s pages (a file, or every file of a store) from the page cache: only the source's,
     so that libraries' code and Python's stay resident, as in a long ingest."""
-    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+    for file in _files(path):
         fd = os.open(file, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -75,9 +75,13 @@ def _evict(path: Path) -> None:
             os.close(fd)
 
 
+def _files(path: Path) -> list[Path]:
+    """``path`` itself if a file, else every file of the store."""
+    return [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+
+
 def _disk(path: Path) -> int:
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    return sum(p.stat().st_size for p in files)
+    return sum(p.stat().st_size for p in _files(path))
 
 
 def _ratio(what: str, base: Times, full: Times, clock: int) -> str:

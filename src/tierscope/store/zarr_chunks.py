@@ -49,11 +49,10 @@ class _SyncChunks:
         from zarr.core.array_spec import ArrayConfig
         from zarr.core.buffer import default_buffer_prototype
 
-        self._array = array
-        meta = array.metadata
-        self._chunk = tuple(meta.chunk_grid.chunk_shape)
+        self._array, self._meta = array, array.metadata
+        self._chunk = tuple(self._meta.chunk_grid.chunk_shape)
         self._prototype = default_buffer_prototype()
-        self._spec = meta.get_chunk_spec((0,) * array.ndim, ArrayConfig.from_dict({}), self._prototype)
+        self._spec = self._meta.get_chunk_spec((0,) * array.ndim, ArrayConfig.from_dict({}), self._prototype)
         self._store, self._path = array.store_path.store, array.store_path.path
 
     def __setitem__(self, region: tuple[slice, ...], values: np.ndarray) -> None:
@@ -86,15 +85,15 @@ class _SyncChunks:
     def _write(self, coords: tuple[int, ...], part: np.ndarray) -> None:
         """One chunk: an edge chunk is padded to the full chunk shape with the fill value, as zarr does."""
         if part.shape != self._chunk:
-            full = np.full(self._chunk, self._array.metadata.fill_value, dtype=part.dtype)
+            full = np.full(self._chunk, self._meta.fill_value, dtype=part.dtype)
             full[tuple(slice(0, n) for n in part.shape)] = part
             part = full
         data = self._prototype.nd_buffer.from_numpy_array(np.ascontiguousarray(part))
-        for codec in self._array.metadata.codecs:
+        for codec in self._meta.codecs:
             data = codec._encode_sync(data, self._spec)
             if data is None:  # a codec that stores nothing for this chunk: zarr deletes the key
                 break
-        key = self._array.metadata.encode_chunk_key(coords)
+        key = self._meta.encode_chunk_key(coords)
         key = f"{self._path}/{key}" if self._path else key
         if data is None:
             self._store.delete_sync(key)
