@@ -26,7 +26,9 @@ class ChunkTarget(Protocol):
 
 
 def chunk_writer(array: Any) -> ChunkTarget:
-    """A target writing ``array``'s whole chunks directly where it can (see above), else ``array``."""
+    """A target writing ``array``'s whole chunks directly where it can (see above), else ``array``. Every
+    chunk is stored, a chunk of fill values too, as zarr does with ``write_empty_chunks=True`` (ingest's
+    setting)."""
     from zarr.abc.codec import ArrayArrayCodec
     from zarr.storage import LocalStore
 
