@@ -1,16 +1,20 @@
-"""Chunks written outside zarr's event loop (``zarr_chunks``): the same files zarr writes, byte for byte."""
+"""Chunks and coarse levels' layouts written outside zarr's event loop (``zarr_chunks``): the same files
+zarr and xarray write, byte for byte."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import xarray as xr
 import zarr
 from zarr.codecs import ShardingCodec
 
 from tierscope.codec.zarr3 import TierscopeZarrCodec
-from tierscope.store.zarr_chunks import _SyncChunks, chunk_writer
+from tierscope.store import ingest, write_sample
+from tierscope.store.zarr_chunks import _SyncChunks, chunk_writer, group_like
 
 SHAPE, CHUNKS = (5, 70, 130), (2, 32, 64)  # edge chunks on every axis
 
@@ -77,3 +81,51 @@ def test_stores_and_codecs_without_a_synchronous_path_are_written_by_zarr(tmp_pa
                                 shards=(4, 64, 128))
     assert isinstance(sharded.metadata.codecs[0], ShardingCodec)
     assert chunk_writer(sharded) is sharded
+
+
+def _mixed_source(path: Path) -> Path:
+    """A netCDF file whose levels xarray stores unlike level 0: an integer coordinate (its level means are
+    floats), besides labels and a scalar."""
+    rng = np.random.default_rng(3)
+    xr.Dataset(
+        {"t": (("time", "y", "x"), rng.standard_normal((2, 20, 24)).astype("float32"), {"units": "K"}),
+         "station": (("n",), np.array(["a", "bb"], dtype=object)), "scale": ((), 2.5)},
+        coords={"time": [0.0, 6.0], "y": np.arange(20, dtype="int64"), "x": np.linspace(0, 1, 24)},
+        attrs={"title": "mixed"},
+    ).to_netcdf(path)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:Ambiguous reference date string")
+@pytest.mark.parametrize("source,block,kwargs,derived", [
+    ("sample", (1, 4, 8, 8), {}, 2),
+    ("sample", (1, 4, 8, 8), {"tol": 0.01}, 2),  # pre-encoded: the codec's settings carried over
+    ("eofs", (1, 1, 16, 16), {}, 2),
+    ("mixed", (1, 8, 8), {}, 0),
+])
+def test_levels_laid_out_from_level0_are_what_xarray_writes(tmp_path: Path, monkeypatch, source: str,
+                                                            block: tuple, kwargs: dict, derived: int) -> None:
+    """Coarse levels whose zarr documents ingest derives from level 0's (``group_like``) are the files
+    xarray's own layout gives, byte for byte; a level xarray stores otherwise is laid out by xarray."""
+    ingest_module = importlib.import_module("tierscope.store.ingest")
+    if source == "sample":
+        src = write_sample(tmp_path / "sample.zarr", (2, 12, 20, 19), (1, 4, 8, 8), ("u", "p"), seed=2)
+    elif source == "eofs":
+        src = Path(pytest.importorskip("eofs").__file__).parent / "examples" / "example_data" / "hgt_djf.nc"
+    else:
+        src = _mixed_source(tmp_path / "mixed.nc")
+    laid = []
+
+    def counted(*args):
+        laid.append(args[1])
+        return group_like(*args)
+
+    monkeypatch.setattr(ingest_module, "group_like", counted)
+    ours = ingest(src, tmp_path / "ours.zarr", block, levels=9, **kwargs)
+    assert len(laid) == derived
+    monkeypatch.setattr(ingest_module, "_alike", lambda like, other: False)
+    theirs = ingest(src, tmp_path / "theirs.zarr", block, levels=9, **kwargs)
+    assert len(laid) == derived
+    files = _chunk_files(ours)
+    assert len([key for key in files if key.endswith("zarr.json")]) > 10
+    assert files == _chunk_files(theirs)

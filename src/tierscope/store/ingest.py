@@ -22,6 +22,7 @@ SIGTERM handler raises) stops the writing threads, removes the partial and leave
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import importlib
 import math
@@ -43,7 +44,7 @@ from xarray import conventions
 
 from tierscope.errors import StoreError
 from tierscope.store.origin import FORMATS, detect_format
-from tierscope.store.zarr_chunks import ChunkTarget, chunk_writer
+from tierscope.store.zarr_chunks import ChunkTarget, chunk_writer, group_like
 
 __all__ = ["BlockSpec", "ingest", "parse_block_spec"]
 
@@ -332,17 +333,18 @@ def write_groups(fmt: str, out: Path, groups: Sequence[tuple[str, xr.Dataset]]) 
 
 
 def _write_zarr(out: Path, groups: Sequence[tuple[str, xr.Dataset]]) -> None:
-    """xarray writes each group's layout, attributes and in-memory variables; the streamed variables
-    (encoded as xarray would) go through one ``da.store``, so every level reads the same pieces. The
-    first group (the store) is laid out first, here; the others by a thread of their own while the
-    pieces are read (a layout is some 20 round trips to zarr's event loop): a group's first write waits
-    for its layout. The first layout also imports, in this thread, what laying out needs (dask's graph
-    code imports ``distributed``): two threads importing one package at once can fail."""
-    from tierscope._compat import encode_zarr_variable
-
-    streamed = [{str(key): encode_zarr_variable(var, name=key, zarr_format=3).data
-                 for key, var in conventions.encode_dataset_coordinates(ds)[0].items()
-                 if isinstance(var.data, da.Array)} for _, ds in groups]
+    """xarray writes the first group's layout, attributes and in-memory variables; a group xarray would
+    store alike but for its arrays' shapes and chunks (a coarse level beside level 0) is laid out from the
+    first group's zarr documents (``zarr_chunks.group_like``), any other by xarray too. The streamed
+    variables (encoded as xarray would) go through one ``da.store``, so every level reads the same pieces.
+    The first group (the store) is laid out first, here; the others by a thread of their own while the
+    pieces are read: a group's first write waits for its layout. The first layout also imports, in this
+    thread, what laying out needs (dask's graph code imports ``distributed``): two threads importing one
+    package at once can fail."""
+    encoded = [_encoded(ds) for _, ds in groups]
+    streamed = [{key: var.data for key, var in variables.items() if isinstance(var.data, da.Array)}
+                for variables, _ in encoded]
+    model = out / groups[0][0] if groups[0][0] else out
     layouts = ThreadPoolExecutor(1, thread_name_prefix="tierscope-layout")
     try:
         # zarr writes a layout from its own event loop thread, which an interrupt of this thread does
@@ -350,8 +352,8 @@ def _write_zarr(out: Path, groups: Sequence[tuple[str, xr.Dataset]]) -> None:
         with _signals_held():
             first: Future[dict[str, ChunkTarget]] = Future()
             first.set_result(_layout(out, *groups[0], streamed[0]))
-        arrays = [first, *(layouts.submit(_layout, out, name, ds, keys)
-                           for (name, ds), keys in zip(groups[1:], streamed[1:], strict=True))]
+        arrays = [first, *(layouts.submit(_layout_like, model, encoded[0], out, name, ds, group)
+                           for (name, ds), group in zip(groups[1:], encoded[1:], strict=True))]
         sources = [data for variables in streamed for data in variables.values()]
         targets = [_Pending(group, key) for group, keys in zip(arrays, streamed, strict=True) for key in keys]
         if sources:  # pieces are whole chunks: no two tasks write one chunk
@@ -361,6 +363,18 @@ def _write_zarr(out: Path, groups: Sequence[tuple[str, xr.Dataset]]) -> None:
     finally:
         with _signals_held():  # nor may the layouts' thread, for the same reason
             layouts.shutdown(cancel_futures=True)
+
+
+Encoded = tuple[dict[str, xr.Variable], dict[Hashable, object]]
+"""A group's variables as xarray's zarr writer encodes them, and its attributes."""
+
+
+def _encoded(ds: xr.Dataset) -> Encoded:
+    from tierscope._compat import encode_zarr_variable
+
+    variables, attrs = conventions.encode_dataset_coordinates(ds)
+    encoded = {str(key): encode_zarr_variable(var, name=key, zarr_format=3) for key, var in variables.items()}
+    return encoded, attrs
 
 
 def _layout(out: Path, name: str, ds: xr.Dataset, streamed: Iterable[str]) -> dict[str, ChunkTarget]:
@@ -373,7 +387,63 @@ def _layout(out: Path, name: str, ds: xr.Dataset, streamed: Iterable[str]) -> di
     path = out / name if name else out
     ds.to_zarr(path, zarr_format=3, consolidated=False, mode="w-", compute=False)
     group = zarr.open_group(path, mode="r+", zarr_format=3)
-    return {key: chunk_writer(group[key].with_config({"write_empty_chunks": True})) for key in streamed}
+    return {key: chunk_writer(group[key].with_config(_CONFIG)) for key in streamed}
+
+
+_CONFIG = {"write_empty_chunks": True}
+
+
+def _layout_like(model: Path, like: Encoded, out: Path, name: str, ds: xr.Dataset,
+                 encoded: Encoded) -> dict[str, ChunkTarget]:
+    """``_layout``, from the zarr documents of ``model`` (the group xarray wrote from ``like``) where xarray
+    would store ``encoded`` alike but for its arrays' shapes and chunks; its in-memory values written."""
+    variables, _ = encoded
+    streamed = [key for key, var in variables.items() if isinstance(var.data, da.Array)]
+    if not _alike(like, encoded):
+        return _layout(out, name, ds, streamed)
+    arrays = group_like(model, out / name, {key: (var.shape, var.encoding["chunks"])
+                                            for key, var in variables.items()}, _CONFIG)
+    targets: dict[str, ChunkTarget] = {}
+    for key, var in variables.items():
+        target = chunk_writer(arrays[key])
+        if key in streamed:
+            targets[key] = target
+        else:  # coordinates, labels: small, in memory
+            target[(slice(None),) * var.ndim] = np.asarray(var.data)
+    return targets
+
+
+def _alike(like: Encoded, other: Encoded) -> bool:
+    """Whether xarray stores two groups' encoded variables alike but for their shapes and chunks: the same
+    names, dimensions, dtypes, attributes and encodings (the chunks aside, given per axis)."""
+    (first, first_attrs), (then, then_attrs) = like, other
+    return first.keys() == then.keys() and _same(first_attrs, then_attrs) and all(
+        _same_variable(first[key], then[key]) for key in first)
+
+
+def _same_variable(a: xr.Variable, b: xr.Variable) -> bool:
+    def rest(var: xr.Variable) -> dict[Hashable, object]:
+        return {key: value for key, value in var.encoding.items() if key != "chunks"}
+
+    return (a.dims == b.dims and a.dtype == b.dtype
+            and all(len(var.encoding.get("chunks") or ()) == var.ndim > 0 for var in (a, b))
+            and _same(a.attrs, b.attrs) and _same(rest(a), rest(b)))
+
+
+def _same(a: Mapping[Hashable, object], b: Mapping[Hashable, object]) -> bool:
+    return a.keys() == b.keys() and all(_equal(a[key], b[key]) for key in a)
+
+
+def _equal(x: object, y: object) -> bool:
+    """The same object, or equal values of one type: numbers, strings, arrays of them, codecs."""
+    if x is y:
+        return True
+    if type(x) is not type(y):
+        return False
+    if dataclasses.is_dataclass(x):
+        return x == y
+    return isinstance(x, str | bytes | int | float | tuple | list | np.generic | np.ndarray) and bool(
+        np.array_equal(x, y))
 
 
 class _Pending:

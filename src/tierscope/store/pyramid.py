@@ -154,7 +154,8 @@ def _piece_level(held: np.ndarray, k: int) -> np.ndarray:
 
 def multiscales(variables: Mapping[Hashable, Layout], levels: int) -> dict[str, Any]:
     """The root's ``ome`` attribute: OME-Zarr 0.5 ``multiscales``, one entry per variable with spatial
-    dimensions, those OME-Zarr calls images (2 or 3 spatial axes after at most a time axis) first."""
+    dimensions, those OME-Zarr calls images (2 or 3 spatial axes after at most a time axis) first, then
+    by name (a source's variables may be listed in any order)."""
     spatial = spatial_dims(variables.values())
     entries = []
     for name, var in variables.items():
@@ -174,7 +175,7 @@ def multiscales(variables: Mapping[Hashable, Layout], levels: int) -> dict[str, 
             datasets.append({"path": path, "coordinateTransformations": transforms})
         entries.append({"name": str(name), "axes": axes, "datasets": datasets,
                         "type": "mean" if var.dtype.kind in "fc" else "nearest"})
-    entries.sort(key=lambda entry: not _is_image(entry["axes"]))
+    entries.sort(key=lambda entry: (not _is_image(entry["axes"]), entry["name"]))
     return {"version": "0.5", "multiscales": entries}
 
 

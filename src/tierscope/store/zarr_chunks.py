@@ -1,4 +1,5 @@
-"""Whole chunks of a local zarr v3 array, written without zarr's event loop.
+"""Whole chunks of a local zarr v3 array, and groups laid out like another, written without zarr's event
+loop.
 
 zarr-python hands every chunk write to its one event-loop thread as coroutines, futures and thread
 hand-offs. For the 1 MiB blocks an ingest writes, that bookkeeping costs more CPU than compressing the
@@ -7,16 +8,24 @@ so the writing threads queue behind it. Where the array's codecs can encode sync
 ``SupportsSyncCodec``, zarr >= 3.1.6) and its store is a ``LocalStore``, ``chunk_writer`` encodes each
 chunk with those same codecs in the calling thread and stores it with ``LocalStore.set_sync``: the bytes
 and keys zarr would write, from dask's threads side by side. Anything else is written by zarr, as before.
+
+A coarse level's group is its level 0's but for the arrays' shapes and chunks: ``group_like`` writes its
+zarr documents from level 0's, in a few milliseconds, where laying it out through xarray and zarr's loop
+takes some 30 ms of CPU (about 20 round trips), a tenth of what the levels of a 512 MiB ingest add.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["ChunkTarget", "chunk_writer"]
+__all__ = ["ChunkTarget", "chunk_writer", "group_like"]
 
 
 class ChunkTarget(Protocol):
@@ -29,18 +38,38 @@ def chunk_writer(array: Any) -> ChunkTarget:
     """A target writing ``array``'s whole chunks directly where it can (see above), else ``array``. Every
     chunk is stored, a chunk of fill values too, as zarr does with ``write_empty_chunks=True`` (ingest's
     setting)."""
-    from zarr.abc.codec import ArrayArrayCodec
+    from zarr.abc.codec import ArrayArrayCodec, SupportsSyncCodec
     from zarr.storage import LocalStore
 
-    try:
-        from zarr.abc.codec import SupportsSyncCodec
-    except ImportError:  # zarr < 3.1.6: codecs encode through the event loop only
-        return array
     codecs = array.metadata.codecs
     direct = (isinstance(array.store_path.store, LocalStore)
               and not any(isinstance(codec, ArrayArrayCodec) for codec in codecs)
               and all(isinstance(codec, SupportsSyncCodec) for codec in codecs))
     return _SyncChunks(array) if direct else array
+
+
+def group_like(model: Path, path: Path, arrays: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]],
+               config: Mapping[str, Any]) -> dict[str, Any]:
+    """Write the local zarr v3 group ``path`` as a copy of the group ``model`` (its attributes) whose arrays
+    of the same names (dtype, fill value, codecs, attributes, dimension names) have ``arrays``' (shape,
+    chunks) instead; return them as zarr arrays (with ``config``), their chunks not yet written."""
+    import zarr
+    from zarr.core.array import AsyncArray
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.chunk_grids import RegularChunkGrid
+    from zarr.core.metadata.v3 import ArrayV3Metadata
+    from zarr.storage import LocalStore, StorePath
+
+    prototype = default_buffer_prototype()
+    store = LocalStore(path)
+    store.set_sync("zarr.json", prototype.buffer.from_bytes((model / "zarr.json").read_bytes()))
+    out = {}
+    for key, (shape, chunks) in arrays.items():
+        like = ArrayV3Metadata.from_dict(json.loads((model / key / "zarr.json").read_bytes()))
+        meta = replace(like, shape=tuple(shape), chunk_grid=RegularChunkGrid(chunk_shape=tuple(chunks)))
+        store.set_sync(f"{key}/zarr.json", meta.to_buffer_dict(prototype)["zarr.json"])
+        out[key] = zarr.Array(AsyncArray(meta, StorePath(store, key), dict(config)))
+    return out
 
 
 class _SyncChunks:
