@@ -4,6 +4,7 @@ for sample:// datasets; over HTTP and in process; plus the OME-Zarr metadata and
 
 from __future__ import annotations
 
+import importlib
 import json
 import pathlib
 import shutil
@@ -175,6 +176,22 @@ def test_reanalysis_levels_equal_coarsened_source(fmt, eofs_stores):
     assert ours.sizes["latitude"] == 8 and ours.sizes["longitude"] == 13 and ours.sizes["bound"] == 2
     with pytest.raises(DatasetNotFoundError, match=r"levels are 0\.\.2"):
         xr.open_dataset(stores[fmt], engine="tierscope", level=3)
+
+
+def test_tiledb_levels_are_written_in_pieces_as_large_as_level0s(tmp_path, monkeypatch):
+    """Each TileDB write makes a fragment (a directory of files): a coarse level's pieces, a fraction of
+    level 0's, are merged up to the piece size before they are written; the values are the rule's."""
+    ingest_module = importlib.import_module("tierscope.store.ingest")
+    tiledb = pytest.importorskip("tiledb")
+    sample = write_sample(tmp_path / "s.zarr", (2, 16, 64, 64), (1, 8, 16, 16), ("u",), seed=4)
+    monkeypatch.setattr(ingest_module, "PIECE_BYTES", 2**16)  # level 0 (512 KiB): 8 pieces of 64 KiB
+    store = ingest(sample, tmp_path / "s.tdb", (1, 8, 16, 16), fmt="tiledb", levels=2)
+    fragments = [len(tiledb.array_fragments(str(store / group / "u"))) for group in ("", "1", "2")]
+    assert fragments == [8, 1, 1]  # unmerged: [8, 4, 2] (level 1's 8 pieces regrouped into whole blocks)
+    reference = xr.open_zarr(sample, consolidated=False).load()
+    for k in range(3):
+        ours = xr.open_dataset(store, engine="tierscope", level=k).load()
+        xr.testing.assert_identical(ours, _coarsened(reference, k, SAMPLE_SPACE))
 
 
 def test_reanalysis_levels_over_http(eofs_stores):

@@ -325,11 +325,21 @@ def write_groups(fmt: str, out: Path, groups: Sequence[tuple[str, xr.Dataset]]) 
     if fmt == "tiledb":
         from tierscope.store.tiledb import write_tiledb
 
-        write_tiledb([(out / name if name else out, variables, attrs) for name, variables, attrs in encoded])
+        write_tiledb([(out / name if name else out, {key: _merged(var) for key, var in variables.items()},
+                       attrs) for name, variables, attrs in encoded])
     else:
         from tierscope.store.hdf5 import write_hdf5
 
         write_hdf5(out, encoded, mode="a" if out.exists() else "w-")
+
+
+def _merged(var: xr.Variable) -> xr.Variable:
+    """A streamed variable in pieces grown to ``PIECE_BYTES`` from whole pieces: a coarse level's pieces
+    are a fraction of level 0's, and each TileDB write makes a fragment (a directory of files)."""
+    if not isinstance(var.data, da.Array):
+        return var
+    piece = _piece(var.shape, tuple(max(sizes) for sizes in var.data.chunks), var.dtype.itemsize)
+    return var.copy(data=var.data.rechunk(piece), deep=False)
 
 
 def _write_zarr(out: Path, groups: Sequence[tuple[str, xr.Dataset]]) -> None:
