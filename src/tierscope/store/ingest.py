@@ -387,6 +387,10 @@ def _encoded(ds: xr.Dataset) -> Encoded:
     return encoded, attrs
 
 
+_CONFIG = {"write_empty_chunks": True}
+"""How ingest's zarr arrays are written (see ``_layout``)."""
+
+
 def _layout(out: Path, name: str, ds: xr.Dataset, streamed: Iterable[str]) -> dict[str, ChunkTarget]:
     """Write a group's layout; return targets for its ``streamed`` zarr arrays by name, which write every
     chunk in the writing thread (``zarr_chunks``). Where zarr writes them, every chunk too: it otherwise
@@ -398,9 +402,6 @@ def _layout(out: Path, name: str, ds: xr.Dataset, streamed: Iterable[str]) -> di
     ds.to_zarr(path, zarr_format=3, consolidated=False, mode="w-", compute=False)
     group = zarr.open_group(path, mode="r+", zarr_format=3)
     return {key: chunk_writer(group[key].with_config(_CONFIG)) for key in streamed}
-
-
-_CONFIG = {"write_empty_chunks": True}
 
 
 def _layout_like(model: Path, like: Encoded, out: Path, name: str, ds: xr.Dataset,

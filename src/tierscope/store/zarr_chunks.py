@@ -11,7 +11,7 @@ and keys zarr would write, from dask's threads side by side. Anything else is wr
 
 A coarse level's group is its level 0's but for the arrays' shapes and chunks: ``group_like`` writes its
 zarr documents from level 0's, in a few milliseconds, where laying it out through xarray and zarr's loop
-takes some 30 ms of CPU (about 20 round trips), a tenth of what the levels of a 512 MiB ingest add.
+takes some 30 ms of CPU (about 20 round trips) a level.
 """
 
 from __future__ import annotations
