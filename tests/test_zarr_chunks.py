@@ -83,15 +83,16 @@ def test_stores_and_codecs_without_a_synchronous_path_are_written_by_zarr(tmp_pa
     assert chunk_writer(sharded) is sharded
 
 
-def _mixed_source(path: Path) -> Path:
-    """A netCDF file whose levels xarray stores unlike level 0: an integer coordinate (its level means are
-    floats), besides labels and a scalar."""
+def _labelled_source(path: Path, y: np.ndarray) -> Path:
+    """A netCDF file with labels and a scalar (a CF grid mapping) beside the data, on the coordinate
+    ``y``: floats keep their type at every level, integers' level means are floats."""
     rng = np.random.default_rng(3)
     xr.Dataset(
         {"t": (("time", "y", "x"), rng.standard_normal((2, 20, 24)).astype("float32"), {"units": "K"}),
-         "station": (("n",), np.array(["a", "bb"], dtype=object)), "scale": ((), 2.5)},
-        coords={"time": [0.0, 6.0], "y": np.arange(20, dtype="int64"), "x": np.linspace(0, 1, 24)},
-        attrs={"title": "mixed"},
+         "station": (("n",), np.array(["a", "bb"], dtype=object)),
+         "crs": ((), np.int32(0), {"grid_mapping_name": "latitude_longitude"})},
+        coords={"time": [0.0, 6.0], "y": y, "x": np.linspace(0, 1, 24)},
+        attrs={"title": "labelled"},
     ).to_netcdf(path)
     return path
 
@@ -101,7 +102,8 @@ def _mixed_source(path: Path) -> Path:
     ("sample", (1, 4, 8, 8), {}, 2),
     ("sample", (1, 4, 8, 8), {"tol": 0.01}, 2),  # pre-encoded: the codec's settings carried over
     ("eofs", (1, 1, 16, 16), {}, 2),
-    ("mixed", (1, 8, 8), {}, 0),
+    ("labels", (1, 8, 8), {}, 2),  # labels and a scalar in the derived groups
+    ("integer y", (1, 8, 8), {}, 0),  # the levels' y is float: xarray lays them out
 ])
 def test_levels_laid_out_from_level0_are_what_xarray_writes(tmp_path: Path, monkeypatch, source: str,
                                                             block: tuple, kwargs: dict, derived: int) -> None:
@@ -113,7 +115,8 @@ def test_levels_laid_out_from_level0_are_what_xarray_writes(tmp_path: Path, monk
     elif source == "eofs":
         src = Path(pytest.importorskip("eofs").__file__).parent / "examples" / "example_data" / "hgt_djf.nc"
     else:
-        src = _mixed_source(tmp_path / "mixed.nc")
+        y = np.arange(20, dtype="int64") if source == "integer y" else np.linspace(0, 1, 20)
+        src = _labelled_source(tmp_path / "labelled.nc", y)
     laid = []
 
     def counted(*args):

@@ -437,7 +437,7 @@ def _same_variable(a: xr.Variable, b: xr.Variable) -> bool:
         return {key: value for key, value in var.encoding.items() if key != "chunks"}
 
     return (a.dims == b.dims and a.dtype == b.dtype
-            and all(len(var.encoding.get("chunks") or ()) == var.ndim > 0 for var in (a, b))
+            and all(len(var.encoding.get("chunks", (None,))) == var.ndim for var in (a, b))
             and _same(a.attrs, b.attrs) and _same(rest(a), rest(b)))
 
 
